@@ -1,0 +1,50 @@
+"""`gendr-build`: the export stage and the PyTorch reference tools.
+
+Each subcommand lives beside the code it drives; a module listed in COMMAND_MODULES exposes
+`register(subparsers)` that adds its parser(s) and sets `func` (args → exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMAND_MODULES = [
+    "engine_build.commands.reference",  # make-tiny, upscale
+    "engine_build.commands.export",  # export, verify
+    "engine_build.commands.quantize",  # quantize
+    "engine_build.commands.engine",  # engine
+    "engine_build.commands.sr",  # default, import-sr
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gendr-build", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # subcommand not shipped in this build
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""gendr-build subcommands (one module per group; see engine_build.cli)."""

@@ -1,0 +1,75 @@
+"""Architecture presets for GenDR (diffusers configs) and the pipeline metadata defaults.
+
+`gendr` is the published architecture (SD2.1 UNet with 16 latent channels + the 16-channel f8 VAE,
+DESIGN.md §1). `tiny` uses the same classes at a few MB so tests and demos run on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+GENDR_UNET: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 16,
+    "out_channels": 16,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "attention_head_dim": [5, 10, 20, 20],
+    "cross_attention_dim": 1024,
+    "use_linear_projection": True,
+    "upcast_attention": True,
+    "norm_num_groups": 32,
+}
+
+GENDR_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 128, 256, 512],
+    "layers_per_block": 2,
+    "latent_channels": 16,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.2614,
+}
+
+TINY_UNET: dict[str, Any] = {
+    "sample_size": 16,
+    "in_channels": 16,
+    "out_channels": 16,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "attention_head_dim": [2, 4],
+    "cross_attention_dim": 32,
+    "use_linear_projection": True,
+    "upcast_attention": True,
+    "norm_num_groups": 8,
+}
+
+TINY_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [16, 16, 32, 32],
+    "layers_per_block": 1,
+    "latent_channels": 16,
+    "norm_num_groups": 8,
+    "sample_size": 128,
+    "scaling_factor": 0.2614,
+}
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "gendr": {"unet": GENDR_UNET, "vae": GENDR_VAE},
+    "tiny": {"unet": TINY_UNET, "vae": TINY_VAE},
+}
+
+# Sequence length of the fixed prompt embeddings (CLIP tokenizer length used by SD2.1).
+PROMPT_TOKENS = 77
+# VAE downsampling factor (f8): every latent-space size is pixel size / 8.
+VAE_FACTOR = 8

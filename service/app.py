@@ -1,0 +1,438 @@
+"""FastAPI application: thin routes over the runtime (docs/runtime-api.md), errors mapped in one place.
+
+- `create_app()` builds everything from `Settings`; nothing reads the environment elsewhere.
+- The runtime loads and warms up in the background, so the process answers /healthz (live) at once
+  and /readyz turns 200 only when every engine is warm (DESIGN.md §6: liveness ≠ readiness).
+- `GendrState.drain()` is the graceful stop: not ready, stop admitting (503 draining), wait for
+  in-flight requests. The CLI calls it on SIGTERM; the lifespan calls it on any other shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import __version__, images
+from service.auth import ApiKeys
+from service.errors import (
+    BadRequest,
+    MethodNotAllowed,
+    NotFound,
+    NotReady,
+    ServiceError,
+)
+from service.metrics import Metrics
+from service.runtime import Runtime
+from service.settings import Settings
+from service.upscale import Context, UpscaleParams, handle_upscale, validation_message
+
+log = logging.getLogger("gendr.http")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+UPSCALE_PATH = "/upscale"
+
+
+@dataclass
+class GendrState:
+    """Process-wide state of one app: runtime, pool, readiness, in-flight accounting."""
+
+    settings: Settings
+    runtime: Any
+    metrics: Metrics
+    pool: ThreadPoolExecutor
+    keys: ApiKeys
+    started: bool = False
+    start_error: BaseException | None = None
+    draining: bool = False
+    inflight: int = 0
+    on_fatal: Callable[[BaseException], None] | None = None  # the CLI exits the process
+    _idle: asyncio.Event | None = field(default=None, repr=False)
+    _start_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    _closed: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return self.started and not self.draining and bool(self.runtime.ready)
+
+    def not_ready_reason(self) -> str:
+        if self.start_error is not None:
+            return "failed"
+        if self.draining or self.runtime.draining:
+            return "draining"
+        if not self.started:
+            return "starting"
+        if not self.runtime.healthy:
+            return "unhealthy"
+        return "not_ready" if not self.runtime.ready else "ready"
+
+    def enter(self) -> None:
+        self.inflight += 1
+        self.metrics.inflight_requests.inc()
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        self.metrics.inflight_requests.dec()
+        if self.inflight == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def start(self) -> None:
+        """Load and warm every model (runs as a background task from the lifespan)."""
+        try:
+            await self.runtime.start()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:
+            log.exception("runtime failed to start; the server will not become ready")
+            self.start_error = e
+            if self.on_fatal is not None:
+                self.on_fatal(e)
+            return
+        self.started = True
+        log.info(
+            "ready: %s",
+            ", ".join(f"{n} ({m.info.name}, {m.info.precision})" for n, m in self.runtime.models.items()),
+        )
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop admitting, wait up to `timeout_s` for admitted and in-flight requests. True if all done."""
+        first = not self.draining
+        self.draining = True
+        self.metrics.ready.set(0)
+        deadline = time.monotonic() + timeout_s
+        if first:
+            log.info("draining: %d request(s) in flight, up to %.1f s", self.inflight, timeout_s)
+        runtime_done = True
+        if self.started:
+            runtime_done = bool(await self.runtime.drain(timeout_s))
+        while self.inflight > 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._idle = asyncio.Event()
+            if self.inflight == 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._idle.wait()
+        done = runtime_done and self.inflight == 0
+        if first:
+            log.info(
+                "drain %s", "complete" if done else f"timed out with {self.inflight} request(s) in flight"
+            )
+        return done
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._start_task is not None and not self._start_task.done():
+            self._start_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._start_task
+        with contextlib.suppress(Exception):
+            await self.runtime.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    retry_after_s: float | None = None
+    request_id: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error response: a stable `code` (docs/http.md) and a human `message`."""
+
+    error: ErrorDetail
+
+
+def error_response(request: Request, exc: BaseException) -> JSONResponse:
+    """THE place where exceptions become responses (ServiceError → its status; else 500, no internals)."""
+    st: GendrState | None = getattr(request.app.state, "gendr", None)
+    if not isinstance(exc, ServiceError):
+        log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+        exc = ServiceError("internal server error")
+    body = exc.body()
+    rid = getattr(request.state, "request_id", None)
+    if rid:
+        body["error"]["request_id"] = rid  # type: ignore[index]
+    headers = dict(exc.headers())
+    if exc.status == 503:
+        retry = (
+            exc.retry_after_s if exc.retry_after_s is not None else (st.settings.retry_after_s if st else 5.0)
+        )
+        headers["Retry-After"] = str(max(1, math.ceil(retry)))
+        if exc.retry_after_s is None:
+            body["error"]["retry_after_s"] = retry  # type: ignore[index]
+    if request.method == "POST" and not getattr(request.state, "body_read", False):
+        # The body was not (fully) read: close instead of letting the server drain it.
+        headers["Connection"] = "close"
+    if rid:
+        headers["X-Request-Id"] = rid
+    request.state.error_code = exc.code
+    if exc.status >= 500 and exc.status != 503:
+        log.warning(
+            "%s %s → %d %s: %s [%s]", request.method, request.url.path, exc.status, exc.code, exc.message, rid
+        )
+    return JSONResponse(body, status_code=exc.status, headers=headers)
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(request, exc)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(request, BadRequest(validation_message(list(exc.errors()))))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404:
+        return error_response(request, NotFound(f"no route {request.url.path}"))
+    if exc.status_code == 405:
+        resp = error_response(
+            request, MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+        )
+        if exc.headers and "Allow" in exc.headers:
+            resp.headers["Allow"] = exc.headers["Allow"]
+        return resp
+    err = ServiceError(str(exc.detail))
+    err.status = exc.status_code  # type: ignore[misc]
+    err.code = "http_error"  # type: ignore[misc]
+    return error_response(request, err)
+
+
+class RequestContext:
+    """Pure ASGI middleware: request id, arrival time, /upscale metrics and in-flight accounting.
+
+    Counting here (not in the route) sees every outcome: 401 and 400 raised before the handler,
+    unhandled 500s, and 499 for clients that went away.
+    """
+
+    def __init__(self, app: ASGIApp, state: GendrState) -> None:
+        self.app = app
+        self.st = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = ""
+        for k, v in scope.get("headers", ()):
+            if k == b"x-request-id":
+                candidate = v.decode("latin-1")
+                rid = candidate if _REQUEST_ID.match(candidate) else ""
+                break
+        rid = rid or uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        state["t0"] = time.monotonic()
+        status = [500]
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                headers = MutableHeaders(scope=message)
+                if "x-request-id" not in headers:
+                    headers["X-Request-Id"] = rid
+            await send(message)
+
+        if not (scope["path"] == UPSCALE_PATH and scope["method"] == "POST"):
+            await self.app(scope, receive, send_with_id)
+            return
+        st = self.st
+        st.enter()
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            st.leave()
+            model = state.get("model", "unknown")
+            code = status[0]
+            st.metrics.requests.labels(model=model, status=str(code)).inc()
+            if code == 200:
+                st.metrics.request_seconds.labels(model=model).observe(time.monotonic() - state["t0"])
+            else:
+                st.metrics.request_errors.labels(
+                    model=model, code=state.get("error_code", "internal_error")
+                ).inc()
+
+
+def create_app(
+    settings: Settings | None = None, runtime: Any = None, metrics: Metrics | None = None
+) -> FastAPI:
+    """Build the app. `runtime`: a `service.runtime.Runtime` (built from settings when None)."""
+    settings = settings or Settings()
+    if metrics is None:
+        metrics = getattr(runtime, "metrics", None) or Metrics()
+    if runtime is None:
+        runtime = Runtime.from_settings(settings, metrics)
+    images.configure_pillow(settings.max_input_pixels)
+    st = GendrState(
+        settings=settings,
+        runtime=runtime,
+        metrics=metrics,
+        pool=ThreadPoolExecutor(max_workers=settings.image_workers, thread_name_prefix="gendr-image"),
+        keys=ApiKeys(settings.api_keys),
+    )
+    ctx = Context(settings, runtime, metrics, st.pool, lambda: st.draining)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        st._start_task = asyncio.create_task(st.start(), name="gendr-runtime-start")
+        try:
+            yield
+        finally:
+            # After a SIGTERM drain (the CLI) only stragglers cancelled by uvicorn remain: don't wait again.
+            await st.drain(0.5 if st.draining else settings.drain_timeout_s)
+            await st.close()
+
+    errors = {
+        s: {"model": ErrorBody, "description": d}
+        for s, d in {
+            400: "bad options (`bad_request`)",
+            401: "missing or wrong API key (`unauthorized`)",
+            404: "unknown model (`model_not_found`)",
+            413: "body (`payload_too_large`) or pixel limit (`image_too_large`)",
+            415: "not an accepted image format or animated (`unsupported_media_type`)",
+            422: "corrupt or truncated image (`undecodable_image`)",
+            500: "engine failure (`engine_failure`)",
+            503: "saturated (`overloaded`), `draining` or `not_ready`; see Retry-After",
+            504: "the deadline passed (`deadline_exceeded`)",
+        }.items()
+    }
+    app = FastAPI(
+        title="gendr-serve",
+        version=__version__,
+        description="GenDR one-step diffusion super-resolution. See docs/http.md.",
+        lifespan=lifespan,
+        responses={500: {"model": ErrorBody, "description": "internal error"}},
+    )
+    app.state.gendr = st
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _service_error)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Deadline-Ms", "X-Request-Id"],
+            expose_headers=[
+                "Server-Timing",
+                "X-Model",
+                "X-Backend",
+                "X-Precision",
+                "X-Tiles",
+                "X-Queue-Time-Ms",
+                "X-Image-Size",
+                "X-Request-Id",
+                "Retry-After",
+            ],
+        )
+    app.add_middleware(RequestContext, state=st)
+
+    def require_key(request: Request) -> None:
+        st.keys.check(request.headers.get("authorization"))
+
+    @app.post(
+        UPSCALE_PATH,
+        summary="Upscale / restore one image",
+        dependencies=[Depends(require_key)],
+        response_class=Response,
+        responses={
+            200: {
+                "content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}},
+                "description": "The image; timings in Server-Timing and X-* headers.",
+            },
+            **errors,
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["image"],
+                            "properties": {"image": {"type": "string", "format": "binary"}},
+                        }
+                    },
+                    "image/*": {"schema": {"type": "string", "format": "binary"}},
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                },
+            },
+            "parameters": [
+                {
+                    "name": "X-Deadline-Ms",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "integer", "minimum": 1},
+                    "description": "Budget in ms from arrival (the smaller of this and deadline_ms wins).",
+                }
+            ],
+        },
+    )
+    async def upscale(request: Request, params: Annotated[UpscaleParams, Query()]) -> Response:
+        return await handle_upscale(request, params, ctx)
+
+    @app.get("/v1/models", summary="Loaded models, their backends and limits")
+    async def models() -> dict[str, Any]:
+        if not st.started:
+            raise NotReady("models are still loading", retry_after_s=settings.retry_after_s)
+        default = runtime.get(None).name
+        return {
+            "object": "list",
+            "default": default,
+            "data": [mr.describe() for mr in runtime.models.values()],
+            "limits": {
+                "max_body_bytes": settings.max_body_bytes,
+                "max_input_pixels": settings.max_input_pixels,
+                "max_output_pixels": settings.max_output_pixels,
+                "max_scale": settings.max_scale,
+                "default_deadline_s": settings.default_deadline_s,
+                "max_deadline_s": settings.max_deadline_s,
+                "input_formats": settings.image_formats,
+                "output_formats": list(images.OUTPUT_FORMATS),
+            },
+        }
+
+    @app.get("/healthz", summary="Liveness: the process works (503 when startup failed or a backend broke)")
+    async def healthz() -> JSONResponse:
+        broken = st.start_error is not None or (st.started and not runtime.healthy)
+        return JSONResponse({"status": "unhealthy" if broken else "ok"}, status_code=503 if broken else 200)
+
+    @app.get("/readyz", summary="Readiness: every engine warmed up, healthy, not draining")
+    async def readyz() -> JSONResponse:
+        ready = st.ready
+        st.metrics.ready.set(1 if ready else 0)
+        body = {"status": "ready" if ready else st.not_ready_reason(), "ready": ready}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def metrics_page() -> Response:
+        st.metrics.ready.set(1 if st.ready else 0)
+        await asyncio.to_thread(st.metrics.refresh_gpu_memory)
+        return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,1 @@
+"""Inference backends behind one narrow protocol (see base.py)."""

@@ -1,0 +1,119 @@
+"""The narrow protocol every backend implements, and the small helpers they share.
+
+A backend serves one model (one manifest) on one device. It owns `instances` engine instances
+(ORT sessions / TensorRT execution contexts / torch streams) that share one copy of the weights;
+the batcher calls `infer(instance, batch)` from one worker per instance, never two calls on the
+same instance at once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from service.manifest import Manifest
+
+
+class BackendUnavailable(RuntimeError):
+    """This backend cannot run here (package, device, provider or artifact missing); says which and why."""
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str  # "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt", "torch", "fake"
+    device: str  # "cpu", "cuda:0 (NVIDIA H100 80GB HBM3, sm_90)"
+    precision: str  # "fp32", "fp16", "int8", "fp8", "bf16"
+    engine_key: str  # sha256 of the graph/plan being run (first 16 hex chars are enough to show)
+    batch_sizes: tuple[int, ...]  # batch sizes the engine runs; the batcher pads up to the next one
+    instances: int
+    selection_reason: str = ""  # why `auto` chose this backend
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    manifest: Manifest
+    model_dir: Path
+
+    @property
+    def info(self) -> BackendInfo:
+        """Known before load() (selection and /v1/models need it without touching the engine)."""
+
+    def load(self) -> None:
+        """Read and verify artifacts, create engine instances. Blocking; run off the event loop."""
+
+    def warmup(self) -> dict[int, float]:
+        """Run every batch size on every instance once so the first request pays no compile cost.
+
+        Returns seconds per call for each batch size (last instance), which seeds the batcher's
+        throughput estimate before real traffic has been measured.
+        """
+
+    def infer(self, instance: int, batch: np.ndarray) -> np.ndarray:
+        """uint8 [B, t, t, 3] → uint8 [B, t·s, t·s, 3], B in info.batch_sizes; one caller per instance.
+
+        The result must be an array the caller owns (not a buffer the next call overwrites).
+        """
+
+    def healthy(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+# Optional extension: a backend may expose `input_buffer(instance, n) -> np.ndarray` returning a
+# writable uint8 [n, t, t, 3] host buffer (e.g. pinned memory) that the batcher gathers tiles into
+# and then passes to infer(); a backend recognises its own buffer and skips a copy.
+
+
+def tile_shapes(manifest: Manifest) -> tuple[int, int]:
+    """(input tile edge, output tile edge) of the model's graph."""
+    return manifest.tile.tile, manifest.tile.out_tile
+
+
+def timed_warmup(backend: Backend, instances: int, batch_sizes: tuple[int, ...]) -> dict[int, float]:
+    """Run each batch size once per instance with a mid-grey batch; seconds of the last call per size."""
+    t, _ = tile_shapes(backend.manifest)
+    timings: dict[int, float] = {}
+    for inst in range(instances):
+        for b in batch_sizes:
+            x = np.full((b, t, t, 3), 128, dtype=np.uint8)
+            t0 = time.perf_counter()
+            y = backend.infer(inst, x)
+            timings[b] = time.perf_counter() - t0
+            check_output(backend.manifest, x, y)
+    return timings
+
+
+def check_output(manifest: Manifest, batch: np.ndarray, out: object) -> np.ndarray:
+    """Outputs must match inputs in count and shape: a wrong engine or a bug must not reach a user."""
+    _, ot = tile_shapes(manifest)
+    if not isinstance(out, np.ndarray):
+        raise RuntimeError(f"engine returned {type(out).__name__}, expected a numpy array")
+    expected = (batch.shape[0], ot, ot, 3)
+    if out.shape != expected:
+        raise RuntimeError(
+            f"engine returned shape {tuple(out.shape)} for a batch of {batch.shape[0]}, expected {expected}"
+        )
+    if out.dtype != np.uint8:
+        raise RuntimeError(f"engine returned {out.dtype}, expected uint8")
+    return out
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: affinity mask, capped by a cgroup v2 CPU quota (Kubernetes limits)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)

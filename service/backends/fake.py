@@ -1,0 +1,125 @@
+"""A backend with no model, for tests and for exercising the batcher's failure handling.
+
+Its output is the input tile upscaled by nearest neighbour, so a stitched request equals the
+nearest-neighbour upscale of its own (resized, padded) input exactly: any tile that lands in the
+wrong request or place shows. Delays, failures, hangs and malformed outputs are configured on a
+mutable `FakeBehaviour` that tests may change while requests run.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from service.backends.base import BackendInfo
+from service.manifest import Manifest
+
+
+class FakeEngineError(RuntimeError):
+    """The failure a FakeBehaviour injects."""
+
+
+@dataclass
+class FakeBehaviour:
+    delay_s: float = 0.0  # per call
+    per_tile_s: float = 0.0  # added per tile in the batch
+    fail_if: Callable[[int, np.ndarray], bool] | None = None  # (instance, batch) → raise FakeEngineError
+    fail_instances: set[int] = field(default_factory=set)  # these instances always fail
+    fail_next: int = 0  # the next N calls (any instance) fail
+    hang: threading.Event | None = None  # while set, calls block until it is cleared (or released)
+    wrong_count: bool = False  # return one tile too few
+    wrong_shape: bool = False  # return tiles of the input size instead of the output size
+
+
+class FakeBackend:
+    def __init__(
+        self,
+        manifest: Manifest,
+        model_dir: Path | str = ".",
+        *,
+        instances: int = 1,
+        max_batch: int = 4,
+        batch_sizes: tuple[int, ...] | None = None,
+        scale: int | None = None,
+        behaviour: FakeBehaviour | None = None,
+        selection_reason: str = "configured: fake",
+    ) -> None:
+        self.manifest = manifest
+        self.model_dir = Path(model_dir)
+        self.scale = scale or manifest.tile.graph_scale
+        if self.scale != manifest.tile.graph_scale:
+            raise ValueError(
+                f"fake scale {self.scale} differs from the manifest's graph scale {manifest.tile.graph_scale}"
+            )
+        self.instances = instances
+        self.batch_sizes = tuple(sorted(batch_sizes)) if batch_sizes else tuple(range(1, max_batch + 1))
+        self.behaviour = behaviour or FakeBehaviour()
+        self.calls: list[tuple[int, int]] = []  # (instance, batch size), in call order
+        self.max_concurrency = 0
+        self._active = 0
+        self._lock = threading.Lock()
+        self._release = threading.Event()  # set by close(): unblocks hung calls
+        self._loaded = False
+        self._reason = selection_reason
+
+    @property
+    def info(self) -> BackendInfo:
+        return BackendInfo(
+            name="fake",
+            device="cpu",
+            precision="fp32",
+            engine_key="fake",
+            batch_sizes=self.batch_sizes,
+            instances=self.instances,
+            selection_reason=self._reason,
+        )
+
+    def load(self) -> None:
+        self._loaded = True
+
+    def warmup(self) -> dict[int, float]:
+        b = self.behaviour
+        return {n: b.delay_s + n * b.per_tile_s for n in self.batch_sizes}
+
+    def infer(self, instance: int, batch: np.ndarray) -> np.ndarray:
+        if not self._loaded:
+            raise RuntimeError("fake backend used before load()")
+        if not 0 <= instance < self.instances:
+            raise ValueError(f"no instance {instance}")
+        if batch.shape[0] not in self.batch_sizes:
+            raise ValueError(f"batch of {batch.shape[0]} not in {self.batch_sizes}")
+        with self._lock:
+            self._active += 1
+            self.max_concurrency = max(self.max_concurrency, self._active)
+            self.calls.append((instance, batch.shape[0]))
+            b = self.behaviour
+            fail = b.fail_next > 0 or instance in b.fail_instances
+            if b.fail_next > 0:
+                b.fail_next -= 1
+        try:
+            hang = b.hang
+            while hang is not None and hang.is_set() and not self._release.is_set():
+                time.sleep(0.005)
+            wait = b.delay_s + b.per_tile_s * batch.shape[0]
+            if wait > 0:
+                time.sleep(wait)
+            if fail or (b.fail_if is not None and b.fail_if(instance, batch)):
+                raise FakeEngineError(f"injected failure on instance {instance}")
+            s = 1 if b.wrong_shape else self.scale
+            out = batch.repeat(s, axis=1).repeat(s, axis=2) if s > 1 else batch.copy()
+            return out[:-1] if b.wrong_count else out
+        finally:
+            with self._lock:
+                self._active -= 1
+
+    def healthy(self) -> bool:
+        return self._loaded
+
+    def close(self) -> None:
+        self._release.set()
+        self._loaded = False

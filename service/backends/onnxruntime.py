@@ -1,0 +1,223 @@
+"""ONNX Runtime backend: CPU (the embedded default), CUDA EP and TensorRT EP (onnxruntime-gpu).
+
+The exported graph takes uint8 [B, t, t, 3] and returns uint8 [B, t·s, t·s, 3] with a dynamic batch
+axis, so every batch size 1..max_batch runs without padding.
+
+Instances: on CPU each instance gets its own InferenceSession with its own intra-op thread pool of
+cores/instances threads (measured in docs/benchmarks.md: concurrent Run() calls on one shared
+session contend for one pool). On GPU one session is shared by the instance threads (ORT's Run is
+thread-safe) so the weights exist once in device memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from service.backends.base import (
+    BackendInfo,
+    BackendUnavailable,
+    available_cpus,
+    tile_shapes,
+    timed_warmup,
+)
+from service.manifest import Manifest, OnnxVariant, verify_artifact
+
+log = logging.getLogger(__name__)
+
+Provider = Literal["cpu", "cuda", "trt"]
+
+_PROVIDER = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+}
+# Precision preference when `auto`: fp32 on CPU (MLAS has no fast fp16 path), fp16 on GPUs.
+_AUTO_ORDER: dict[Provider, tuple[str, ...]] = {
+    "cpu": ("fp32", "int8", "fp16", "bf16"),
+    "cuda": ("fp16", "fp32", "bf16", "int8"),
+    "trt": ("fp16", "int8", "fp32", "fp8", "bf16"),
+}
+
+
+def pick_variant(manifest: Manifest, provider: Provider, precision: str) -> OnnxVariant:
+    if not manifest.onnx:
+        raise BackendUnavailable(f"{manifest.name}: the manifest lists no ONNX graph")
+    if precision != "auto":
+        if precision not in manifest.onnx:
+            raise BackendUnavailable(
+                f"{manifest.name}: no {precision} ONNX graph (available: {', '.join(sorted(manifest.onnx))})"
+            )
+        return manifest.onnx[precision]
+    for p in _AUTO_ORDER[provider]:
+        if p in manifest.onnx:
+            return manifest.onnx[p]
+    return next(iter(manifest.onnx.values()))
+
+
+class OnnxRuntimeBackend:
+    def __init__(
+        self,
+        manifest: Manifest,
+        model_dir: Path | str,
+        *,
+        provider: Provider = "cpu",
+        precision: str = "auto",
+        instances: int = 1,
+        intra_op_threads: int = 0,
+        max_batch: int = 4,
+        device_id: int = 0,
+        session_per_instance: bool | None = None,
+        selection_reason: str = "",
+        cache_dir: Path | None = None,
+    ) -> None:
+        if provider not in _PROVIDER:
+            raise ValueError(f"unknown provider {provider!r}")
+        self.manifest = manifest
+        self.model_dir = Path(model_dir)
+        self.provider: Provider = provider
+        self.variant = pick_variant(manifest, provider, precision)
+        self.instances = instances
+        self.threads = intra_op_threads or max(1, available_cpus() // instances)
+        self.max_batch = max_batch
+        self.device_id = device_id
+        self.session_per_instance = (
+            provider == "cpu" if session_per_instance is None else session_per_instance
+        )
+        self.cache_dir = cache_dir or self.model_dir / ".ort-trt-cache"
+        self._reason = selection_reason
+        self._sessions: list[object] = []
+        self._healthy = False
+
+    @property
+    def info(self) -> BackendInfo:
+        name = {"cpu": "onnxruntime-cpu", "cuda": "onnxruntime-cuda", "trt": "onnxruntime-trt"}[self.provider]
+        device = "cpu" if self.provider == "cpu" else f"cuda:{self.device_id}"
+        return BackendInfo(
+            name=name,
+            device=device,
+            precision=self.variant.precision,
+            engine_key=self.variant.graph.sha256[:16],
+            batch_sizes=tuple(range(1, self.max_batch + 1)),
+            instances=self.instances,
+            selection_reason=self._reason,
+            extra={
+                "intra_op_threads": str(self.threads) if self.provider == "cpu" else "",
+                "sessions": str(len(self._sessions) or (self.instances if self.session_per_instance else 1)),
+                "onnx_key": self.variant.key[:16],
+            },
+        )
+
+    def _providers(self) -> list[object]:
+        if self.provider == "cpu":
+            return ["CPUExecutionProvider"]
+        cuda = ("CUDAExecutionProvider", {"device_id": self.device_id, "cudnn_conv_algo_search": "HEURISTIC"})
+        if self.provider == "cuda":
+            return [cuda, "CPUExecutionProvider"]
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        name, t = self.variant.input_name, self.manifest.tile.tile
+        trt = {
+            "device_id": self.device_id,
+            "trt_fp16_enable": self.variant.precision == "fp16",
+            "trt_int8_enable": self.variant.precision == "int8",
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(self.cache_dir),
+            "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": str(self.cache_dir),
+            "trt_profile_min_shapes": f"{name}:1x{t}x{t}x3",
+            "trt_profile_max_shapes": f"{name}:{self.max_batch}x{t}x{t}x3",
+            "trt_profile_opt_shapes": f"{name}:{self.max_batch}x{t}x{t}x3",
+        }
+        return [("TensorrtExecutionProvider", trt), cuda, "CPUExecutionProvider"]
+
+    def load(self) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as e:  # pragma: no cover - a dependency of the serve extra
+            raise BackendUnavailable("onnxruntime is not installed (pip install 'gendr-serve[serve]')") from e
+        wanted = _PROVIDER[self.provider]
+        if wanted not in ort.get_available_providers():
+            raise BackendUnavailable(
+                f"ONNX Runtime {ort.__version__} has no {wanted} "
+                f"(available: {', '.join(ort.get_available_providers())}); "
+                "install onnxruntime-gpu for CUDA/TensorRT"
+            )
+        graph = verify_artifact(self.model_dir, self.variant.graph)
+        if self.variant.external_data:
+            verify_artifact(self.model_dir, self.variant.external_data)
+        n_sessions = self.instances if self.session_per_instance else 1
+        sessions = []
+        for _ in range(n_sessions):
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            so.inter_op_num_threads = 1
+            if self.provider == "cpu":
+                so.intra_op_num_threads = self.threads
+                if n_sessions > 1:
+                    # Spinning pools of sibling sessions would steal each other's cores.
+                    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            s = ort.InferenceSession(str(graph), so, providers=self._providers())
+            if wanted not in s.get_providers():
+                raise BackendUnavailable(
+                    f"{wanted} could not be initialised (session uses {s.get_providers()})"
+                )
+            sessions.append(s)
+        self._check_io(sessions[0])
+        self._sessions = sessions
+        self._healthy = True
+        log.info(
+            "%s: loaded %s (%s) with %d session(s) for %d instance(s)",
+            self.manifest.name,
+            graph.name,
+            self.info.name,
+            n_sessions,
+            self.instances,
+        )
+
+    def _check_io(self, session: object) -> None:
+        t, ot = tile_shapes(self.manifest)
+        ins = {i.name: i for i in session.get_inputs()}  # type: ignore[attr-defined]
+        outs = {o.name: o for o in session.get_outputs()}  # type: ignore[attr-defined]
+        iname, oname = self.variant.input_name, self.variant.output_name
+        if iname not in ins or oname not in outs:
+            raise BackendUnavailable(
+                f"{self.manifest.name}: graph has inputs {list(ins)} and outputs {list(outs)}, "
+                f"manifest says {iname} → {oname}"
+            )
+        if ins[iname].type != "tensor(uint8)" or outs[oname].type != "tensor(uint8)":
+            raise BackendUnavailable(f"{self.manifest.name}: graph must map uint8 tiles to uint8 tiles")
+        shape = ins[iname].shape
+        if len(shape) != 4 or any(
+            isinstance(d, int) and d != e for d, e in zip(shape[1:], (t, t, 3), strict=True)
+        ):
+            raise BackendUnavailable(
+                f"{self.manifest.name}: graph input shape {shape} does not match tile {t}×{t}×3"
+            )
+        b = shape[0]
+        if isinstance(b, int) and b > 0 and b < self.max_batch:
+            raise BackendUnavailable(
+                f"{self.manifest.name}: graph has a fixed batch of {b}; max_batch is {self.max_batch}"
+            )
+        oshape = outs[oname].shape
+        if len(oshape) == 4 and isinstance(oshape[1], int) and oshape[1] != ot:
+            raise BackendUnavailable(
+                f"{self.manifest.name}: graph output tile {oshape[1]} but manifest implies {ot}"
+            )
+
+    def warmup(self) -> dict[int, float]:
+        return timed_warmup(self, self.instances, self.info.batch_sizes)
+
+    def infer(self, instance: int, batch: np.ndarray) -> np.ndarray:
+        s = self._sessions[instance if self.session_per_instance else 0]
+        return s.run([self.variant.output_name], {self.variant.input_name: batch})[0]  # type: ignore[attr-defined]
+
+    def healthy(self) -> bool:
+        return self._healthy
+
+    def close(self) -> None:
+        self._sessions = []
+        self._healthy = False

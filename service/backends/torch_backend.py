@@ -1,0 +1,213 @@
+"""PyTorch backend: the reference implementation, on CPU or CUDA, fp32 / fp16 / bf16, optional torch.compile.
+
+torch (and engine_build, which needs it) is imported inside the methods: the serving image does not
+ship torch, and importing this module must not fail there. The network is the same `TileGraph` the
+export stage traces (uint8 NHWC tile in, uint8 NHWC tile out), so this backend differs from the ONNX
+and TensorRT ones only in the engine.
+
+Instances share one module (one copy of the weights). On CUDA each instance has its own stream, so
+transfers and kernels of different instances overlap; on CPU instances share torch's intra-op pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from service.backends.base import BackendInfo, BackendUnavailable, timed_warmup
+from service.manifest import Manifest, TileGeometry, verify_artifact
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+def checkpoint_root(manifest: Manifest) -> str:
+    """The folder (GenDR) or file (single network) that manifest.checkpoint describes."""
+    if not manifest.checkpoint:
+        raise BackendUnavailable(f"{manifest.name}: the manifest lists no checkpoint for the torch backend")
+    paths = [PurePosixPath(a.path) for a in manifest.checkpoint]
+    if manifest.kind == "single":
+        st = [p for p in paths if p.suffix == ".safetensors"]
+        if len(st) != 1:
+            raise BackendUnavailable(
+                f"{manifest.name}: expected one .safetensors checkpoint, got {[str(p) for p in st]}"
+            )
+        return str(st[0])
+    tops = {p.parts[0] for p in paths}
+    if len(tops) != 1 or any(len(p.parts) < 2 for p in paths):
+        raise BackendUnavailable(
+            f"{manifest.name}: checkpoint artifacts must sit in one folder, got {sorted(tops)}"
+        )
+    return tops.pop()
+
+
+class TorchBackend:
+    def __init__(
+        self,
+        manifest: Manifest,
+        model_dir: Path | str = ".",
+        *,
+        precision: str = "auto",
+        device: str | None = None,
+        device_id: int = 0,
+        instances: int = 1,
+        max_batch: int = 4,
+        compile: bool = False,
+        intra_op_threads: int = 0,
+        selection_reason: str = "",
+        module: Any = None,
+    ) -> None:
+        self.manifest = manifest
+        self.model_dir = Path(model_dir)
+        self.device_id = device_id
+        self._device = device  # None → cuda if available else cpu, resolved at load()
+        self.precision = precision
+        self.instances = instances
+        self.max_batch = max_batch
+        self.compile = compile
+        self.threads = intra_op_threads
+        self._reason = selection_reason
+        self._module = module  # an nn.Module mapping [-1,1] NCHW → [-1,1] NCHW (tests, GPU check)
+        self._graph: Any = None
+        self._compiled: Any = None
+        self._streams: list[Any] = []
+        self._dev_name = ""
+        self._healthy = False
+        self._lock = (
+            threading.Lock()
+        )  # CPU: torch's pool is shared; serialise calls instead of oversubscribing
+
+    @classmethod
+    def from_module(
+        cls, net: Any, geometry: TileGeometry, *, name: str = "module", kind: str = "single", **kw: Any
+    ) -> TorchBackend:
+        """Serve an in-memory network (random-weight GenDR for the GPU check, tests) without a repository."""
+        from service.manifest import PipelineParams
+
+        manifest = Manifest(
+            name=name,
+            kind=kind,
+            native_scale=geometry.graph_scale if kind == "single" else 4,
+            tile=geometry,  # type: ignore[arg-type]
+            pipeline=PipelineParams() if kind == "gendr" else None,
+        )
+        return cls(manifest, ".", module=net, **kw)
+
+    @property
+    def info(self) -> BackendInfo:
+        dev = self._dev_name or (self._device or "auto")
+        key = ",".join(a.sha256 for a in self.manifest.checkpoint) or "in-memory module"
+        return BackendInfo(
+            name="torch",
+            device=dev,
+            precision=self._resolved_precision(),
+            engine_key=hashlib.sha256(key.encode()).hexdigest()[:16],
+            batch_sizes=tuple(range(1, self.max_batch + 1)),
+            instances=self.instances,
+            selection_reason=self._reason,
+            extra={"compile": str(self.compile)},
+        )
+
+    def _resolved_precision(self) -> str:
+        if self.precision != "auto":
+            return self.precision
+        dev = self._device or ""
+        return "fp16" if dev.startswith("cuda") else "fp32"
+
+    def _load_net(self) -> Any:
+        if self._module is not None:
+            return self._module
+        root = checkpoint_root(self.manifest)
+        for art in self.manifest.checkpoint:
+            verify_artifact(self.model_dir, art)
+        try:
+            if self.manifest.kind == "gendr":
+                from engine_build.checkpoint import load_checkpoint
+
+                return load_checkpoint(self.model_dir / root)
+            from engine_build.model import UnitRangeAdapter
+            from engine_build.sr_models import load_sr_safetensors
+
+            return UnitRangeAdapter(load_sr_safetensors(self.model_dir / root).model)
+        except ImportError as e:
+            raise BackendUnavailable(
+                f"torch backend needs the build extra (pip install 'gendr-serve[build]'): {e}"
+            ) from e
+
+    def load(self) -> None:
+        try:
+            import torch
+        except ImportError as e:
+            raise BackendUnavailable("torch is not installed (pip install 'gendr-serve[build]')") from e
+        from engine_build.model import TileGraph
+
+        if self._device is None:
+            self._device = f"cuda:{self.device_id}" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(self._device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailable("torch backend: CUDA requested but torch sees no GPU")
+        prec = self._resolved_precision()
+        if prec not in DTYPES:
+            raise BackendUnavailable(f"torch backend runs {', '.join(DTYPES)}, not {prec}")
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[prec]
+        if dev.type == "cpu" and dtype == torch.float16:
+            raise BackendUnavailable("torch backend: fp16 on CPU is not supported; use fp32 or bf16")
+        if dev.type == "cpu":
+            if self.threads:  # process-wide: only when configured (GENDR_INTRA_OP_THREADS)
+                torch.set_num_threads(self.threads)
+            self._dev_name = "cpu"
+        else:
+            p = torch.cuda.get_device_properties(dev)
+            self._dev_name = f"{dev} ({p.name}, sm_{p.major}{p.minor})"
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True  # static tile shapes: the autotuned choice is reused
+        net = self._load_net()
+        self._graph = TileGraph(net, compute_dtype=dtype).to(dev, dtype).eval()
+        if self.compile:
+            # one graph per batch size (static shapes), compiled during warmup on one thread
+            for knob in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, knob):
+                    setattr(torch._dynamo.config, knob, max(64, 2 * self.max_batch))
+            self._compiled = torch.compile(self._graph, dynamic=False)
+        else:
+            self._compiled = self._graph
+        self._streams = [torch.cuda.Stream(dev) for _ in range(self.instances)] if dev.type == "cuda" else []
+        self._healthy = True
+
+    def warmup(self) -> dict[int, float]:
+        return timed_warmup(self, self.instances, self.info.batch_sizes)
+
+    def infer(self, instance: int, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(batch))
+        with torch.inference_mode():
+            if not self._streams:
+                with self._lock:
+                    return self._compiled(x).numpy()
+            s = self._streams[instance]
+            with torch.cuda.stream(s):
+                xd = x.pin_memory().to(self._graph_device(), non_blocking=True)
+                y = self._compiled(xd)
+                out = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
+                out.copy_(y, non_blocking=True)
+            s.synchronize()
+            return out.numpy()
+
+    def _graph_device(self) -> Any:
+        return next(self._graph.parameters()).device
+
+    def healthy(self) -> bool:
+        return self._healthy
+
+    def close(self) -> None:
+        self._graph = self._compiled = None
+        self._streams = []
+        self._healthy = False

@@ -1,0 +1,156 @@
+"""Prometheus metrics (names are a contract: the Grafana dashboard, HPA rule and alerts use them).
+
+Each app gets its own CollectorRegistry so tests can build many apps in one process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+log = logging.getLogger(__name__)
+
+# Latency buckets from 5 ms to 10 min: tiles on CPU take seconds, on an H100 milliseconds.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 600)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "gendr_requests", "Finished /upscale requests.", ["model", "status"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "gendr_request_duration_seconds",
+            "Whole request time.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "gendr_queue_duration_seconds",
+            "Time tiles waited before their first batch ran.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.compute_seconds = Histogram(
+            "gendr_compute_duration_seconds",
+            "Engine time per batch.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decode_seconds = Histogram(
+            "gendr_decode_duration_seconds", "Image decode time.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.encode_seconds = Histogram(
+            "gendr_encode_duration_seconds", "Image encode time.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "gendr_batch_size", "Tiles per engine call.", ["model"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.tile_occupancy = Histogram(
+            "gendr_tile_occupancy_ratio",
+            "Share of a tile's pixels that are image, not padding.",
+            ["model"],
+            buckets=RATIO_BUCKETS,
+            registry=r,
+        )
+        self.queue_tiles = Gauge(
+            "gendr_queue_depth_tiles", "Admitted, unfinished tiles.", ["model"], registry=r
+        )
+        self.queue_requests = Gauge(
+            "gendr_queue_depth_requests", "Admitted, unfinished requests.", ["model"], registry=r
+        )
+        self.output_megapixels = Counter(
+            "gendr_output_megapixels", "Output megapixels produced (rate() = MP/s).", ["model"], registry=r
+        )
+        self.tiles = Counter("gendr_tiles", "Tiles computed.", ["model"], registry=r)
+        self.instance_busy = Gauge(
+            "gendr_instance_busy_ratio",
+            "Share of the last window an engine instance was computing.",
+            ["model", "instance"],
+            registry=r,
+        )
+        self.gpu_memory_used = Gauge(
+            "gendr_gpu_memory_used_bytes", "GPU memory in use (NVML).", ["gpu"], registry=r
+        )
+        self.gpu_memory_total = Gauge(
+            "gendr_gpu_memory_total_bytes", "GPU memory size (NVML).", ["gpu"], registry=r
+        )
+        self.build_info = Gauge(
+            "gendr_build_info",
+            "Always 1; labels say version, backend, precision and engine of each model.",
+            ["model", "version", "backend", "precision", "engine_key"],
+            registry=r,
+        )
+        self.ready = Gauge("gendr_ready", "1 when every model is warmed up and not draining.", registry=r)
+        # --- added by the HTTP layer (new names only; the ones above are the dashboard contract) ---
+        self.request_errors = Counter(
+            "gendr_request_errors",
+            "Failed /upscale requests by stable error code.",
+            ["model", "code"],
+            registry=r,
+        )
+        self.inflight_requests = Gauge(
+            "gendr_http_inflight_requests",
+            "/upscale requests being read, decoded, computed or encoded.",
+            registry=r,
+        )
+        self.request_bytes = Counter(
+            "gendr_request_body_bytes", "Request body bytes read by /upscale.", registry=r
+        )
+        self.response_bytes = Counter(
+            "gendr_response_body_bytes", "Image bytes returned by /upscale.", registry=r
+        )
+        self._nvml = _Nvml()
+
+    def refresh_gpu_memory(self) -> None:
+        """Update the GPU memory gauges from NVML at scrape time (no-op without `pynvml` or a GPU)."""
+        for index, used, total in self._nvml.memory():
+            self.gpu_memory_used.labels(gpu=str(index)).set(used)
+            self.gpu_memory_total.labels(gpu=str(index)).set(total)
+
+
+class _Nvml:
+    """Lazy NVML handle: initialised on first use, disabled for good after the first failure."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._mod: Any = None
+        self._state = "new"  # new | ok | off
+
+    def memory(self) -> list[tuple[int, int, int]]:
+        with self._lock:
+            if self._state == "new":
+                self._state = "off"
+                try:
+                    import pynvml  # provided by nvidia-ml-py (the `gpu` extra)
+
+                    pynvml.nvmlInit()
+                    self._mod, self._state = pynvml, "ok"
+                except Exception as e:  # ImportError, NVMLError (no driver), ...
+                    log.debug("NVML unavailable, no GPU memory metrics: %s", e)
+            if self._state != "ok":
+                return []
+            nv = self._mod
+            try:
+                out = []
+                for i in range(nv.nvmlDeviceGetCount()):
+                    mem = nv.nvmlDeviceGetMemoryInfo(nv.nvmlDeviceGetHandleByIndex(i))
+                    out.append((i, int(mem.used), int(mem.total)))
+                return out
+            except Exception as e:
+                log.warning("NVML query failed, GPU memory metrics disabled: %s", e)
+                self._state = "off"
+                return []

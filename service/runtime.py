@@ -1,0 +1,339 @@
+"""The runtime behind the HTTP layer (contract: docs/runtime-api.md). No FastAPI, no torch.
+
+One `ModelRuntime` per served model: its backend, its tile batcher (one queue per model and tile
+shape) and the per-request steps of service.pipeline around it — resize and pad before the queue,
+stitching as batches complete, post-resize and colour fix after. Pixel work runs in a thread pool,
+never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service import __version__
+from service.backends.base import Backend, BackendInfo, available_cpus
+from service.batcher import Reservation, Ticket, TicketResult, TileBatcher
+from service.errors import BadRequest, DeadlineExceeded, ModelNotFound, NotReady
+from service.manifest import Manifest, ManifestError, list_models, read_manifest
+from service.metrics import Metrics
+from service.pipeline import RequestPlan, finish, make_plan, prepare_input
+from service.settings import Settings
+from service.tiling import Stitcher
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ModelRuntime", "Reservation", "Runtime", "UpscaleJob", "UpscaleOutcome"]
+
+COLOR_FIXES = ("none", "adain", "wavelet")
+
+BackendFactory = Callable[[Manifest, Path, Settings], tuple[Backend, str]]
+
+
+@dataclass(frozen=True)
+class UpscaleJob:
+    image: np.ndarray  # HWC uint8 RGB (alpha stripped, EXIF applied, modes normalised by the HTTP layer)
+    out_height: int
+    out_width: int
+    color_fix: str | None  # "none" | "adain" | "wavelet"; None = the model's default
+    deadline: float  # time.monotonic() after which the job fails with DeadlineExceeded
+    request_id: str
+
+
+@dataclass(frozen=True)
+class UpscaleOutcome:
+    image: np.ndarray  # HWC uint8, out_height × out_width × 3
+    model: str
+    backend: str
+    precision: str
+    tiles: int
+    queue_s: float  # admission → first tile started
+    compute_s: float  # engine time attributed to this request
+    runtime_s: float  # admission → result
+
+
+class ModelRuntime:
+    def __init__(
+        self,
+        name: str,
+        model_dir: Path,
+        manifest: Manifest,
+        backend: Backend,
+        settings: Settings,
+        metrics: Metrics,
+        host: concurrent.futures.Executor,
+        selection_reason: str = "",
+    ) -> None:
+        self.name = name
+        self.model_dir = model_dir
+        self.manifest = manifest
+        self.backend = backend
+        self.settings = settings
+        self.metrics = metrics
+        self.selection_reason = selection_reason
+        self._host = host
+        self.batcher = TileBatcher(
+            backend,
+            model=name,
+            metrics=metrics,
+            max_batch=settings.max_batch,
+            max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
+            capacity_tiles=settings.queue_capacity_tiles,
+            unhealthy_after=settings.unhealthy_after_failures,
+        )
+        self._ready = False
+        self._closed = False
+
+    @property
+    def info(self) -> BackendInfo:
+        return self.backend.info
+
+    @property
+    def default_color_fix(self) -> str:
+        return self.manifest.pipeline.color_fix if self.manifest.pipeline is not None else "none"
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and not self._closed and not self.batcher.draining and self.batcher.healthy
+
+    @property
+    def healthy(self) -> bool:
+        return not self._ready or self.batcher.healthy
+
+    def load(self) -> None:
+        """Blocking: load the engine, warm up every batch size, start the instance workers."""
+        t0 = time.monotonic()
+        self.backend.load()
+        timings = self.backend.warmup()
+        self.batcher.start(timings)
+        info = self.info
+        self.metrics.build_info.labels(
+            self.name, __version__, info.name, info.precision, info.engine_key
+        ).set(1)
+        self._ready = True
+        log.info(
+            "%s: ready on %s (%s, %s, batch sizes %s, %d instance(s)) in %.1fs; %s",
+            self.name,
+            info.name,
+            info.device,
+            info.precision,
+            info.batch_sizes,
+            info.instances,
+            time.monotonic() - t0,
+            self.selection_reason or info.selection_reason,
+        )
+
+    # ------------------------------------------------------------------ contract
+
+    def plan(self, in_h: int, in_w: int, out_h: int, out_w: int) -> RequestPlan:
+        """Cheap (no pixels): the HTTP layer calls it on header sizes to know the cost in tiles."""
+        try:
+            return make_plan(in_h, in_w, out_h, out_w, self.manifest.tile, self.settings.max_output_pixels)
+        except ValueError as e:
+            raise BadRequest(str(e)) from e
+
+    def reserve(self, tiles: int) -> Reservation:
+        if not self._ready or self._closed:
+            raise NotReady(f"model {self.name} is still loading", retry_after_s=5.0)
+        return self.batcher.reserve(tiles)
+
+    async def upscale(self, job: UpscaleJob, reservation: Reservation) -> UpscaleOutcome:
+        try:
+            return await self._upscale(job, reservation)
+        finally:
+            reservation.release()
+
+    async def _upscale(self, job: UpscaleJob, reservation: Reservation) -> UpscaleOutcome:
+        if reservation.owner is not self.batcher or reservation.released:
+            raise ValueError("reservation does not belong to this model or was already released")
+        img = job.image
+        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+            raise BadRequest(f"expected an HWC uint8 RGB image, got {img.shape} {img.dtype}")
+        color_fix = job.color_fix or self.default_color_fix
+        if color_fix not in COLOR_FIXES:
+            raise BadRequest(f"unknown color_fix {color_fix!r}; use one of {', '.join(COLOR_FIXES)}")
+        if time.monotonic() >= job.deadline:
+            raise DeadlineExceeded("deadline passed before processing started")
+        plan = self.plan(img.shape[0], img.shape[1], job.out_height, job.out_width)
+        reservation.grow(plan.n_tiles - reservation.tiles)
+        loop = asyncio.get_running_loop()
+
+        padded, stitcher = await loop.run_in_executor(self._host, _prepare, img, plan)
+        ticket = self.batcher.submit(
+            padded, plan.tiles, job.deadline, _sink(stitcher), admitted=reservation.created
+        )
+        del padded  # the ticket holds it until its last tile has been cut
+        result = await self._wait(ticket, job.deadline)
+        del ticket  # frees the padded input before the colour fix allocates
+        out = await loop.run_in_executor(self._host, _finish, stitcher, img, plan, color_fix)
+        now = time.monotonic()
+        self.metrics.output_megapixels.labels(self.name).inc(job.out_height * job.out_width / 1e6)
+        self.metrics.tile_occupancy.labels(self.name).observe(plan.tiles.occupancy)
+        info = self.info
+        return UpscaleOutcome(
+            image=out,
+            model=self.name,
+            backend=info.name,
+            precision=info.precision,
+            tiles=plan.n_tiles,
+            queue_s=result.started - reservation.created,
+            compute_s=result.compute_s,
+            runtime_s=now - reservation.created,
+        )
+
+    async def _wait(self, ticket: Ticket, deadline: float) -> TicketResult:
+        fut = asyncio.wrap_future(ticket.future)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout=max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            self.batcher.cancel(ticket)
+            raise DeadlineExceeded("deadline passed before the result was ready") from None
+        except asyncio.CancelledError:
+            self.batcher.cancel(ticket)  # client gone: drop unrun tiles
+            raise
+
+    def describe(self) -> dict[str, object]:
+        m, info = self.manifest, self.info
+        return {
+            "name": self.name,
+            "kind": m.kind,
+            "native_scale": m.native_scale,
+            "backend": info.name,
+            "device": info.device,
+            "precision": info.precision,
+            "engine_key": info.engine_key,
+            "selection_reason": self.selection_reason or info.selection_reason,
+            "tile": {
+                "input": m.tile.tile,
+                "overlap": m.tile.overlap,
+                "graph_scale": m.tile.graph_scale,
+                "output": m.tile.out_tile,
+            },
+            "batch_sizes": list(self.batcher.batch_sizes),
+            "instances": info.instances,
+            "color_fix_default": self.default_color_fix,
+            "limits": {
+                "queue_capacity_tiles": self.settings.queue_capacity_tiles,
+                "max_batch": self.batcher.max_batch,
+                "max_queue_delay_ms": self.settings.max_queue_delay_ms,
+                "max_output_pixels": self.settings.max_output_pixels,
+            },
+            "ready": self.ready,
+        }
+
+    def close(self) -> None:
+        self._closed = True
+        self.batcher.close()
+        self.backend.close()
+
+
+def _sink(stitcher: Stitcher) -> Callable[[Sequence[int], np.ndarray], None]:
+    def add(indices: Sequence[int], tiles: np.ndarray) -> None:
+        for i, t in zip(indices, tiles, strict=True):
+            stitcher.add(i, t)
+
+    return add
+
+
+def _prepare(image: np.ndarray, plan: RequestPlan) -> tuple[np.ndarray, Stitcher]:
+    return prepare_input(image, plan), Stitcher(plan.tiles)
+
+
+def _finish(stitcher: Stitcher, image: np.ndarray, plan: RequestPlan, color_fix: str) -> np.ndarray:
+    return finish(stitcher.result(), image, plan, color_fix)
+
+
+class Runtime:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        models: dict[str, ModelRuntime],
+        default: str,
+        host: concurrent.futures.ThreadPoolExecutor,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.models = models
+        self.default = default
+        self._host = host
+        self._started = False
+        self._draining = False
+        metrics.ready.set_function(lambda: float(self.ready))
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, metrics: Metrics, backend_factory: BackendFactory | None = None
+    ) -> Runtime:
+        """Read the manifests and choose each model's backend; cheap (no artifact is hashed or loaded)."""
+        from service.backends.select import create_backend
+
+        repo = Path(settings.model_repository)
+        names = settings.models or list_models(repo)
+        if not names:
+            raise ManifestError(
+                f"no model found in {repo.resolve()} (each model is a folder with a manifest.json)"
+            )
+        factory = backend_factory or create_backend
+        host = concurrent.futures.ThreadPoolExecutor(max(2, available_cpus()), thread_name_prefix="pixels")
+        models: dict[str, ModelRuntime] = {}
+        for name in names:
+            model_dir = repo / name
+            manifest = read_manifest(model_dir, verify=False)  # the backend verifies what it loads
+            backend, reason = factory(manifest, model_dir, settings)
+            log.info("%s: backend %s — %s", name, backend.info.name, reason)
+            models[name] = ModelRuntime(name, model_dir, manifest, backend, settings, metrics, host, reason)
+        default = settings.default_model or names[0]
+        if default not in models:
+            raise ManifestError(f"default model {default!r} is not among the served models {sorted(models)}")
+        return cls(settings, metrics, models, default, host)
+
+    async def start(self) -> None:
+        """Load and warm every model off the event loop (one after another: peak memory of one load)."""
+        for m in self.models.values():
+            await asyncio.to_thread(m.load)
+        self._started = True
+
+    def get(self, name: str | None) -> ModelRuntime:
+        key = self.default if name is None else name
+        try:
+            return self.models[key]
+        except KeyError:
+            raise ModelNotFound(f"no model {name!r}; available: {', '.join(sorted(self.models))}") from None
+
+    @property
+    def ready(self) -> bool:
+        return self._started and not self._draining and all(m.ready for m in self.models.values())
+
+    @property
+    def healthy(self) -> bool:
+        return all(m.healthy for m in self.models.values())
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop admitting, wait for admitted work to finish; True if everything finished in time."""
+        self._draining = True
+        for m in self.models.values():
+            m.batcher.start_drain()
+        deadline = time.monotonic() + timeout_s
+        for m in self.models.values():
+            left = max(0.0, deadline - time.monotonic())
+            if not await asyncio.to_thread(m.batcher.wait_idle, left):
+                return False
+        return True
+
+    async def close(self) -> None:
+        self._draining = True
+        for m in self.models.values():
+            await asyncio.to_thread(m.close)
+        self._host.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,181 @@
+"""Typed service settings: every knob, read once, from `GENDR_*` env vars and an optional config file.
+
+There is deliberately no port setting: Kubernetes injects `<SERVICE>_PORT` variables, so a Service
+called `gendr` would collide with `GENDR_PORT`. Host and port are `gendr-serve` flags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+BackendName = Literal[
+    "auto", "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt", "torch", "fake"
+]
+PrecisionName = Literal["auto", "fp32", "fp16", "bf16", "int8", "fp8"]
+
+CONFIG_FILE_ENV = "GENDR_CONFIG_FILE"
+
+
+class Settings(BaseSettings):
+    """Service settings. Env: `GENDR_<FIELD>`; lists as JSON (`GENDR_MODELS='["a","b"]'`)."""
+
+    model_config = SettingsConfigDict(env_prefix="GENDR_", extra="forbid", validate_default=True)
+
+    # --- models and backends -------------------------------------------------------------
+    model_repository: Path = Field(Path("models"), description="Folder holding one sub-folder per model.")
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Models to load (JSON list or comma-separated); empty = every model found.",
+    )
+    default_model: str | None = Field(
+        None, description="Model used when a request names none; default: first."
+    )
+    backend: BackendName = Field("auto", description="Inference backend; `auto` picks the fastest available.")
+    precision: PrecisionName = Field("auto", description="Precision of the ONNX variant / engine to serve.")
+    device_id: int = Field(0, ge=0, description="CUDA device index for GPU backends.")
+    instances_per_device: int = Field(
+        1, ge=1, le=16, description="Engine instances (contexts/sessions) per device."
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, le=256, description="ONNX Runtime CPU threads per instance; 0 = cores/instances."
+    )
+    cuda_graphs: bool = Field(False, description="Capture CUDA graphs per batch size (TensorRT backend).")
+    torch_compile: bool = Field(
+        False, description="torch.compile the reference backend (torch backend only)."
+    )
+
+    # --- batching and admission ----------------------------------------------------------
+    max_batch: int = Field(4, ge=1, le=64, description="Largest number of tiles per engine call.")
+    max_queue_delay_ms: float = Field(
+        2.0, ge=0, le=1000, description="How long a partial batch waits for more tiles."
+    )
+    queue_capacity_tiles: int = Field(
+        512, ge=1, description="Admitted but unfinished tiles per model before 503."
+    )
+    unhealthy_after_failures: int = Field(
+        3, ge=1, description="Consecutive failed batches before an instance is unhealthy."
+    )
+
+    # --- request limits --------------------------------------------------------------------
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="Largest request body, enforced while reading."
+    )
+    max_input_pixels: int = Field(
+        16_777_216, ge=1, description="Largest input image (width × height), from the header."
+    )
+    max_output_pixels: int = Field(16_777_216, ge=1, description="Largest output image (width × height).")
+    max_scale: float = Field(8.0, ge=1, le=16, description="Largest `scale` a client may ask for.")
+    default_deadline_s: float = Field(120.0, gt=0, description="Deadline of a request that sets none.")
+    max_deadline_s: float = Field(600.0, gt=0, description="Cap on a client-supplied deadline.")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="SIGTERM: admitted work may finish, then exit, all within this many seconds."
+    )
+    image_workers: int = Field(
+        2, ge=1, le=64, description="Threads that decode and encode images off the event loop."
+    )
+    image_formats: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["JPEG", "PNG", "WEBP"],
+        description="Input formats accepted (Pillow format ids, e.g. add `AVIF`); anything else is 415.",
+    )
+    output_quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality when a request sets none.")
+    png_compress_level: int = Field(
+        3, ge=0, le=9, description="PNG zlib level (6 is ~2.5x slower than 3 for ~10% smaller files)."
+    )
+    retry_after_s: float = Field(
+        5.0, gt=0, le=3600, description="Retry-After of 503s that carry no estimate (draining, starting)."
+    )
+
+    # --- security ----------------------------------------------------------------------------
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Bearer tokens for /upscale (comma-separated or JSON list); empty = open.",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Allowed CORS origins (JSON list or comma-separated); empty = CORS off.",
+    )
+
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level (`gendr-serve --log-level` overrides it)."
+    )
+
+    @field_validator("api_keys", "models", "cors_origins", "image_formats", mode="before")
+    @classmethod
+    def _split_list(cls, v: object) -> object:
+        # Allow a plain comma-separated list in env files and Kubernetes Secrets, or a JSON list.
+        if isinstance(v, str):
+            if v.strip().startswith("["):
+                return json.loads(v)
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v
+
+    @field_validator("image_formats", mode="after")
+    @classmethod
+    def _check_formats(cls, v: list[str]) -> list[str]:
+        from PIL import Image  # only here: settings stay importable without the serve extras
+
+        Image.init()
+        out = [f.upper() for f in v]
+        unknown = [f for f in out if f not in Image.OPEN]
+        if unknown:
+            raise ValueError(f"Pillow cannot read {unknown}; known formats: {sorted(Image.OPEN)}")
+        if not out:
+            raise ValueError("image_formats must name at least one format")
+        return out
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.default_deadline_s > self.max_deadline_s:
+            raise ValueError("default_deadline_s must not exceed max_deadline_s")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = os.environ.get(CONFIG_FILE_ENV)
+        if path:
+            p = Path(path)
+            if not p.is_file():
+                raise ValueError(f"{CONFIG_FILE_ENV}={path}: no such file")
+            if p.suffix == ".toml":
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=p))
+            elif p.suffix == ".json":
+                sources.append(JsonConfigSettingsSource(settings_cls, json_file=p))
+            else:
+                raise ValueError(f"{CONFIG_FILE_ENV}: use a .toml or .json file, got {p.name}")
+        return tuple(sources)
+
+
+def settings_table() -> str:
+    """Markdown table of every setting (README keeps a copy; a test checks they agree)."""
+    rows = [
+        "| env var | default | description |",
+        "| --- | --- | --- |",
+        f"| `{CONFIG_FILE_ENV}` | unset | Optional `.toml`/`.json` file of these settings (env wins). |",
+    ]
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory else field.default
+        if isinstance(default, Path):
+            default = str(default)
+        rows.append(f"| `GENDR_{name.upper()}` | `{default!r}` | {field.description} |")
+    return "\n".join(rows)

@@ -1,0 +1,285 @@
+"""POST /upscale, step by step: options → body → header probe → admission → decode → runtime → encode.
+
+The order matters: everything that can be rejected cheaply is rejected before the next, more
+expensive step; admission (`reserve`, in tiles) happens after the header is read and *before* the
+pixels are decoded, so an overloaded server never spends memory or CPU on work it will refuse.
+Decode and encode run in a bounded thread pool, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from starlette.requests import Request
+from starlette.responses import Response
+
+from service import images
+from service.body import read_upload
+from service.errors import (
+    BadRequest,
+    ClientClosedRequest,
+    DeadlineExceeded,
+    Draining,
+    EngineFailure,
+    ImageTooLarge,
+)
+from service.imageops import target_size
+from service.metrics import Metrics
+from service.runtime import UpscaleJob
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+DEADLINE_HEADER = "x-deadline-ms"
+
+
+class UpscaleParams(BaseModel):
+    """Options of POST /upscale: query parameters, or multipart form fields next to `image`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$",
+        description="Model name (GET /v1/models); default: the server's.",
+    )
+    scale: float | None = Field(
+        None, gt=0, le=16, description="Output size = scale × input; default: model's native scale."
+    )
+    width: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Output width; with only one of width/height the aspect ratio is kept.",
+    )
+    height: int | None = Field(None, ge=1, le=65535, description="Output height.")
+    format: Literal["png", "jpeg", "webp"] | None = Field(
+        None, description="Output format; default: the input's (PNG for other inputs). `jpg` is accepted."
+    )
+    quality: int | None = Field(None, ge=1, le=100, description="JPEG/WebP quality; ignored for PNG.")
+    color_fix: Literal["none", "adain", "wavelet"] | None = Field(
+        None, description="Colour correction against the bicubic input; default: the model's."
+    )
+    deadline_ms: int | None = Field(
+        None,
+        ge=1,
+        le=86_400_000,
+        description="Time budget from arrival; also header X-Deadline-Ms. Capped by the server.",
+    )
+
+    @field_validator("format", "color_fix", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = v.strip().lower()
+            return "jpeg" if v == "jpg" else v
+        return v
+
+    @model_validator(mode="after")
+    def _one_size(self) -> UpscaleParams:
+        if self.scale is not None and (self.width is not None or self.height is not None):
+            raise ValueError("give either scale or width/height, not both")
+        return self
+
+
+def validation_message(errors: list[Any]) -> str:
+    """One readable line from pydantic/FastAPI validation errors (never echoes internals)."""
+    parts = []
+    for e in errors[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("query", "body", "header"))
+        msg = str(e.get("msg", "invalid"))
+        if e.get("type") == "extra_forbidden":
+            msg = "unknown option"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts) or "invalid request"
+
+
+def merge_fields(params: UpscaleParams, fields: dict[str, str]) -> UpscaleParams:
+    """Query options plus multipart form options; the same option in both places is an error."""
+    given = params.model_dump(exclude_unset=True)
+    both = sorted(set(given) & set(fields))
+    if both:
+        raise BadRequest(f"option(s) {', '.join(both)} given both in the query and the form")
+    try:
+        return UpscaleParams.model_validate({**given, **fields})
+    except ValidationError as e:
+        raise BadRequest(validation_message(e.errors())) from e
+
+
+@dataclass
+class Context:
+    """What the handler needs from the app (kept explicit so the handler is testable alone)."""
+
+    settings: Settings
+    runtime: Any  # service.runtime.Runtime (docs/runtime-api.md)
+    metrics: Metrics
+    pool: Executor
+    is_draining: Callable[[], bool]
+
+
+def _deadline_budget(request: Request, params: UpscaleParams, s: Settings) -> float:
+    values: list[int] = []
+    raw = request.headers.get(DEADLINE_HEADER)
+    if raw is not None:
+        try:
+            v = int(raw.strip())
+        except ValueError as e:
+            raise BadRequest("X-Deadline-Ms must be a positive integer (milliseconds)") from e
+        if v < 1:
+            raise BadRequest("X-Deadline-Ms must be a positive integer (milliseconds)")
+        values.append(v)
+    if params.deadline_ms is not None:
+        values.append(params.deadline_ms)
+    if not values:
+        return s.default_deadline_s
+    return min(min(values) / 1000.0, s.max_deadline_s)
+
+
+async def _run(pool: Executor, fn: Callable[..., T], *args: Any) -> T:
+    return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first (its tiles are dropped)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+            await asyncio.sleep(0.05)  # stray http.request after the body: keep watching, politely
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        watcher.cancel()
+        raise
+    watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    raise ClientClosedRequest("client disconnected before the result was ready")
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}"
+
+
+async def handle_upscale(request: Request, params: UpscaleParams, ctx: Context) -> Response:
+    s, runtime, metrics = ctx.settings, ctx.runtime, ctx.metrics
+    t0: float = getattr(request.state, "t0", None) or time.monotonic()
+    request_id: str = getattr(request.state, "request_id", "")
+    if ctx.is_draining():
+        raise Draining("the server is shutting down; retry on another replica", retry_after_s=s.retry_after_s)
+    deadline = t0 + _deadline_budget(request, params, s)
+    if params.model is not None:  # unknown model: 404 before reading the upload
+        request.state.model = runtime.get(params.model).name
+
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            upload = await read_upload(request, s.max_body_bytes)
+    except TimeoutError as e:
+        raise DeadlineExceeded("the deadline passed while the request body was being received") from e
+    t_read = time.monotonic()
+    metrics.request_bytes.inc(len(upload.data))
+    if upload.fields:
+        params = merge_fields(params, upload.fields)
+    mr = runtime.get(params.model)
+    request.state.model = mr.name
+
+    probe = await _run(ctx.pool, images.probe, upload.data, s.image_formats, s.max_input_pixels)
+    del upload
+    probe_s = time.monotonic() - t_read
+    try:
+        try:
+            out_h, out_w = target_size(
+                probe.height,
+                probe.width,
+                scale=params.scale,
+                out_width=params.width,
+                out_height=params.height,
+                default_scale=float(mr.manifest.native_scale),
+            )
+        except ValueError as e:
+            raise BadRequest(str(e)) from e
+        eff_scale = max(out_h / probe.height, out_w / probe.width)
+        if eff_scale > s.max_scale + 1e-9:
+            raise BadRequest(
+                f"output {out_w}×{out_h} is ×{eff_scale:.2f} the input; the limit is ×{s.max_scale:g}"
+            )
+        if out_h * out_w > s.max_output_pixels:
+            raise ImageTooLarge(
+                f"output {out_w}×{out_h} = {out_h * out_w} pixels exceeds the limit of {s.max_output_pixels}"
+            )
+        fmt = params.format or probe.default_output
+        images.check_output_size(fmt, out_h, out_w)
+        plan = mr.plan(probe.height, probe.width, out_h, out_w)
+        reservation = mr.reserve(plan.n_tiles)  # 503 overloaded / draining / not ready — before decoding
+        try:
+            t = time.monotonic()
+            decoded = await _run(ctx.pool, images.decode, probe)
+            decode_s = probe_s + time.monotonic() - t
+            metrics.decode_seconds.observe(decode_s)
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded("the deadline passed while the image was being decoded")
+            job = UpscaleJob(
+                image=decoded.rgb,
+                out_height=out_h,
+                out_width=out_w,
+                color_fix=params.color_fix,
+                deadline=deadline,
+                request_id=request_id,
+            )
+            outcome = await _unless_disconnected(request, mr.upscale(job, reservation))
+        finally:
+            reservation.release()
+    finally:
+        probe.close()
+
+    if outcome.image.shape != (out_h, out_w, 3):
+        log.error("runtime returned %s for a %dx%d request %s", outcome.image.shape, out_w, out_h, request_id)
+        raise EngineFailure("the engine returned an image of the wrong size")
+    if time.monotonic() >= deadline:
+        raise DeadlineExceeded("the deadline passed before the result could be encoded")
+    quality = params.quality or s.output_quality
+    t = time.monotonic()
+    body = await _run(ctx.pool, images.encode, outcome.image, decoded, fmt, quality, s.png_compress_level)
+    encode_s = time.monotonic() - t
+    metrics.encode_seconds.observe(encode_s)
+    metrics.response_bytes.inc(len(body))
+    total = time.monotonic() - t0
+    timing = ", ".join(
+        f"{name};dur={_ms(v)}"
+        for name, v in (
+            ("read", t_read - t0),
+            ("decode", decode_s),
+            ("queue", outcome.queue_s),
+            ("compute", outcome.compute_s),
+            ("encode", encode_s),
+            ("total", total),
+        )
+    )
+    headers = {
+        "Server-Timing": timing,
+        "X-Model": outcome.model,
+        "X-Backend": outcome.backend,
+        "X-Precision": outcome.precision,
+        "X-Tiles": str(outcome.tiles),
+        "X-Queue-Time-Ms": _ms(outcome.queue_s),
+        "X-Image-Size": f"{out_w}x{out_h}",
+        "Cache-Control": "no-store",
+    }
+    return Response(content=body, media_type=images.CONTENT_TYPES[fmt], headers=headers)

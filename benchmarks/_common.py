@@ -28,8 +28,12 @@ def machine() -> dict[str, object]:
         load = os.getloadavg()[0]
     except OSError:
         load = float("nan")
-    return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "load_avg_1m": round(load, 2),
-            "python": platform.python_version()}
+    return {
+        "cpu": model,
+        "cores": len(os.sched_getaffinity(0)),
+        "load_avg_1m": round(load, 2),
+        "python": platform.python_version(),
+    }
 
 
 def tiny_repo(tile: int = 64, overlap: int = 16, name: str | None = None) -> Path:

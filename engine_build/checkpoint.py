@@ -32,7 +32,7 @@ PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin"}
 
 CONVERT_HINT = (
     "pickle-based weights are never loaded (they can run arbitrary code). Convert them once, in a "
-    "trusted environment, with: python -c \"import torch, safetensors.torch as st; "
+    'trusted environment, with: python -c "import torch, safetensors.torch as st; '
     "st.save_file(torch.load('IN', weights_only=True), 'OUT.safetensors')\" "
     "(or diffusers' save_pretrained(..., safe_serialization=True))"
 )
@@ -54,11 +54,13 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         out: dict[str, torch.Tensor] = {}
         with safe_open(str(path), framework="pt") as f:
-            for k in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+            for k in f.keys():
                 out[k] = f.get_tensor(k)
         return out
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); is it truncated or corrupt?") from e
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({e}); is it truncated or corrupt?"
+        ) from e
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -104,7 +106,9 @@ def read_metadata(root: Path) -> PipelineParams:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{root / META_FILE}: 'format' must be {FORMAT!r}")
     if meta.get("version") != 1:
-        raise CheckpointError(f"{root / META_FILE}: unsupported version {meta.get('version')!r} (this tool reads 1)")
+        raise CheckpointError(
+            f"{root / META_FILE}: unsupported version {meta.get('version')!r} (this tool reads 1)"
+        )
     try:
         return PipelineParams.model_validate(meta.get("pipeline", {}))
     except ValidationError as e:
@@ -117,7 +121,9 @@ def load_checkpoint(root: str | Path) -> GenDR:
     if root.is_file():
         if root.suffix.lower() in PICKLE_SUFFIXES:
             raise CheckpointError(f"{root}: refusing a pickle-based file: {CONVERT_HINT}")
-        raise CheckpointError(f"{root}: a GenDR checkpoint is a folder (unet/, vae/, {EMBEDS_FILE}, {META_FILE})")
+        raise CheckpointError(
+            f"{root}: a GenDR checkpoint is a folder (unet/, vae/, {EMBEDS_FILE}, {META_FILE})"
+        )
     if not root.is_dir():
         raise CheckpointError(f"{root}: no such checkpoint folder")
     refuse_pickles(root)
@@ -131,8 +137,8 @@ def load_checkpoint(root: str | Path) -> GenDR:
     lat = int(vae.config.latent_channels)
     if unet.config.in_channels != lat or unet.config.out_channels != lat:
         raise CheckpointError(
-            f"{root}: UNet has {unet.config.in_channels}→{unet.config.out_channels} channels but the VAE latent "
-            f"has {lat}; GenDR's UNet works in the VAE's latent space"
+            f"{root}: UNet has {unet.config.in_channels}→{unet.config.out_channels} channels but the VAE "
+            f"latent has {lat}; GenDR's UNet works in the VAE's latent space"
         )
     if abs(float(vae.config.scaling_factor) - params.scaling_factor) > 1e-6:
         raise CheckpointError(
@@ -148,7 +154,9 @@ def load_checkpoint(root: str | Path) -> GenDR:
     cross = int(unet.config.cross_attention_dim)
     if emb is None or tuple(emb.shape) != (1, PROMPT_TOKENS, cross):
         shape = None if emb is None else tuple(emb.shape)
-        raise CheckpointError(f"{emb_path}: tensor 'prompt_embeds' must be [1, {PROMPT_TOKENS}, {cross}], got {shape}")
+        raise CheckpointError(
+            f"{emb_path}: tensor 'prompt_embeds' must be [1, {PROMPT_TOKENS}, {cross}], got {shape}"
+        )
     return GenDR(unet.eval(), vae.eval(), emb.float(), params)
 
 

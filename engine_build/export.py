@@ -11,8 +11,8 @@ the files match their sha256; redone when any input changed):
 
     checkpoint   copy of the checkpoint the export read (torch backend, verify)     gendr only
     onnx fp32    TorchScript exporter (dynamo=False: <1 s vs ≈19 s for the tiny model)
-    onnx fp16    traced again from an fp16 copy with fp32 islands (GroupNorm/LayerNorm, attention
-                 Q·Kᵀ + softmax, optionally the VAE decoder), so every cast is explicit in the graph
+    onnx fp16    the fp32 graph rewritten to fp16 with fp32 islands (engine_build/fp16.py: norms,
+                 Q·Kᵀ + softmax, timestep embedding, optionally the VAE decoder), every cast explicit
 
 Graphs whose weights exceed EXTERNAL_DATA_THRESHOLD are written as `model.onnx` + one
 `model.onnx.data` (protobuf cannot hold more than 2 GiB). Every graph passes `onnx.checker`
@@ -21,7 +21,6 @@ Graphs whose weights exceed EXTERNAL_DATA_THRESHOLD are written as `model.onnx` 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -95,12 +94,14 @@ class ExportError(RuntimeError):
 
 @dataclass(frozen=True)
 class Fp16Options:
-    """Where the fp16 graph keeps fp32 (DESIGN.md §2: fp16 overflows in these places)."""
+    """Where the fp16 graph keeps fp32 (DESIGN.md §2: fp16 overflows or loses precision there)."""
 
-    norms: Literal["fp32", "fp16"] = "fp32"  # GroupNorm / LayerNorm statistics (sum of squares overflow)
+    norms: Literal["fp32", "fp16"] = "fp32"  # GroupNorm / LayerNorm statistics (sum of squares)
     attention: Literal["fp32", "fp16"] = "fp32"  # Q·Kᵀ and softmax (SD2.1 needs upcast_attention)
     vae_decoder: Literal["auto", "fp32", "fp16"] = "auto"  # auto: fp32 if an activation scan overflows
-    fp32_modules: tuple[str, ...] = ()  # extra module-name regexes kept in fp32 (e.g. r"vae\.decoder\.up_blocks\.3")
+    fp32_nodes: tuple[
+        str, ...
+    ] = ()  # ONNX node-name regexes kept in fp32, e.g. r"^/net/decoder/up_blocks\.3/"
     overflow_limit: float = FP16_OVERFLOW_LIMIT
 
     def key(self) -> dict[str, Any]:
@@ -108,7 +109,7 @@ class Fp16Options:
             "norms": self.norms,
             "attention": self.attention,
             "vae_decoder": self.vae_decoder,
-            "fp32_modules": list(self.fp32_modules),
+            "fp32_nodes": list(self.fp32_nodes),
             "overflow_limit": self.overflow_limit,
         }
 
@@ -128,7 +129,10 @@ class ExportResult:
     steps: list[StepResult] = field(default_factory=list)
 
     def summary(self) -> str:
-        rows = [f"{s.step:<12} {'skipped' if s.skipped else 'done':<8} {s.seconds:8.2f} s  {s.detail}" for s in self.steps]
+        rows = [
+            f"{s.step:<12} {'skipped' if s.skipped else 'done':<8} {s.seconds:8.2f} s  {s.detail}"
+            for s in self.steps
+        ]
         return "\n".join(rows)
 
 
@@ -156,7 +160,9 @@ def _param_bytes(module: nn.Module) -> int:
     )
 
 
-def trace_to_onnx(graph: nn.Module, tile: int, path: Path, opset: int = DEFAULT_OPSET, channels: int = 3) -> None:
+def trace_to_onnx(
+    graph: nn.Module, tile: int, path: Path, opset: int = DEFAULT_OPSET, channels: int = 3
+) -> None:
     """TorchScript-export `graph` (uint8 [B,t,t,C] → uint8) with a dynamic batch axis to `path`.
 
     Large models come out with one external file per tensor next to `path`; `finalize_onnx`
@@ -201,15 +207,21 @@ def finalize_onnx(
     """
     dst_dir.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(src), load_external_data=True)
-    use_external = external_data if external_data is not None else _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    use_external = (
+        external_data if external_data is not None else _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    )
     graph_path = dst_dir / GRAPH_FILE
     data_path = dst_dir / DATA_FILE if use_external else None
     model.producer_name = "gendr-serve"
     _declare_output_shape(model, tile_out)
     if use_external:
         onnx.save_model(
-            model, str(graph_path), save_as_external_data=True, all_tensors_to_one_file=True,
-            location=DATA_FILE, size_threshold=1024,
+            model,
+            str(graph_path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=DATA_FILE,
+            size_threshold=1024,
         )
     else:
         onnx.save_model(model, str(graph_path))
@@ -217,7 +229,9 @@ def finalize_onnx(
     try:
         onnx.checker.check_model(str(graph_path), full_check=True)
         inferred = dst_dir / ".inferred.onnx"
-        onnx.shape_inference.infer_shapes_path(str(graph_path), str(inferred), check_type=True, strict_mode=True)
+        onnx.shape_inference.infer_shapes_path(
+            str(graph_path), str(inferred), check_type=True, strict_mode=True
+        )
         os.replace(inferred, graph_path)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ExportError(f"{graph_path}: ONNX checker/shape inference failed: {e}") from e
@@ -245,7 +259,9 @@ def _declare_output_shape(model: onnx.ModelProto, tile_out: int) -> None:
 
 
 def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
-    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value_info.type.tensor_type.shape.dim]
+    return [
+        d.dim_value if d.HasField("dim_value") else d.dim_param for d in value_info.type.tensor_type.shape.dim
+    ]
 
 
 def check_io(graph_path: Path, tile_out: int, expect_input: tuple[int, ...] | None = None) -> None:
@@ -254,7 +270,10 @@ def check_io(graph_path: Path, tile_out: int, expect_input: tuple[int, ...] | No
     ins = [i for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer}]
     outs = list(m.graph.output)
     if [i.name for i in ins] != [INPUT_NAME] or [o.name for o in outs] != [OUTPUT_NAME]:
-        raise ExportError(f"{graph_path}: expected {INPUT_NAME} → {OUTPUT_NAME}, got {[i.name for i in ins]} → {[o.name for o in outs]}")
+        raise ExportError(
+            f"{graph_path}: expected {INPUT_NAME} → {OUTPUT_NAME}, "
+            f"got {[i.name for i in ins]} → {[o.name for o in outs]}"
+        )
     for v in (ins[0], outs[0]):
         if v.type.tensor_type.elem_type != onnx.TensorProto.UINT8:
             raise ExportError(f"{graph_path}: {v.name} must be uint8")
@@ -268,118 +287,8 @@ def check_io(graph_path: Path, tile_out: int, expect_input: tuple[int, ...] | No
 
 
 # ---------------------------------------------------------------------------------------------
-# fp16: an fp16 copy of the network with explicit fp32 islands
+# fp16: the fp32 graph rewritten with explicit fp32 islands (engine_build/fp16.py)
 # ---------------------------------------------------------------------------------------------
-
-
-def _cast_floats(x: Any, dtype: torch.dtype) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(dtype) if x.is_floating_point() else x
-    if isinstance(x, tuple):
-        return tuple(_cast_floats(v, dtype) for v in x)
-    if isinstance(x, list):
-        return [_cast_floats(v, dtype) for v in x]
-    return x
-
-
-class Fp32Island(nn.Module):
-    """Runs `inner` in fp32 inside an fp16 network: casts floating inputs up and outputs back."""
-
-    def __init__(self, inner: nn.Module, out_dtype: torch.dtype = torch.float16) -> None:
-        super().__init__()
-        self.inner = inner.float()
-        self.out_dtype = out_dtype
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.inner(*_cast_floats(args, torch.float32), **_cast_floats(kwargs, torch.float32))
-        return _cast_floats(out, self.out_dtype)
-
-    def __getattr__(self, name: str) -> Any:  # diffusers reads attributes such as .weight or .in_channels
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["inner"], name)
-
-
-class Fp32GroupNorm(nn.GroupNorm):
-    """GroupNorm whose statistics and affine run in fp32 whatever the input dtype."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = None if self.weight is None else self.weight.float()
-        b = None if self.bias is None else self.bias.float()
-        return nn.functional.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
-
-
-class Fp32LayerNorm(nn.LayerNorm):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = None if self.weight is None else self.weight.float()
-        b = None if self.bias is None else self.bias.float()
-        return nn.functional.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
-
-
-def _fp32_norm_copy(m: nn.Module) -> nn.Module:
-    if isinstance(m, nn.GroupNorm):
-        new: nn.Module = Fp32GroupNorm(m.num_groups, m.num_channels, m.eps, m.affine)
-    else:
-        new = Fp32LayerNorm(m.normalized_shape, m.eps, m.elementwise_affine, bias=getattr(m, "bias", None) is not None)
-    new.load_state_dict({k: v.float() for k, v in m.state_dict().items()})
-    return new.float()
-
-
-class Fp32ScoresAttnProcessor:
-    """diffusers attention with Q·Kᵀ and softmax in fp32 and the value product in the compute dtype.
-
-    Same math as AttnProcessor2_0 (no mask support: GenDR and VAE attention have none); the explicit
-    form makes the fp32 accumulation visible in the ONNX graph, which TensorRT's strongly typed
-    network then respects.
-    """
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
-        if attention_mask is not None:
-            raise ExportError("attention masks are not supported in the fp16 export")
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size = hidden_states.shape[0]
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        scale = head_dim**-0.5
-        scores = torch.matmul(query.float() * scale, key.float().transpose(-1, -2))
-        probs = scores.softmax(dim=-1).to(value.dtype)
-        hidden_states = torch.matmul(probs, value)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
-
-
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
 
 
 def activation_absmax(net: nn.Module, x: torch.Tensor, prefixes: Sequence[str] = ("",)) -> dict[str, float]:
@@ -416,64 +325,89 @@ def scan_tiles(tile: int, graph_scale: int, native_scale: int, n: int = 2) -> to
         log.warning("fp16 scan: no bundled photos (%s); using a synthetic pattern", e)
         g = np.linspace(0, 255, 256, dtype=np.float32)
         rng = np.random.default_rng(0)
-        img = (g[None, :, None] * 0.5 + g[:, None, None] * 0.5 + rng.normal(0, 20, (256, 256, 3))).clip(0, 255)
+        img = (g[None, :, None] * 0.5 + g[:, None, None] * 0.5 + rng.normal(0, 20, (256, 256, 3))).clip(
+            0, 255
+        )
         photos = [("synthetic", img.astype(np.uint8))]
     tiles = graph_input_tiles(photos, tile, graph_scale, native_scale, n=n, seed=0)
     return torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def make_fp16(net: nn.Module, opts: Fp16Options, scan_input: torch.Tensor | None = None,
-              inplace: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    """fp16 copy of `net` with the fp32 islands `opts` asks for; returns it and a report for the manifest."""
-    report: dict[str, Any] = {"fp32_norms": opts.norms == "fp32", "fp32_attention": opts.attention == "fp32"}
-    islands = list(opts.fp32_modules)
+def fp16_decision(net: nn.Module, opts: Fp16Options, scan_input: torch.Tensor | None) -> dict[str, Any]:
+    """Whether the VAE decoder runs in fp32, from the options or an activation scan on real tiles."""
+    report: dict[str, Any] = {"decoder_fp32": opts.vae_decoder == "fp32"}
+    if scan_input is None:
+        return report
+    t0 = time.perf_counter()
     has_decoder = isinstance(net, GenDR)
-    if has_decoder and opts.vae_decoder == "fp32":
-        islands.append(r"vae\.decoder")
-    elif has_decoder and opts.vae_decoder == "auto":
-        if scan_input is None:
-            raise ExportError("fp16 vae_decoder=auto needs scan tiles")
-        t0 = time.perf_counter()
-        amax = activation_absmax(net, scan_input, prefixes=("vae.decoder", "unet", "vae.encoder"))
-        dec = max((v for k, v in amax.items() if k.startswith("vae.decoder")), default=0.0)
-        other = max((v for k, v in amax.items() if not k.startswith("vae.decoder")), default=0.0)
-        report["scan"] = {"decoder_absmax": dec, "unet_encoder_absmax": other, "limit": opts.overflow_limit,
-                          "tiles": int(scan_input.shape[0]), "seconds": round(time.perf_counter() - t0, 2)}
-        if dec > opts.overflow_limit:
-            islands.append(r"vae\.decoder")
-            log.warning("fp16: VAE decoder activations reach %.0f (> %.0f): keeping the decoder in fp32", dec, opts.overflow_limit)
-        if other > opts.overflow_limit:
-            worst = sorted(((v, k) for k, v in amax.items() if not k.startswith("vae.decoder")), reverse=True)[:3]
-            log.warning("fp16: activations up to %.0f outside the decoder (%s); check `gendr-build verify` and "
-                        "add --fp16-fp32-module for them", other, ", ".join(k for _, k in worst))
-    elif not has_decoder and scan_input is not None:
-        amax = activation_absmax(net, scan_input)
-        report["scan"] = {"absmax": max(amax.values(), default=0.0), "limit": opts.overflow_limit}
-    report["fp32_modules"] = islands
+    amax = activation_absmax(net, scan_input)
+    dec = max((v for k, v in amax.items() if k.startswith("vae.decoder")), default=0.0)
+    other = max((v for k, v in amax.items() if not k.startswith("vae.decoder")), default=0.0)
+    report["scan"] = {
+        "decoder_absmax": dec,
+        "other_absmax": other,
+        "limit": opts.overflow_limit,
+        "tiles": int(scan_input.shape[0]),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    if has_decoder and opts.vae_decoder == "auto" and dec > opts.overflow_limit:
+        report["decoder_fp32"] = True
+        log.warning(
+            "fp16: VAE decoder activations reach %.0f (> %.0f): keeping the decoder in fp32",
+            dec,
+            opts.overflow_limit,
+        )
+    if other > opts.overflow_limit:
+        worst = sorted(((v, k) for k, v in amax.items() if not k.startswith("vae.decoder")), reverse=True)[:3]
+        log.warning(
+            "fp16: activations up to %.0f in %s; check `gendr-build verify` and keep those scopes in "
+            "fp32 with --fp16-fp32-node",
+            other,
+            ", ".join(k for _, k in worst),
+        )
+    return report
 
-    net16 = net if inplace else copy.deepcopy(net)
-    net16 = net16.half().eval()
-    if opts.norms == "fp32":
-        for name, m in list(net16.named_modules()):
-            if type(m) in (nn.GroupNorm, nn.LayerNorm):
-                _set_module(net16, name, _fp32_norm_copy(m))
-    if opts.attention == "fp32":
-        from diffusers.models.attention_processor import Attention
 
-        for m in net16.modules():
-            if isinstance(m, Attention):
-                m.set_processor(Fp32ScoresAttnProcessor())
-    if islands:
-        pattern = re.compile("|".join(f"(?:{p})" for p in islands))
-        matched = [n for n, _ in net16.named_modules() if n and pattern.fullmatch(n)]
-        # outermost matches only: an island inside an island is already fp32
-        outer = [n for n in matched if not any(n != o and n.startswith(o + ".") for o in matched)]
-        if not outer:
-            raise ExportError(f"fp16: no module name matches {islands}")
-        for name in outer:
-            _set_module(net16, name, Fp32Island(net16.get_submodule(name)))
-        report["fp32_islands"] = outer
-    return net16, report
+def convert_graph_fp16(
+    src: Path,
+    dst_dir: Path,
+    tile_out: int,
+    opts: Fp16Options,
+    decoder_fp32: bool,
+    external_data: bool | None,
+    tile: int,
+) -> tuple[Path, Path | None, dict[str, Any]]:
+    """fp32 ONNX file → fp16 ONNX folder (checked like every export) and the conversion report."""
+    from engine_build.fp16 import DECODER_SCOPES, convert_to_fp16, fp32_nodes
+
+    model = onnx.load(str(src), load_external_data=True)
+    patterns = list(opts.fp32_nodes) + (list(DECODER_SCOPES) if decoder_fp32 else [])
+    keep = fp32_nodes(
+        model.graph, norms=opts.norms == "fp32", attention=opts.attention == "fp32", name_patterns=patterns
+    )
+    if opts.fp32_nodes and not any(re.search(p, n) for p in opts.fp32_nodes for n in keep):
+        raise ExportError(f"fp16: no ONNX node name matches {list(opts.fp32_nodes)}")
+    model, rep = convert_to_fp16(model, keep)
+    tmp = dst_dir.parent / f".{dst_dir.name}-raw"
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        raw = tmp / GRAPH_FILE
+        if _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+            onnx.save_model(
+                model,
+                str(raw),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=DATA_FILE,
+                size_threshold=1024,
+            )
+        else:
+            onnx.save_model(model, str(raw))
+        del model
+        graph, data = finalize_onnx(raw, dst_dir, tile_out, external_data, (tile, tile, 3))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return graph, data, {"fp32_node_patterns": patterns, **rep.as_dict()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,8 +456,11 @@ def existing_manifest(model_dir: Path) -> Manifest | None:
 
 def checkpoint_digest(root: Path) -> tuple[str, dict[str, str]]:
     """sha256 of every file of a checkpoint folder, and one digest over all of them."""
-    files = {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()
-             and not any(part.startswith(".") for part in p.relative_to(root).parts)}
+    files = {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    }
     return hash_inputs(files), files
 
 
@@ -536,18 +473,47 @@ def state_dict_digest(net: nn.Module) -> str:
     return h.hexdigest()
 
 
-@dataclass
-class _Plan:
-    """What the generic variant exporter needs to know about one model."""
+def make_geometry(tile: int, overlap: int, graph_scale: int, size_multiple: int) -> TileGeometry:
+    """TileGeometry, with validation failures as one-line ExportErrors."""
+    from pydantic import ValidationError
 
-    model_dir: Path
-    name: str
-    kind: Literal["gendr", "single"]
-    net: nn.Module  # [-1,1] → [-1,1]
-    geometry: TileGeometry
-    native_scale: int
-    weights_digest: str
-    inplace_ok: bool
+    try:
+        return TileGeometry(tile=tile, overlap=overlap, graph_scale=graph_scale, size_multiple=size_multiple)
+    except ValidationError as e:
+        msgs = "; ".join(str(err.get("msg", err)).removeprefix("Value error, ") for err in e.errors())
+        raise ExportError(f"invalid tile geometry (tile {tile}, overlap {overlap}): {msgs}") from e
+
+
+class _Plan:
+    """What the generic variant exporter needs to know about one model (the network loads lazily, so an
+    up-to-date repository is checked from hashes alone)."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        name: str,
+        kind: Literal["gendr", "single"],
+        load: Callable[[], nn.Module],
+        geometry: TileGeometry,
+        native_scale: int,
+        weights_digest: str,
+        inplace_ok: bool,
+    ) -> None:
+        self.model_dir, self.name, self.kind = model_dir, name, kind
+        self.geometry, self.native_scale = geometry, native_scale
+        self.weights_digest, self.inplace_ok = weights_digest, inplace_ok
+        self._load = load
+        self._net: nn.Module | None = None
+        self.load_seconds = 0.0
+
+    @property
+    def net(self) -> nn.Module:
+        """The [-1,1] → [-1,1] network, loaded on first use."""
+        if self._net is None:
+            t0 = time.perf_counter()
+            self._net = self._load()
+            self.load_seconds = time.perf_counter() - t0
+        return self._net
 
 
 def _export_variants(
@@ -564,19 +530,38 @@ def _export_variants(
     model_dir = plan.model_dir
     for p in precisions:
         if p not in EXPORT_PRECISIONS:
-            raise ExportError(f"unknown export precision {p!r} (export writes {EXPORT_PRECISIONS}; int8/fp8 come from `quantize`)")
+            raise ExportError(
+                f"unknown export precision {p!r} (export writes {', '.join(EXPORT_PRECISIONS)}; "
+                "int8/fp8 come from `gendr-build quantize`)"
+            )
     g = plan.geometry
     versions = tool_versions()
     base = {
-        "format": EXPORT_FORMAT, "kind": plan.kind, "weights": plan.weights_digest, "tile": g.tile,
-        "graph_scale": g.graph_scale, "opset": opset, "io": [INPUT_NAME, OUTPUT_NAME],
-        "external_data": external_data, "versions": versions,
+        "format": EXPORT_FORMAT,
+        "kind": plan.kind,
+        "weights": plan.weights_digest,
+        "tile": g.tile,
+        "graph_scale": g.graph_scale,
+        "opset": opset,
+        "io": [INPUT_NAME, OUTPUT_NAME],
+        "external_data": external_data,
+        "versions": versions,
     }
+    graph_base = hash_inputs("onnx-base", base)
+    stale = [
+        q
+        for q in EXPORT_PRECISIONS
+        if q in manifest.onnx
+        and q not in precisions
+        and manifest.onnx[q].options.get("graph_base") != graph_base
+    ]
+    if stale:  # e.g. fp16 from another tile size, while only fp32 is re-exported now
+        manifest = drop_stale(manifest, model_dir, stale, "it was exported for other weights/tile/opset")
+        write_manifest(model_dir, manifest)
     keys = {"fp32": hash_inputs("onnx-fp32", base)}
-    keys["fp16"] = hash_inputs("onnx-fp16", base, fp16.key())
-    order = [p for p in EXPORT_PRECISIONS if p in precisions]
-    # keep fp16 parity honest: an fp16 export needs the fp32 net untouched, so fp32 goes first and
-    # the fp16 conversion may then work in place on a model we loaded ourselves
+    keys["fp16"] = hash_inputs("onnx-fp16", keys["fp32"], fp16.key())
+    # fp16 is derived from the fp32 graph, so fp32 is always exported (and kept) first
+    order = [p for p in EXPORT_PRECISIONS if p in precisions or (p == "fp32" and "fp16" in precisions)]
     for p in order:
         key = keys[p]
         t0 = time.perf_counter()
@@ -584,28 +569,38 @@ def _export_variants(
             steps.append(StepResult(f"onnx {p}", True, time.perf_counter() - t0, "same key, files match"))
             log.info("onnx %s: up to date (key %s…), skipped", p, key[:12])
             continue
+        needs_net = p == "fp32" or fp16.vae_decoder == "auto" or plan.kind == "single"
+        if needs_net and plan._net is None:
+            plan.net  # noqa: B018 (loads the network; timed separately from the export itself)
+            steps.append(StepResult("load", False, plan.load_seconds, "weights → torch"))
+            t0 = time.perf_counter()
         log.info("onnx %s: exporting %s tile %d → %d (opset %d)", p, plan.name, g.tile, g.out_tile, opset)
         tmp = _tmp_dir(model_dir / ONNX_DIR, p)
         try:
-            report: dict[str, Any] = {}
-            if p == "fp32":
-                graph = TileGraph(plan.net)
-            else:
-                last = p == order[-1]
-                scan = None
-                if fp16.vae_decoder == "auto" or plan.kind == "single":
-                    scan = scan_tiles(g.tile, g.graph_scale, plan.native_scale)
-                net16, report = make_fp16(plan.net, fp16, scan, inplace=plan.inplace_ok and last)
-                graph = TileGraph(net16, compute_dtype=torch.float16)
-            raw = tmp / "raw"
-            raw.mkdir()
-            t_trace = time.perf_counter()
-            trace_to_onnx(graph, g.tile, raw / GRAPH_FILE, opset)
-            report["trace_seconds"] = round(time.perf_counter() - t_trace, 2)
-            del graph
+            report: dict[str, Any] = {"graph_base": graph_base}
             final = tmp / "final"
-            graph_path, data_path = finalize_onnx(raw / GRAPH_FILE, final, g.out_tile, external_data, (g.tile, g.tile, 3))
-            shutil.rmtree(raw)
+            if p == "fp32":
+                raw = tmp / "raw"
+                raw.mkdir()
+                t_trace = time.perf_counter()
+                trace_to_onnx(TileGraph(plan.net), g.tile, raw / GRAPH_FILE, opset)
+                report["trace_seconds"] = round(time.perf_counter() - t_trace, 2)
+                graph_path, data_path = finalize_onnx(
+                    raw / GRAPH_FILE, final, g.out_tile, external_data, (g.tile, g.tile, 3)
+                )
+                shutil.rmtree(raw)
+            else:
+                scan = None
+                if needs_net and (fp16.vae_decoder == "auto" or plan.kind == "single"):
+                    scan = scan_tiles(g.tile, g.graph_scale, plan.native_scale)
+                report.update(fp16_decision(plan.net if needs_net else nn.Identity(), fp16, scan))
+                src = model_dir / manifest.onnx["fp32"].graph.path
+                t_conv = time.perf_counter()
+                graph_path, data_path, conv = convert_graph_fp16(
+                    src, final, g.out_tile, fp16, report["decoder_fp32"], external_data, g.tile
+                )
+                report.update(conv)
+                report["convert_seconds"] = round(time.perf_counter() - t_conv, 2)
             target = model_dir / ONNX_DIR / p
             replace_dir(final, target)
         finally:
@@ -614,34 +609,57 @@ def _export_variants(
         data = target / DATA_FILE if data_path is not None else None
         report["seconds"] = round(time.perf_counter() - t0, 2)
         variant = OnnxVariant(
-            precision=p, graph=make_artifact(model_dir, graph_path),
+            precision=p,
+            graph=make_artifact(model_dir, graph_path),
             external_data=make_artifact(model_dir, data) if data else None,
-            input_name=INPUT_NAME, output_name=OUTPUT_NAME, opset=opset, key=key, options=report,
+            input_name=INPUT_NAME,
+            output_name=OUTPUT_NAME,
+            opset=opset,
+            key=key,
+            options=report,
         )
+        manifest = drop_stale(manifest, model_dir, [p], f"the {p} graph was re-exported", keep_self=True)
         onnx_map = dict(manifest.onnx)
         onnx_map[p] = variant
-        drop_engines = [e for e in manifest.engines if e.precision == p]
-        if p == "fp32":  # quantized graphs derive from fp32: a new fp32 makes them stale
-            for q in ("int8", "fp8"):
-                if q in onnx_map:
-                    log.warning("onnx %s is stale (fp32 graph changed); re-run `gendr-build quantize`", q)
-                    onnx_map.pop(q)
-                    shutil.rmtree(model_dir / ONNX_DIR / q, ignore_errors=True)
-            drop_engines += [e for e in manifest.engines if e.precision in ("int8", "fp8")]
-        engines = [e for e in manifest.engines if e not in drop_engines]
-        if drop_engines:
-            log.warning("dropping %d TensorRT engine(s) built from the previous %s graph", len(drop_engines), p)
-        manifest = manifest.model_copy(update={"onnx": onnx_map, "engines": engines})
+        manifest = manifest.model_copy(update={"onnx": onnx_map})
         write_manifest(model_dir, manifest)
         size = variant.graph.size + (variant.external_data.size if variant.external_data else 0)
         steps.append(StepResult(f"onnx {p}", False, report["seconds"], f"{size / 1e6:.1f} MB"))
     return manifest
 
 
+def drop_stale(
+    manifest: Manifest, model_dir: Path, precisions: Sequence[str], reason: str, keep_self: bool = False
+) -> Manifest:
+    """Remove variants (unless keep_self), the quantized graphs derived from them and every engine built
+    from any of those, files included. Returns the new manifest (not written)."""
+    gone = set(precisions)
+    for q, v in manifest.onnx.items():
+        if v.quantization and v.quantization.get("base") in gone:
+            gone.add(q)
+    onnx_map = {q: v for q, v in manifest.onnx.items() if q not in gone or (keep_self and q in precisions)}
+    engines = [e for e in manifest.engines if e.precision not in gone]
+    for q in gone - (set(precisions) if keep_self else set()):
+        if q in manifest.onnx:
+            log.warning("onnx %s removed: %s; re-run the step that makes it", q, reason)
+            shutil.rmtree(model_dir / ONNX_DIR / q, ignore_errors=True)
+    for e in manifest.engines:
+        if e not in engines:
+            log.warning("TensorRT %s engine for sm_%s removed: %s", e.precision, e.compute_capability, reason)
+            (model_dir / e.plan.path).unlink(missing_ok=True)
+    return manifest.model_copy(update={"onnx": onnx_map, "engines": engines})
+
+
 def _base_manifest(plan: _Plan, old: Manifest | None, **fields: Any) -> Manifest:
     """The manifest to build on: the previous one when it describes the same model, else a new one."""
-    fresh = Manifest(name=plan.name, kind=plan.kind, native_scale=plan.native_scale, tile=plan.geometry,
-                     created_by=f"gendr-build export (format {EXPORT_FORMAT})", **fields)
+    fresh = Manifest(
+        name=plan.name,
+        kind=plan.kind,
+        native_scale=plan.native_scale,
+        tile=plan.geometry,
+        created_by=f"gendr-build export (format {EXPORT_FORMAT})",
+        **fields,
+    )
     if old is None:
         return fresh
     if old.kind != plan.kind or old.name != plan.name:
@@ -658,8 +676,9 @@ def _base_manifest(plan: _Plan, old: Manifest | None, **fields: Any) -> Manifest
 # ---------------------------------------------------------------------------------------------
 
 
-def _copy_checkpoint(src: Path, model_dir: Path, files: dict[str, str], old: Manifest | None,
-                     steps: list[StepResult]) -> list[Artifact]:
+def _copy_checkpoint(
+    src: Path, model_dir: Path, files: dict[str, str], old: Manifest | None, steps: list[StepResult]
+) -> list[Artifact]:
     t0 = time.perf_counter()
     dst = model_dir / CHECKPOINT_DIR
     want = {f"{CHECKPOINT_DIR}/{rel}": digest for rel, digest in files.items()}
@@ -683,8 +702,29 @@ def _copy_checkpoint(src: Path, model_dir: Path, files: dict[str, str], old: Man
     for a in arts:
         if a.sha256 != want[a.path]:
             raise ExportError(f"{a.path} changed while it was copied")
-    steps.append(StepResult("checkpoint", False, time.perf_counter() - t0, f"{sum(a.size for a in arts) / 1e6:.1f} MB"))
+    steps.append(
+        StepResult("checkpoint", False, time.perf_counter() - t0, f"{sum(a.size for a in arts) / 1e6:.1f} MB")
+    )
     return arts
+
+
+def _peek_checkpoint(root: Path) -> tuple[Any, int]:
+    """Pipeline metadata and size multiple from the small files, without loading weights; anything
+    odd is handed to load_checkpoint so the user gets its precise error."""
+    from engine_build.checkpoint import load_checkpoint, read_metadata, refuse_pickles
+    from engine_build.presets import VAE_FACTOR
+
+    if not root.is_dir():
+        load_checkpoint(root)  # raises the right CheckpointError
+    refuse_pickles(root)
+    params = read_metadata(root)
+    try:
+        cfg = json.loads((root / "unet" / "config.json").read_text())
+        n_down = len(cfg["block_out_channels"]) - 1
+    except (OSError, ValueError, KeyError, TypeError):
+        load_checkpoint(root)
+        raise
+    return params, VAE_FACTOR * 2**n_down
 
 
 def export_gendr(
@@ -709,14 +749,22 @@ def export_gendr(
     from engine_build.checkpoint import EMBEDS_FILE, load_checkpoint
 
     checkpoint, model_dir = Path(checkpoint), Path(out_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
     name = name or model_dir.name
     steps: list[StepResult] = []
     t0 = time.perf_counter()
-    digest, files = checkpoint_digest(checkpoint) if checkpoint.is_dir() else ("", {})
-    model = load_checkpoint(checkpoint)  # validates everything (and refuses pickles) before use
-    steps.append(StepResult("load", False, time.perf_counter() - t0, f"{len(files)} files hashed"))
-    geometry = TileGeometry(tile=tile, overlap=overlap, graph_scale=1, size_multiple=model.size_multiple)
-    plan = _Plan(model_dir, name, "gendr", model, geometry, model.params.native_scale, digest, inplace_ok=True)
+    params, size_multiple = _peek_checkpoint(checkpoint)
+    digest, files = checkpoint_digest(checkpoint)
+    steps.append(StepResult("hash", False, time.perf_counter() - t0, f"{len(files)} checkpoint files"))
+    geometry = make_geometry(tile, overlap, 1, size_multiple)
+
+    def load() -> nn.Module:
+        model = load_checkpoint(checkpoint)  # validates every tensor against its config before use
+        if model.size_multiple != size_multiple or model.params != params:
+            raise ExportError(f"{checkpoint} changed while it was being exported")
+        return model
+
+    plan = _Plan(model_dir, name, "gendr", load, geometry, params.native_scale, digest, inplace_ok=True)
     old = existing_manifest(model_dir)
     src = source or Source(description=f"GenDR checkpoint {checkpoint.name}")
     src = src.model_copy(update={"checkpoint_sha256": digest})
@@ -729,9 +777,11 @@ def export_gendr(
         if not dst.is_file() or sha256_file(dst) != files[EMBEDS_FILE]:
             shutil.copyfile(checkpoint / EMBEDS_FILE, dst)
         emb = make_artifact(model_dir, dst)
-    manifest = _base_manifest(plan, old, pipeline=model.params, prompt_embeds=emb, checkpoint=ckpt_arts, source=src)
+    manifest = _base_manifest(plan, old, pipeline=params, prompt_embeds=emb, checkpoint=ckpt_arts, source=src)
     write_manifest(model_dir, manifest)
-    manifest = _export_variants(plan, manifest, precisions, opset, fp16 or Fp16Options(), external_data, force, steps)
+    manifest = _export_variants(
+        plan, manifest, precisions, opset, fp16 or Fp16Options(), external_data, force, steps
+    )
     return ExportResult(model_dir, manifest, steps)
 
 
@@ -765,10 +815,10 @@ def export_single(
     steps: list[StepResult] = []
     wrapped = UnitRangeAdapter(net) if unit_range else net
     wrapped = wrapped.eval().float()
-    geometry = TileGeometry(tile=tile, overlap=overlap, graph_scale=scale, size_multiple=size_multiple)
+    geometry = make_geometry(tile, overlap, scale, size_multiple)
     t0 = time.perf_counter()
     digest = state_dict_digest(wrapped)
-    plan = _Plan(model_dir, name, "single", wrapped, geometry, scale, digest, inplace_ok=False)
+    plan = _Plan(model_dir, name, "single", lambda: wrapped, geometry, scale, digest, inplace_ok=False)
     old = existing_manifest(model_dir)
     arts: list[Artifact] = []
     files = [Path(f) for f in checkpoint_files]
@@ -788,8 +838,16 @@ def export_single(
     src = source.model_copy(update={"checkpoint_sha256": source.checkpoint_sha256 or digest})
     manifest = _base_manifest(plan, old, checkpoint=arts, source=src)
     write_manifest(model_dir, manifest)
-    manifest = _export_variants(plan, manifest, precisions, opset, fp16 or Fp16Options(vae_decoder="fp16"),
-                                external_data, force, steps)
+    manifest = _export_variants(
+        plan,
+        manifest,
+        precisions,
+        opset,
+        fp16 or Fp16Options(vae_decoder="fp16"),
+        external_data,
+        force,
+        steps,
+    )
     return ExportResult(model_dir, manifest, steps)
 
 
@@ -797,13 +855,21 @@ def onnx_path(model_dir: Path, manifest: Manifest, precision: str) -> Path:
     v = manifest.onnx.get(precision)
     if v is None:
         have = ", ".join(manifest.onnx) or "none"
-        raise ManifestError(f"{model_dir}: no {precision} ONNX graph (have: {have}); run `gendr-build export`/`quantize`")
+        raise ManifestError(
+            f"{model_dir}: no {precision} ONNX graph (have: {have}); run `gendr-build export`/`quantize`"
+        )
     return model_dir / v.graph.path
 
 
 def describe(manifest: Manifest) -> str:
     return json.dumps(
-        {p: {"graph": v.graph.path, "MB": round((v.graph.size + (v.external_data.size if v.external_data else 0)) / 1e6, 1),
-             "key": v.key[:12]} for p, v in manifest.onnx.items()},
+        {
+            p: {
+                "graph": v.graph.path,
+                "MB": round((v.graph.size + (v.external_data.size if v.external_data else 0)) / 1e6, 1),
+                "key": v.key[:12],
+            }
+            for p, v in manifest.onnx.items()
+        },
         indent=2,
     )

@@ -30,7 +30,11 @@ class GenDR(nn.Module):
     """One-step GenDR: z_g = (z_l − β·ε(z_l, t_s, c)) / α between VAE encode (mean) and decode."""
 
     def __init__(
-        self, unet: UNet2DConditionModel, vae: AutoencoderKL, prompt_embeds: torch.Tensor, params: PipelineParams
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        prompt_embeds: torch.Tensor,
+        params: PipelineParams,
     ) -> None:
         super().__init__()
         self.unet = unet

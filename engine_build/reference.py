@@ -56,10 +56,19 @@ def gendr_geometry(model: GenDR, tile: int = DEFAULT_TILE, overlap: int = DEFAUL
 
 
 def upscale_image(
-    runner: Callable[[np.ndarray], np.ndarray], image: np.ndarray, out_h: int, out_w: int, geometry: TileGeometry,
-    *, color_fix: str = "none", batch: int = 1, progress: Callable[[int], None] | None = None,
+    runner: Callable[[np.ndarray], np.ndarray],
+    image: np.ndarray,
+    out_h: int,
+    out_w: int,
+    geometry: TileGeometry,
+    *,
+    color_fix: str = "none",
+    batch: int = 1,
+    progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    return run_sync(image, out_h, out_w, geometry, runner, batch=batch, color_fix=color_fix, progress=progress)
+    return run_sync(
+        image, out_h, out_w, geometry, runner, batch=batch, color_fix=color_fix, progress=progress
+    )
 
 
 @torch.inference_mode()

@@ -67,7 +67,7 @@ def load_photos(folder: str | Path, limit: int | None = None) -> list[tuple[str,
             with Image.open(p) as im:
                 im = ImageOps.exif_transpose(im).convert("RGB")
                 out.append((p.name, np.asarray(im, dtype=np.uint8).copy()))
-        except Exception as e:  # noqa: BLE001 (Pillow raises many types)
+        except Exception as e:  # Pillow raises many types
             log.warning("skipping %s: %s", p, e)
         if limit and len(out) >= limit:
             break
@@ -84,7 +84,12 @@ def resize_bicubic(img: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def graph_input_tiles(
-    photos: Sequence[tuple[str, np.ndarray]], tile: int, graph_scale: int, native_scale: int, n: int, seed: int = 0
+    photos: Sequence[tuple[str, np.ndarray]],
+    tile: int,
+    graph_scale: int,
+    native_scale: int,
+    n: int,
+    seed: int = 0,
 ) -> np.ndarray:
     """n uint8 tiles [n, tile, tile, 3] as the runtime feeds them to the graph.
 
@@ -114,7 +119,9 @@ def graph_input_tiles(
 class OrtTileRunner:
     """ONNX Runtime (CPU unless told) tile function: uint8 [B,t,t,3] → uint8 [B,T,T,3]."""
 
-    def __init__(self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0) -> None:
+    def __init__(
+        self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0
+    ) -> None:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -146,7 +153,9 @@ def reference_net(model_dir: Path, manifest: Manifest, checkpoint: str | Path | 
     else:
         files = [model_dir / a.path for a in manifest.checkpoint if a.path.endswith(".safetensors")]
     if not files:
-        raise VerifyError(f"{model_dir}: no safetensors checkpoint to rebuild the reference; pass --checkpoint FILE")
+        raise VerifyError(
+            f"{model_dir}: no safetensors checkpoint to rebuild the reference; pass --checkpoint FILE"
+        )
     from engine_build.sr_models import load_sr_safetensors
 
     desc = load_sr_safetensors(files[0])
@@ -178,7 +187,9 @@ def compare(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     }
 
 
-def run_whole(image: np.ndarray, out_h: int, out_w: int, geometry: TileGeometry, fn: TileFn, batch: int = 4) -> np.ndarray:
+def run_whole(
+    image: np.ndarray, out_h: int, out_w: int, geometry: TileGeometry, fn: TileFn, batch: int = 4
+) -> np.ndarray:
     """Whole-image request through the runtime's own pipeline (resize plan → tiles → stitch)."""
     from service.pipeline import run_sync
 
@@ -212,8 +223,15 @@ class VerifyReport:
     def worst(self) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}
         for r in self.rows:
-            w = out.setdefault(r.precision, {"min_psnr_db": math.inf, "max_abs_err": 0, "min_tile_psnr_db": math.inf,
-                                             "min_image_psnr_db": math.inf})
+            w = out.setdefault(
+                r.precision,
+                {
+                    "min_psnr_db": math.inf,
+                    "max_abs_err": 0,
+                    "min_tile_psnr_db": math.inf,
+                    "min_image_psnr_db": math.inf,
+                },
+            )
             w["min_psnr_db"] = min(w["min_psnr_db"], r.psnr_db)
             w["max_abs_err"] = max(w["max_abs_err"], r.max_abs_err)
             k = f"min_{r.level}_psnr_db"
@@ -221,12 +239,17 @@ class VerifyReport:
         return out
 
     def table(self) -> str:
-        head = f"{'precision':<9} {'level':<5} {'input':<22} {'shape':<14} {'max|err|':>8} {'mean|err|':>9} {'PSNR dB':>8} {'s':>6}"
+        head = (
+            f"{'precision':<9} {'level':<5} {'input':<22} {'shape':<14} {'max|err|':>8} {'mean|err|':>9} "
+            f"{'PSNR dB':>8} {'s':>6}"
+        )
         lines = [f"{self.model}: ONNX Runtime CPU vs {self.reference}", head, "-" * len(head)]
         for r in self.rows:
             psnr = "inf" if math.isinf(r.psnr_db) else f"{r.psnr_db:.2f}"
-            lines.append(f"{r.precision:<9} {r.level:<5} {r.name[:22]:<22} {r.shape:<14} {r.max_abs_err:>8d} "
-                         f"{r.mean_abs_err:>9.4f} {psnr:>8} {r.seconds:>6.2f}")
+            lines.append(
+                f"{r.precision:<9} {r.level:<5} {r.name[:22]:<22} {r.shape:<14} {r.max_abs_err:>8d} "
+                f"{r.mean_abs_err:>9.4f} {psnr:>8} {r.seconds:>6.2f}"
+            )
         lines.append("-" * len(head))
         for p, w in self.worst().items():
             ps = "inf" if math.isinf(w["min_psnr_db"]) else f"{w['min_psnr_db']:.2f}"
@@ -243,9 +266,16 @@ class VerifyReport:
                 return [clean(x) for x in v]
             return v
 
-        return clean({"model": self.model, "reference": self.reference, "info": self.info,
-                      "worst": self.worst(), "rows": [asdict(r) for r in self.rows],
-                      "note": "psnr_db null = identical outputs"})
+        return clean(
+            {
+                "model": self.model,
+                "reference": self.reference,
+                "info": self.info,
+                "worst": self.worst(),
+                "rows": [asdict(r) for r in self.rows],
+                "note": "psnr_db null = identical outputs",
+            }
+        )
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -268,10 +298,12 @@ def verify_model(
     checkpoint: str | Path | None = None,
     seed: int = 0,
     runners: dict[str, TileFn] | None = None,
+    reference: Any = None,
 ) -> VerifyReport:
     """Compare each ONNX variant (ORT CPU) with the fp32 PyTorch reference; see the module docstring.
 
-    `runners` may supply extra tile functions by label (e.g. a TensorRT engine on a GPU machine).
+    `runners` may supply extra tile functions by label (e.g. a TensorRT engine on a GPU machine);
+    `reference` overrides the [-1,1] reference network (default: rebuilt from the repository).
     """
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir, verify=True)  # refuses artifacts whose hash does not match
@@ -283,11 +315,24 @@ def verify_model(
         raise ManifestError(f"{model_dir}: no ONNX graph for {missing} (have: {available})")
     photos = list(photos) if photos is not None else builtin_photos()
     t0 = time.perf_counter()
-    ref_fn = torch_runner(reference_net(model_dir, manifest, checkpoint))
+    ref_net = reference if reference is not None else reference_net(model_dir, manifest, checkpoint)
+    ref_fn = torch_runner(ref_net)
     report = VerifyReport(model=manifest.name, reference="PyTorch TileGraph fp32 (CPU)")
-    report.info = {"tile": g.tile, "overlap": g.overlap, "graph_scale": g.graph_scale, "native_scale": manifest.native_scale,
-                   "photos": [n for n, _ in photos], "n_tiles": n_tiles, "n_images": n_images, "batch": batch}
-    tiles = graph_input_tiles(photos, g.tile, g.graph_scale, manifest.native_scale, n_tiles, seed) if n_tiles else None
+    report.info = {
+        "tile": g.tile,
+        "overlap": g.overlap,
+        "graph_scale": g.graph_scale,
+        "native_scale": manifest.native_scale,
+        "photos": [n for n, _ in photos],
+        "n_tiles": n_tiles,
+        "n_images": n_images,
+        "batch": batch,
+    }
+    tiles = (
+        graph_input_tiles(photos, g.tile, g.graph_scale, manifest.native_scale, n_tiles, seed)
+        if n_tiles
+        else None
+    )
     ref_tiles = _run_batched(ref_fn, tiles, batch) if tiles is not None else None
     s = manifest.native_scale
     images = []
@@ -309,14 +354,30 @@ def verify_model(
             dt = (time.perf_counter() - t1) / len(tiles)
             for i in range(len(tiles)):
                 m = compare(out[i], ref_tiles[i])
-                report.rows.append(Row(label, "tile", f"{photos[i % len(photos)][0]}#{i}",
-                                       "x".join(map(str, out[i].shape[:2])), seconds=round(dt, 3), **m))
+                report.rows.append(
+                    Row(
+                        label,
+                        "tile",
+                        f"{photos[i % len(photos)][0]}#{i}",
+                        "x".join(map(str, out[i].shape[:2])),
+                        seconds=round(dt, 3),
+                        **m,
+                    )
+                )
         for name, lr, out_h, out_w, ref_img in images:
             t1 = time.perf_counter()
             out = run_whole(lr, out_h, out_w, g, fn, batch)
             m = compare(out, ref_img)
-            report.rows.append(Row(label, "image", f"{name} {lr.shape[1]}x{lr.shape[0]}", f"{out_w}x{out_h}",
-                                   seconds=round(time.perf_counter() - t1, 2), **m))
+            report.rows.append(
+                Row(
+                    label,
+                    "image",
+                    f"{name} {lr.shape[1]}x{lr.shape[0]}",
+                    f"{out_w}x{out_h}",
+                    seconds=round(time.perf_counter() - t1, 2),
+                    **m,
+                )
+            )
         log.info("verify %s done", label)
     return report
 

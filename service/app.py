@@ -40,6 +40,7 @@ from service.errors import (
     NotReady,
     ServiceError,
 )
+from service.manifest import ManifestError
 from service.metrics import Metrics
 from service.runtime import Runtime
 from service.settings import Settings
@@ -97,9 +98,13 @@ class GendrState:
         """Load and warm every model (runs as a background task from the lifespan)."""
         try:
             await self.runtime.start()
-        except asyncio.CancelledError:
-            raise
-        except BaseException as e:
+        except (ManifestError, OSError, ValueError) as e:  # a deployment problem, not a bug: no traceback
+            log.error("runtime failed to start; the server will not become ready: %s", e)
+            self.start_error = e
+            if self.on_fatal is not None:
+                self.on_fatal(e)
+            return
+        except Exception as e:
             log.exception("runtime failed to start; the server will not become ready")
             self.start_error = e
             if self.on_fatal is not None:

@@ -68,6 +68,7 @@ class Ticket:
     deadline: float
     admitted: float
     sink: Sink
+    submitted: float = field(default_factory=time.monotonic)
     future: concurrent.futures.Future[TicketResult] = field(default_factory=concurrent.futures.Future)
     state: _State = _State.ACTIVE
     next: int = 0  # first tile not yet handed to a batch
@@ -206,7 +207,9 @@ class TileBatcher:
         self.tile = backend.manifest.tile.tile
         self.out_tile = backend.manifest.tile.out_tile
         self._instances = [_Instance(i) for i in range(info.instances)]
-        n_completion = completion_threads or (1 if info.instances == 1 else 2)
+        if completion_threads is None:
+            completion_threads = 1 if info.instances == 1 else 2
+        n_completion = completion_threads
         self._completion_threads: list[threading.Thread] = []
         self._n_completion = n_completion
         # bounded: a slow stitcher holds the engines back instead of piling up output tiles in memory
@@ -460,7 +463,7 @@ class TileBatcher:
                     self._work.wait()
                     continue
                 if self._queued_tiles < self.max_batch and not self._draining and self.max_queue_delay_s > 0:
-                    oldest = min(t.admitted for t in self._queue)
+                    oldest = min(t.submitted for t in self._queue)
                     wait = oldest + self.max_queue_delay_s - now
                     if wait > 0:
                         self._work.wait(wait)
@@ -555,7 +558,10 @@ class TileBatcher:
                 self.metrics.batch_size.labels(self.model).observe(n)
                 self.metrics.compute_seconds.labels(self.model).observe(dt)
                 self.metrics.tiles.labels(self.model).inc(n)
-            self._completions.put((entries, y, dt, n))
+            if self._n_completion:
+                self._completions.put((entries, y, dt, n))
+            else:  # inline: CPU engines already use every core, a hand-off would only add switches
+                self._complete(entries, y, dt, n)
 
     def _on_failure(self, inst: _Instance, entries: list[_Entry], err: BaseException) -> None:
         with self._lock:
@@ -593,11 +599,13 @@ class TileBatcher:
             item = self._completions.get()
             if item is None:
                 return
-            entries, y, dt, n = item
-            k = 0
-            for t, idx in entries:
-                self._deliver(t, idx, y[k : k + len(idx)], dt * len(idx) / n)
-                k += len(idx)
+            self._complete(*item)
+
+    def _complete(self, entries: list[_Entry], y: np.ndarray, dt: float, n: int) -> None:
+        k = 0
+        for t, idx in entries:
+            self._deliver(t, idx, y[k : k + len(idx)], dt * len(idx) / n)
+            k += len(idx)
 
     def _deliver(self, t: Ticket, idx: list[int], tiles: np.ndarray, compute_s: float) -> None:
         with t.sink_lock:

@@ -19,8 +19,13 @@ def resize_rgb(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def target_size(
-    height: int, width: int, *, scale: float | None = None, out_width: int | None = None,
-    out_height: int | None = None, default_scale: float = 4.0,
+    height: int,
+    width: int,
+    *,
+    scale: float | None = None,
+    out_width: int | None = None,
+    out_height: int | None = None,
+    default_scale: float = 4.0,
 ) -> tuple[int, int]:
     """Output (height, width): explicit size wins; one side given keeps the aspect ratio."""
     if scale is not None and (out_width is not None or out_height is not None):

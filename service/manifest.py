@@ -103,6 +103,13 @@ class OnnxVariant(_Strict):
 class EngineProfile(_Strict):
     batch_sizes: list[int] = Field(..., min_length=1)
     tile: int
+    mode: Literal["shared", "per-batch"] = Field(
+        "shared",
+        description="shared: `count` identical profiles [min..max batch] (one per execution context); "
+        "per-batch: profile i is static at batch_sizes[i].",
+    )
+    count: int = Field(1, ge=1, description="Number of optimisation profiles in the plan.")
+    opt_batch: int | None = Field(None, description="Batch size the shared profiles are tuned for.")
 
 
 class Engine(_Strict):
@@ -116,6 +123,7 @@ class Engine(_Strict):
     gpu_name: str
     profile: EngineProfile
     key: str
+    build: dict[str, object] = Field(default_factory=dict, description="Build options and timings (informational).")
 
 
 class Source(_Strict):
@@ -217,6 +225,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates 0600; repositories are built by one user and served by another (containers)
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

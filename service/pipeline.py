@@ -84,8 +84,15 @@ def finish(stitched: np.ndarray, image: np.ndarray, plan: RequestPlan, color_fix
 
 
 def run_sync(
-    image: np.ndarray, out_h: int, out_w: int, geometry: TileGeometry, fn: TileFn, *, batch: int = 1,
-    color_fix: str = "none", progress: Callable[[int], None] | None = None,
+    image: np.ndarray,
+    out_h: int,
+    out_w: int,
+    geometry: TileGeometry,
+    fn: TileFn,
+    *,
+    batch: int = 1,
+    color_fix: str = "none",
+    progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Whole request inline. `fn`: uint8 [B,t,t,3] → uint8 [B,t·g,t·g,3]."""
     plan = make_plan(image.shape[0], image.shape[1], out_h, out_w, geometry)

@@ -190,6 +190,8 @@ class ModelRuntime:
 
     async def _wait(self, ticket: Ticket, deadline: float) -> TicketResult:
         fut = asyncio.wrap_future(ticket.future)
+        # if we stop waiting (deadline, cancel) and the batcher fails it at that moment, nobody else reads it
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout=max(0.0, deadline - time.monotonic()))
         except TimeoutError:
@@ -266,7 +268,6 @@ class Runtime:
         self._host = host
         self._started = False
         self._draining = False
-        metrics.ready.set_function(lambda: float(self.ready))
 
     @classmethod
     def from_settings(
@@ -299,7 +300,27 @@ class Runtime:
         """Load and warm every model off the event loop (one after another: peak memory of one load)."""
         for m in self.models.values():
             await asyncio.to_thread(m.load)
+        self._watch_gpus()
         self._started = True
+
+    def _watch_gpus(self) -> None:
+        """GPU memory gauges read from NVML at scrape time (only when a model runs on a GPU)."""
+        if not any(m.info.device.startswith("cuda") for m in self.models.values()):
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                h = pynvml.nvmlDeviceGetHandleByIndex(i)
+                self.metrics.gpu_memory_used.labels(str(i)).set_function(
+                    lambda h=h: float(pynvml.nvmlDeviceGetMemoryInfo(h).used)
+                )
+                self.metrics.gpu_memory_total.labels(str(i)).set(
+                    float(pynvml.nvmlDeviceGetMemoryInfo(h).total)
+                )
+        except Exception as e:  # nvidia-ml-py missing or no driver: metrics stay absent
+            log.info("GPU memory metrics unavailable: %s", e)
 
     def get(self, name: str | None) -> ModelRuntime:
         key = self.default if name is None else name

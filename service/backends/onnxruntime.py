@@ -3,10 +3,11 @@
 The exported graph takes uint8 [B, t, t, 3] and returns uint8 [B, t·s, t·s, 3] with a dynamic batch
 axis, so every batch size 1..max_batch runs without padding.
 
-Instances: on CPU each instance gets its own InferenceSession with its own intra-op thread pool of
-cores/instances threads (measured in docs/benchmarks.md: concurrent Run() calls on one shared
-session contend for one pool). On GPU one session is shared by the instance threads (ORT's Run is
-thread-safe) so the weights exist once in device memory.
+Instances share one InferenceSession (ORT's Run is thread-safe; the weights exist once — 3.7 GB for
+full-size GenDR in fp32) unless each instance needs its own intra-op pool: on CPU with
+cores/instances > 1 threads per instance, concurrent Run() calls on one session would share one
+pool, so each instance then gets its own session. With one thread per instance (instances ≥ cores)
+a Run computes in its calling thread and both layouts measured the same (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -84,9 +85,9 @@ class OnnxRuntimeBackend:
         self.threads = intra_op_threads or max(1, available_cpus() // instances)
         self.max_batch = max_batch
         self.device_id = device_id
-        self.session_per_instance = (
-            provider == "cpu" if session_per_instance is None else session_per_instance
-        )
+        if session_per_instance is None:
+            session_per_instance = provider == "cpu" and self.threads > 1 and instances > 1
+        self.session_per_instance = session_per_instance
         self.cache_dir = cache_dir or self.model_dir / ".ort-trt-cache"
         self._reason = selection_reason
         self._sessions: list[object] = []

@@ -243,7 +243,7 @@ class TensorRTBackend:
                 raise BackendUnavailable("could not create an execution context (GPU memory?)")
             c.stream = cuda("cudaStreamCreateWithFlags", self.rt.cudaStreamNonBlocking)
             profile = i if n_prof >= self.instances else 0
-            if profile and not c.ctx.set_optimization_profile_async(profile, c.stream):
+            if profile and not c.ctx.set_optimization_profile_async(profile, int(c.stream)):
                 raise BackendUnavailable(f"could not select optimisation profile {profile} for context {i}")
             in_bytes, out_bytes = bmax * t * t * 3, bmax * ot * ot * 3
             c.d_in = int(cuda("cudaMalloc", in_bytes))
@@ -285,7 +285,7 @@ class TensorRTBackend:
             rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
             c.stream,
         )
-        if not c.ctx.execute_async_v3(c.stream):
+        if not c.ctx.execute_async_v3(int(c.stream)):
             raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
         cuda(
             "cudaMemcpyAsync",

@@ -26,7 +26,11 @@ def _weights(ck: Path, part: str) -> Path:
 
 
 def test_make_tiny_is_deterministic(tmp_path: Path) -> None:
-    a, b, c = make_tiny(tmp_path / "a", seed=3), make_tiny(tmp_path / "b", seed=3), make_tiny(tmp_path / "c", seed=4)
+    a, b, c = (
+        make_tiny(tmp_path / "a", seed=3),
+        make_tiny(tmp_path / "b", seed=3),
+        make_tiny(tmp_path / "c", seed=4),
+    )
     assert _weights(a, "unet").read_bytes() == _weights(b, "unet").read_bytes()
     assert _weights(a, "unet").read_bytes() != _weights(c, "unet").read_bytes()
 
@@ -39,7 +43,9 @@ def test_loads_and_keeps_metadata(ckpt: Path) -> None:
     assert m.params.timestep == 250 and int(m.timestep) == 250
 
 
-@pytest.mark.parametrize("name", ["unet/diffusion_pytorch_model.bin", "model.ckpt", "weights.pth", "x.pt", "y.pkl"])
+@pytest.mark.parametrize(
+    "name", ["unet/diffusion_pytorch_model.bin", "model.ckpt", "weights.pth", "x.pt", "y.pkl"]
+)
 def test_refuses_pickles_without_unpickling(ckpt: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     class Boom:
         def __reduce__(self):  # would run if anything unpickled the file
@@ -97,7 +103,7 @@ def test_weights_that_do_not_match_config(ckpt: Path) -> None:
     cfg = json.loads((ckpt / "vae" / "config.json").read_text())
     cfg["block_out_channels"] = [16, 16, 32, 48]
     (ckpt / "vae" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="do not match config.json"):
+    with pytest.raises(CheckpointError, match=r"do not match config\.json"):
         load_checkpoint(ckpt)
 
 

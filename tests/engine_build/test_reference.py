@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -83,7 +84,7 @@ def _seam_score(img: np.ndarray, positions: tuple[int, ...], tile: int, margin: 
     d = np.abs(np.diff(img.astype(np.float32), axis=axis)).mean(axis=(1 - axis, 2))
     cols = {
         x - margin
-        for a, b in zip(positions[:-1], positions[1:], strict=True)
+        for a, b in itertools.pairwise(positions)
         for x in range(b - 1, max(a + tile, b + 1))
         if 0 <= x - margin < len(d)
     }
@@ -116,8 +117,9 @@ class LocalNet(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(3 if i == 0 else 8, 8 if i < 3 else 12, 3, padding=1)
-                                         for i in range(4))
+        self.convs = torch.nn.ModuleList(
+            torch.nn.Conv2d(3 if i == 0 else 8, 8 if i < 3 else 12, 3, padding=1) for i in range(4)
+        )
         for c in self.convs:
             torch.nn.init.normal_(c.weight, std=0.15, generator=g)
         self.shuffle = torch.nn.PixelShuffle(2)
@@ -155,9 +157,28 @@ def test_cli_upscales_a_folder_and_reports_failures(tiny_checkpoint: Path, photo
     (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     out = tmp_path / "out"
     r = subprocess.run(
-        [sys.executable, "-m", "engine_build.cli", "upscale", str(src), "--checkpoint", str(tiny_checkpoint),
-         "--out", str(out), "--scale", "2", "--tile", "64", "--overlap", "16", "--batch", "4"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "engine_build.cli",
+            "upscale",
+            str(src),
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--out",
+            str(out),
+            "--scale",
+            "2",
+            "--tile",
+            "64",
+            "--overlap",
+            "16",
+            "--batch",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 1, r.stderr  # one file failed → non-zero, but the others were written
     assert "broken.jpg" in r.stderr and "upscaled 2/3" in r.stdout
@@ -166,15 +187,32 @@ def test_cli_upscales_a_folder_and_reports_failures(tiny_checkpoint: Path, photo
 
 
 def test_cli_make_tiny(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "engine_build.cli", "make-tiny", "--out", str(tmp_path / "t"),
-                        "--seed", "5"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "engine_build.cli", "make-tiny", "--out", str(tmp_path / "t"), "--seed", "5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert load_checkpoint(tmp_path / "t").params.native_scale == 4
 
 
 def test_cli_bad_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "x.pth").write_bytes(b"junk")
-    r = subprocess.run([sys.executable, "-m", "engine_build.cli", "upscale", str(tmp_path), "--checkpoint",
-                        str(tmp_path / "x.pth"), "--out", str(tmp_path / "o")], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine_build.cli",
+            "upscale",
+            str(tmp_path),
+            "--checkpoint",
+            str(tmp_path / "x.pth"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "pickle" in r.stderr and "Traceback" not in r.stderr

@@ -26,7 +26,7 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -
 
 
 @pytest.fixture(scope="session")
-def tiny_net(tiny_checkpoint: Path):  # noqa: ANN201 - torch module
+def tiny_net(tiny_checkpoint: Path):
     """The same tiny GenDR in PyTorch (the reference)."""
     from engine_build.checkpoint import load_checkpoint
 
@@ -34,7 +34,7 @@ def tiny_net(tiny_checkpoint: Path):  # noqa: ANN201 - torch module
 
 
 @pytest.fixture
-def torch_one_thread():  # noqa: ANN201
+def torch_one_thread():
     """torch with one intra-op thread: on a busy 2-core machine two threads spin against each other
     and a tiny-model tile takes 10-20× longer."""
     torch = pytest.importorskip("torch")

@@ -9,10 +9,14 @@ import numpy as np
 from service.manifest import Manifest, PipelineParams, TileGeometry, write_manifest
 
 
-def fake_manifest(name: str = "fake", tile: int = 32, overlap: int = 8, scale: int = 1, kind: str = "single") -> Manifest:
+def fake_manifest(
+    name: str = "fake", tile: int = 32, overlap: int = 8, scale: int = 1, kind: str = "single"
+) -> Manifest:
     """A manifest with no artifacts: enough for the fake backend."""
     return Manifest(
-        name=name, kind=kind, native_scale=scale if kind == "single" else 4,  # type: ignore[arg-type]
+        name=name,
+        kind=kind,
+        native_scale=scale if kind == "single" else 4,  # type: ignore[arg-type]
         tile=TileGeometry(tile=tile, overlap=overlap, graph_scale=scale, size_multiple=8),
         pipeline=PipelineParams() if kind == "gendr" else None,
     )

@@ -40,12 +40,16 @@ def real_tiles(photos: dict[str, np.ndarray], n: int, t: int = 64) -> np.ndarray
 @pytest.fixture(scope="module")
 def ort_cpu(tiny_repo: Path) -> OnnxRuntimeBackend:
     m = read_manifest(tiny_repo / "tiny")
-    be = OnnxRuntimeBackend(m, tiny_repo / "tiny", instances=2, intra_op_threads=1, max_batch=4)
+    be = OnnxRuntimeBackend(
+        m, tiny_repo / "tiny", instances=2, intra_op_threads=1, max_batch=4, session_per_instance=True
+    )
     be.load()
     return be
 
 
-def test_onnxruntime_cpu_serves_every_batch_size(ort_cpu: OnnxRuntimeBackend, photos: dict[str, np.ndarray]) -> None:
+def test_onnxruntime_cpu_serves_every_batch_size(
+    ort_cpu: OnnxRuntimeBackend, photos: dict[str, np.ndarray]
+) -> None:
     info = ort_cpu.info
     assert info.name == "onnxruntime-cpu" and info.device == "cpu" and info.precision == "fp32"
     assert info.batch_sizes == (1, 2, 3, 4) and info.instances == 2 and len(info.engine_key) == 16
@@ -61,8 +65,9 @@ def test_onnxruntime_cpu_serves_every_batch_size(ort_cpu: OnnxRuntimeBackend, ph
     assert ort_cpu.healthy()
 
 
-def test_onnxruntime_matches_the_pytorch_reference(ort_cpu: OnnxRuntimeBackend, tiny_net, torch_one_thread,
-                                                   photos: dict[str, np.ndarray]) -> None:
+def test_onnxruntime_matches_the_pytorch_reference(
+    ort_cpu: OnnxRuntimeBackend, tiny_net, torch_one_thread, photos: dict[str, np.ndarray]
+) -> None:
     """fp32 ORT vs the PyTorch TileGraph on 8 real-photo tiles: both compute in fp32 and differ by ~1e-6
     before the final ×127.5 and rounding, so a pixel can only flip by one LSB where its value sits within
     ~1e-4 of a rounding boundary: bound max |Δ| ≤ 1 and < 0.5 % of values differing (measured ≈0.02 %)."""
@@ -77,10 +82,13 @@ def test_onnxruntime_matches_the_pytorch_reference(ort_cpu: OnnxRuntimeBackend, 
     assert (d > 0).mean() < 5e-3
 
 
-def test_session_per_instance_or_shared_give_the_same_result(tiny_repo: Path, ort_cpu: OnnxRuntimeBackend,
-                                                              photos: dict[str, np.ndarray]) -> None:
+def test_session_per_instance_or_shared_give_the_same_result(
+    tiny_repo: Path, ort_cpu: OnnxRuntimeBackend, photos: dict[str, np.ndarray]
+) -> None:
     m = read_manifest(tiny_repo / "tiny")
-    shared = OnnxRuntimeBackend(m, tiny_repo / "tiny", instances=2, intra_op_threads=1, session_per_instance=False)
+    shared = OnnxRuntimeBackend(m, tiny_repo / "tiny", instances=2, intra_op_threads=1)
+    assert not shared.session_per_instance  # one thread per instance: one shared session is enough
+    assert OnnxRuntimeBackend(m, tiny_repo / "tiny", instances=2, intra_op_threads=4).session_per_instance
     shared.load()
     assert shared.info.extra["sessions"] == "1" and ort_cpu.info.extra["sessions"] == "2"
     x = real_tiles(photos, 2)
@@ -132,8 +140,12 @@ def test_check_output_catches_count_shape_and_dtype() -> None:
     x = np.zeros((2, 16, 16, 3), np.uint8)
     assert tile_shapes(m) == (16, 32)
     check_output(m, x, np.zeros((2, 32, 32, 3), np.uint8))
-    for bad in (np.zeros((1, 32, 32, 3), np.uint8), np.zeros((2, 16, 16, 3), np.uint8),
-                np.zeros((2, 32, 32, 3), np.float32), [1, 2]):
+    for bad in (
+        np.zeros((1, 32, 32, 3), np.uint8),
+        np.zeros((2, 16, 16, 3), np.uint8),
+        np.zeros((2, 32, 32, 3), np.float32),
+        [1, 2],
+    ):
         with pytest.raises(RuntimeError):
             check_output(m, x, bad)
 
@@ -141,8 +153,9 @@ def test_check_output_catches_count_shape_and_dtype() -> None:
 # ---------------------------------------------------------------------------------- torch backend
 
 
-def test_torch_backend_loads_the_checkpoint_from_the_repository(tiny_repo: Path, tiny_net, torch_one_thread,
-                                                                photos: dict[str, np.ndarray]) -> None:
+def test_torch_backend_loads_the_checkpoint_from_the_repository(
+    tiny_repo: Path, tiny_net, torch_one_thread, photos: dict[str, np.ndarray]
+) -> None:
     from engine_build.reference import TorchTileRunner
     from service.backends.torch_backend import TorchBackend
 
@@ -156,7 +169,9 @@ def test_torch_backend_loads_the_checkpoint_from_the_repository(tiny_repo: Path,
     bf = TorchBackend(m, tiny_repo / "tiny", device="cpu", precision="bf16", max_batch=2)
     bf.load()
     y = bf.infer(0, x)
-    assert y.shape == x.shape and np.abs(y.astype(int) - be.infer(0, x)).mean() < 40  # bf16 runs, roughly agrees
+    assert (
+        y.shape == x.shape and np.abs(y.astype(int) - be.infer(0, x)).mean() < 40
+    )  # bf16 runs, roughly agrees
     with pytest.raises(BackendUnavailable, match="fp16 on CPU"):
         TorchBackend(m, tiny_repo / "tiny", device="cpu", precision="fp16").load()
 
@@ -177,7 +192,9 @@ def test_torch_backend_on_cuda_fp16(tiny_repo: Path, photos: dict[str, np.ndarra
 
 
 def test_gpu_check_script_dry_run(tmp_path: Path, torch_one_thread) -> None:
-    spec = importlib.util.spec_from_file_location("gpu_check_torch", ROOT / "benchmarks" / "gpu_check_torch.py")
+    spec = importlib.util.spec_from_file_location(
+        "gpu_check_torch", ROOT / "benchmarks" / "gpu_check_torch.py"
+    )
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -189,7 +206,7 @@ def test_gpu_check_script_dry_run(tmp_path: Path, torch_one_thread) -> None:
     assert mod.peak_for("NVIDIA H100 80GB HBM3") == 989.0 and mod.peak_for("NVIDIA A10") == 125.0
 
 
-# ---------------------------------------------------------------------------------- GPU backends, cleanly absent
+# ------------------------------------------------------------------------ GPU backends, cleanly absent
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
@@ -234,26 +251,37 @@ def test_service_never_imports_torch_at_module_level() -> None:
 # ---------------------------------------------------------------------------------- auto selection
 
 
-def _engine(m, d: Path, cc: str, precision: str = "fp16") -> Engine:  # noqa: ANN001
+def _engine(m, d: Path, cc: str, precision: str = "fp16") -> Engine:
     f = d / "engines" / f"sm{cc.replace('.', '')}" / precision / "model.plan"
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_bytes(b"plan")
-    return Engine(plan=make_artifact(d, f), precision=precision, onnx_sha256="0" * 64, tensorrt_version="10.9.0",
-                  compute_capability=cc, gpu_name="test", profile=EngineProfile(batch_sizes=[1, 2, 4], tile=64),
-                  key="k")
+    return Engine(
+        plan=make_artifact(d, f),
+        precision=precision,
+        onnx_sha256="0" * 64,
+        tensorrt_version="10.9.0",
+        compute_capability=cc,
+        gpu_name="test",
+        profile=EngineProfile(batch_sizes=[1, 2, 4], tile=64),
+        key="k",
+    )
 
 
-def test_auto_without_gpu_picks_onnxruntime_cpu_and_says_why(tiny_repo: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_auto_without_gpu_picks_onnxruntime_cpu_and_says_why(tiny_repo: Path, monkeypatch) -> None:
     monkeypatch.setattr(select, "gpu_info", lambda device_id=0: None)
     m = read_manifest(tiny_repo / "tiny")
     be, reason = select.create_backend(m, tiny_repo / "tiny", Settings(model_repository=tiny_repo))
     assert be.info.name == "onnxruntime-cpu"
     assert "no NVIDIA GPU visible" in reason and be.info.selection_reason == reason
-    be2, reason2 = select.create_backend(m, tiny_repo / "tiny", Settings(model_repository=tiny_repo, backend="fake"))
+    be2, reason2 = select.create_backend(
+        m, tiny_repo / "tiny", Settings(model_repository=tiny_repo, backend="fake")
+    )
     assert be2.info.name == "fake" and "configured" in reason2
 
 
-def test_auto_prefers_tensorrt_when_an_engine_matches_the_gpu(tiny_repo: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_auto_prefers_tensorrt_when_an_engine_matches_the_gpu(
+    tiny_repo: Path, tmp_path: Path, monkeypatch
+) -> None:
     d = tmp_path / "tiny"
     shutil.copytree(tiny_repo / "tiny", d)
     m = read_manifest(d)
@@ -281,7 +309,7 @@ def test_auto_prefers_tensorrt_when_an_engine_matches_the_gpu(tiny_repo: Path, t
     assert select.find_engine(m, select.GpuInfo(0, "L20", "8.9", 0), "auto").precision == "int8"
 
 
-def test_auto_without_onnx_uses_torch_or_explains(tiny_repo: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_auto_without_onnx_uses_torch_or_explains(tiny_repo: Path, monkeypatch) -> None:
     monkeypatch.setattr(select, "gpu_info", lambda device_id=0: None)
     m = read_manifest(tiny_repo / "tiny").model_copy(update={"onnx": {}})
     name, reason = select.choose(m, Settings(model_repository=tiny_repo))

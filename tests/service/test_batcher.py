@@ -20,10 +20,22 @@ from service.tiling import Stitcher, pad_image, plan_tiles
 TILE, OVERLAP = 32, 8
 
 
-def make(instances: int = 1, *, scale: int = 1, max_batch: int = 4, batch_sizes: tuple[int, ...] | None = None,
-         behaviour: FakeBehaviour | None = None, **kw: object) -> tuple[TileBatcher, FakeBackend]:
-    be = FakeBackend(fake_manifest(tile=TILE, overlap=OVERLAP, scale=scale), instances=instances, max_batch=max_batch,
-                     batch_sizes=batch_sizes, behaviour=behaviour)
+def make(
+    instances: int = 1,
+    *,
+    scale: int = 1,
+    max_batch: int = 4,
+    batch_sizes: tuple[int, ...] | None = None,
+    behaviour: FakeBehaviour | None = None,
+    **kw: object,
+) -> tuple[TileBatcher, FakeBackend]:
+    be = FakeBackend(
+        fake_manifest(tile=TILE, overlap=OVERLAP, scale=scale),
+        instances=instances,
+        max_batch=max_batch,
+        batch_sizes=batch_sizes,
+        behaviour=behaviour,
+    )
     be.load()
     kw.setdefault("max_queue_delay_s", 0.005)
     b = TileBatcher(be, model="fake", metrics=Metrics(), max_batch=max_batch, **kw)  # type: ignore[arg-type]
@@ -40,9 +52,11 @@ class Req:
         self.plan = plan_tiles(img.shape[0], img.shape[1], TILE, OVERLAP, scale)
         self.st = Stitcher(self.plan)
         self.res = b.reserve(self.plan.n_tiles)
-        self.ticket: Ticket = b.submit(pad_image(img, self.plan), self.plan, time.monotonic() + deadline_s, self.sink)
+        self.ticket: Ticket = b.submit(
+            pad_image(img, self.plan), self.plan, time.monotonic() + deadline_s, self.sink
+        )
 
-    def sink(self, idx, tiles) -> None:  # noqa: ANN001
+    def sink(self, idx, tiles) -> None:
         for i, t in zip(idx, tiles, strict=True):
             self.st.add(i, t)
 
@@ -62,7 +76,10 @@ def test_mixed_size_requests_share_batches_and_get_their_own_pixels(photos: dict
     b, be = make(instances=2, scale=2, max_batch=8)
     rng = np.random.default_rng(1)
     sizes = [(5, 7), (20, 20), (33, 70), (64, 64), (1, 90), (100, 37), (150, 211)]
-    imgs = [rand_img(rng, h, w) for h, w in sizes] + [photos["chelsea"][:90, :120], photos["coffee"][:48, :300]]
+    imgs = [rand_img(rng, h, w) for h, w in sizes] + [
+        photos["chelsea"][:90, :120],
+        photos["coffee"][:48, :300],
+    ]
     reqs = [Req(b, im, scale=2) for im in imgs]
     for r in reqs:
         np.testing.assert_array_equal(r.result(), nearest(r.img, 2))
@@ -135,8 +152,14 @@ def test_cancelling_1000_requests_leaks_nothing() -> None:
         r.res.release()
         r.res.release()  # idempotent
     s = b.stats()
-    assert s == {**s, "queued_tiles": 0, "queued_requests": 0, "active_requests": 0, "reserved_tiles": 0,
-                 "reservations": 0}
+    assert s == {
+        **s,
+        "queued_tiles": 0,
+        "queued_requests": 0,
+        "active_requests": 0,
+        "reserved_tiles": 0,
+        "reservations": 0,
+    }
     hang.clear()  # the two batches that were running finish; their outputs are discarded
     time.sleep(0.05)
     assert all(r.ticket.future.cancelled() for r in reqs)
@@ -149,7 +172,7 @@ def test_cancelling_1000_requests_leaks_nothing() -> None:
 def test_a_failing_batch_fails_only_its_own_requests() -> None:
     poison = 13  # any batch holding a tile whose corner pixel is 13 fails
     be_kw = FakeBehaviour(fail_if=lambda i, x: bool((x[:, 0, 0, 0] == poison).any()))
-    b, be = make(max_batch=1, behaviour=be_kw, unhealthy_after=100)
+    b, _be = make(max_batch=1, behaviour=be_kw, unhealthy_after=100)
     rng = np.random.default_rng(6)
     good = [Req(b, rand_img(rng, 40, 40) // 2 + 100) for _ in range(5)]  # pixel values ≥ 100
     bad = Req(b, np.full((40, 40, 3), poison, np.uint8))
@@ -163,7 +186,9 @@ def test_a_failing_batch_fails_only_its_own_requests() -> None:
 
 
 def test_batch_mates_of_a_failure_fail_together_and_others_survive() -> None:
-    b, be = make(max_batch=4, behaviour=FakeBehaviour(fail_next=1), unhealthy_after=100, max_queue_delay_s=0.2)
+    b, _be = make(
+        max_batch=4, behaviour=FakeBehaviour(fail_next=1), unhealthy_after=100, max_queue_delay_s=0.2
+    )
     a = Req(b, np.zeros((10, 10, 3), np.uint8))  # one tile each: both in the first (failing) batch
     c = Req(b, np.zeros((10, 10, 3), np.uint8))
     for r in (a, c):
@@ -187,7 +212,7 @@ def test_malformed_outputs_are_failures(what: str) -> None:
 
 
 def test_repeatedly_failing_instance_turns_unhealthy_and_others_carry_on() -> None:
-    b, be = make(instances=2, max_batch=1, behaviour=FakeBehaviour(fail_instances={0}), unhealthy_after=2)
+    b, _be = make(instances=2, max_batch=1, behaviour=FakeBehaviour(fail_instances={0}), unhealthy_after=2)
     rng = np.random.default_rng(7)
     outcomes = []
     for _ in range(20):
@@ -205,8 +230,11 @@ def test_repeatedly_failing_instance_turns_unhealthy_and_others_carry_on() -> No
 
 
 def test_all_instances_failing_fails_queued_work_and_refuses_new() -> None:
-    b, be = make(instances=2, behaviour=FakeBehaviour(fail_instances={0, 1}), unhealthy_after=1)
+    hang = threading.Event()
+    hang.set()
+    b, _be = make(instances=2, behaviour=FakeBehaviour(fail_instances={0, 1}, hang=hang), unhealthy_after=1)
     reqs = [Req(b, np.zeros((100, 100, 3), np.uint8)) for _ in range(3)]
+    hang.clear()
     for r in reqs:
         with pytest.raises(EngineFailure):
             r.result()
@@ -229,7 +257,7 @@ def test_work_spreads_over_instances() -> None:
 
 
 def test_admission_in_tiles_with_retry_after() -> None:
-    b, be = make(capacity_tiles=10, behaviour=FakeBehaviour(per_tile_s=0.5))
+    b, _be = make(capacity_tiles=10, behaviour=FakeBehaviour(per_tile_s=0.5))
     r1 = b.reserve(6)
     with pytest.raises(Overloaded) as e:
         b.reserve(6)
@@ -260,7 +288,7 @@ def test_reservation_can_grow_and_release_is_idempotent() -> None:
 
 
 def test_drain_finishes_admitted_work_and_refuses_new() -> None:
-    b, be = make(behaviour=FakeBehaviour(delay_s=0.01))
+    b, _be = make(behaviour=FakeBehaviour(delay_s=0.01))
     reqs = [Req(b, np.zeros((60, 60, 3), np.uint8)) for _ in range(3)]
     b.start_drain()
     with pytest.raises(Draining):
@@ -292,7 +320,7 @@ def test_close_fails_what_is_left() -> None:
 def test_a_stuck_instance_makes_health_false() -> None:
     hang = threading.Event()
     hang.set()
-    b, be = make(behaviour=FakeBehaviour(hang=hang), stuck_after_s=0.05)
+    b, _be = make(behaviour=FakeBehaviour(hang=hang), stuck_after_s=0.05)
     r = Req(b, np.zeros((10, 10, 3), np.uint8))
     time.sleep(0.2)
     assert not b.healthy

@@ -56,14 +56,19 @@ def test_prepare_input_checks_the_image() -> None:
 
 
 @pytest.mark.parametrize("geo", [G1, G4])
-@pytest.mark.parametrize(("name", "out"), [("chelsea", (600, 902)), ("coffee", (250, 300)), ("rocket", (427, 640))])
-def test_run_sync_with_an_exact_network(photos: dict[str, np.ndarray], geo: TileGeometry, name: str,
-                                        out: tuple[int, int]) -> None:
+@pytest.mark.parametrize(
+    ("name", "out"), [("chelsea", (600, 902)), ("coffee", (250, 300)), ("rocket", (427, 640))]
+)
+def test_run_sync_with_an_exact_network(
+    photos: dict[str, np.ndarray], geo: TileGeometry, name: str, out: tuple[int, int]
+) -> None:
     """With nearest ×g as the network, the request's result is resize(nearest(resize(image))) exactly."""
     img = photos[name]
     g = geo.graph_scale
     seen: list[int] = []
-    res = run_sync(img, *out, geo, lambda b: b.repeat(g, axis=1).repeat(g, axis=2), batch=3, progress=seen.append)
+    res = run_sync(
+        img, *out, geo, lambda b: b.repeat(g, axis=1).repeat(g, axis=2), batch=3, progress=seen.append
+    )
     p = make_plan(img.shape[0], img.shape[1], *out, geo)
     expected = resize_rgb(nearest(resize_rgb(img, p.pre_h, p.pre_w), g), *out)
     np.testing.assert_array_equal(res, expected)

@@ -27,19 +27,31 @@ def arun(fn: Callable[[], Awaitable[Any]]) -> Any:
     return asyncio.run(asyncio.wait_for(fn(), 120))
 
 
-async def upscale(m: ModelRuntime, img: np.ndarray, oh: int, ow: int, *, color_fix: str | None = "none",
-                  deadline_s: float = 60.0, rid: str = "r") -> UpscaleOutcome:
+async def upscale(
+    m: ModelRuntime,
+    img: np.ndarray,
+    oh: int,
+    ow: int,
+    *,
+    color_fix: str | None = "none",
+    deadline_s: float = 60.0,
+    rid: str = "r",
+) -> UpscaleOutcome:
     """What the HTTP layer does: plan from the header size, reserve, then upscale the decoded image."""
     res = m.reserve(m.plan(img.shape[0], img.shape[1], oh, ow).n_tiles)
     return await m.upscale(UpscaleJob(img, oh, ow, color_fix, time.monotonic() + deadline_s, rid), res)
 
 
-def fake_runtime(tmp_path: Path, behaviour: FakeBehaviour | None = None, *, scale: int = 2, **settings: Any) -> Runtime:
+def fake_runtime(
+    tmp_path: Path, behaviour: FakeBehaviour | None = None, *, scale: int = 2, **settings: Any
+) -> Runtime:
     repo = write_fake_repo(tmp_path, name="fake", tile=32, overlap=8, scale=scale)
     s = Settings(model_repository=repo, **{"max_queue_delay_ms": 5.0, **settings})
 
-    def factory(m, d, st):  # noqa: ANN001, ANN202
-        return FakeBackend(m, d, instances=st.instances_per_device, max_batch=st.max_batch, behaviour=behaviour), "test"
+    def factory(m, d, st):
+        return FakeBackend(
+            m, d, instances=st.instances_per_device, max_batch=st.max_batch, behaviour=behaviour
+        ), "test"
 
     return Runtime.from_settings(s, Metrics(), backend_factory=factory)
 
@@ -52,8 +64,13 @@ def expected_fake(img: np.ndarray, oh: int, ow: int, m: ModelRuntime) -> np.ndar
 
 def assert_no_leak(m: ModelRuntime) -> None:
     s = m.batcher.stats()
-    assert (s["queued_tiles"], s["queued_requests"], s["active_requests"], s["reserved_tiles"], s["reservations"]) \
-        == (0, 0, 0, 0, 0), s
+    assert (
+        s["queued_tiles"],
+        s["queued_requests"],
+        s["active_requests"],
+        s["reserved_tiles"],
+        s["reservations"],
+    ) == (0, 0, 0, 0, 0), s
     assert m.metrics.queue_tiles.labels(m.name)._value.get() == 0
     assert m.metrics.queue_requests.labels(m.name)._value.get() == 0
 
@@ -71,8 +88,9 @@ REQUESTS = [  # (photo, crop h, crop w, out h, out w): mixed sizes, scales and a
 ]
 
 
-def test_concurrent_mixed_requests_get_exactly_their_own_pixels(tiny_repo: Path, tiny_net, torch_one_thread,
-                                                                photos: dict[str, np.ndarray]) -> None:
+def test_concurrent_mixed_requests_get_exactly_their_own_pixels(
+    tiny_repo: Path, tiny_net, torch_one_thread, photos: dict[str, np.ndarray]
+) -> None:
     """Tiny GenDR through ONNX Runtime CPU, 2 instances, tiles of all requests batched together.
 
     Against run_sync with the same ONNX Runtime session, one request at a time: identical (ORT's kernels are
@@ -87,8 +105,11 @@ def test_concurrent_mixed_requests_get_exactly_their_own_pixels(tiny_repo: Path,
         rt = Runtime.from_settings(s, Metrics())
         await rt.start()
         m = rt.get(None)
-        jobs = [upscale(m, photos[n][:h, :w], oh, ow, color_fix=cf, rid=f"r{i}")
-                for i, (n, h, w, oh, ow) in enumerate(REQUESTS) for cf in ("none", None)]
+        jobs = [
+            upscale(m, photos[n][:h, :w], oh, ow, color_fix=cf, rid=f"r{i}")
+            for i, (n, h, w, oh, ow) in enumerate(REQUESTS)
+            for cf in ("none", None)
+        ]
         outs = await asyncio.gather(*jobs)
         assert rt.ready and rt.healthy
         assert await rt.drain(5)
@@ -104,7 +125,11 @@ def test_concurrent_mixed_requests_get_exactly_their_own_pixels(tiny_repo: Path,
         img = photos[n][:h, :w]
         cf = "none" if k % 2 == 0 else m.default_color_fix
         assert out.image.shape == (oh, ow, 3) and out.model == "tiny" and out.backend == "onnxruntime-cpu"
-        assert out.tiles == m.plan(h, w, oh, ow).n_tiles and out.compute_s > 0 and out.runtime_s >= out.queue_s >= 0
+        assert (
+            out.tiles == m.plan(h, w, oh, ow).n_tiles
+            and out.compute_s > 0
+            and out.runtime_s >= out.queue_s >= 0
+        )
         same = run_sync(img, oh, ow, m.manifest.tile, lambda b: m.backend.infer(0, b), batch=1, color_fix=cf)
         np.testing.assert_array_equal(out.image, same, err_msg=f"request {k}")
         if cf == "none":
@@ -113,7 +138,8 @@ def test_concurrent_mixed_requests_get_exactly_their_own_pixels(tiny_repo: Path,
             assert d.max() <= 1 and (d > 0).mean() < 5e-3, f"request {k}: {d.max()} {(d > 0).mean()}"
     assert_no_leak(m)
     assert m.metrics.output_megapixels.labels("tiny")._value.get() == pytest.approx(
-        sum(oh * ow for *_, oh, ow in REQUESTS) * 2 / 1e6)
+        sum(oh * ow for *_, oh, ow in REQUESTS) * 2 / 1e6
+    )
     d = m.describe()
     assert d["backend"] == "onnxruntime-cpu" and d["instances"] == 2 and d["batch_sizes"] == [1, 2, 3, 4]
     assert d["kind"] == "gendr" and d["tile"]["input"] == 64 and "selection_reason" in d
@@ -189,12 +215,17 @@ def test_cancelling_1000_requests_frees_every_slot(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
 
     async def go() -> None:
-        rt = fake_runtime(tmp_path, FakeBehaviour(hang=hang), queue_capacity_tiles=100_000, instances_per_device=2)
+        rt = fake_runtime(
+            tmp_path, FakeBehaviour(hang=hang), queue_capacity_tiles=100_000, instances_per_device=2
+        )
         await rt.start()
         m = rt.get(None)
-        tasks = [asyncio.create_task(upscale(m, rng.integers(0, 256, (int(h), int(w), 3), np.uint8), 2 * int(h),
-                                             2 * int(w)))
-                 for h, w in rng.integers(1, 60, (1000, 2))]
+        tasks = [
+            asyncio.create_task(
+                upscale(m, rng.integers(0, 256, (int(h), int(w), 3), np.uint8), 2 * int(h), 2 * int(w))
+            )
+            for h, w in rng.integers(1, 60, (1000, 2))
+        ]
         while m.batcher.stats()["active_requests"] < 1000:  # all planned, prepared and queued
             await asyncio.sleep(0.01)
         for t in tasks:
@@ -233,8 +264,9 @@ def test_one_failing_request_does_not_fail_the_others(tmp_path: Path) -> None:
 
 def test_failing_instance_turns_health_false(tmp_path: Path) -> None:
     async def go() -> None:
-        rt = fake_runtime(tmp_path, FakeBehaviour(fail_instances={0, 1}), instances_per_device=2,
-                          unhealthy_after_failures=2)
+        rt = fake_runtime(
+            tmp_path, FakeBehaviour(fail_instances={0, 1}), instances_per_device=2, unhealthy_after_failures=2
+        )
         await rt.start()
         m = rt.get(None)
         for _ in range(4):
@@ -253,7 +285,9 @@ def test_drain_finishes_admitted_work(tmp_path: Path) -> None:
         rt = fake_runtime(tmp_path, FakeBehaviour(delay_s=0.02))
         await rt.start()
         m = rt.get(None)
-        tasks = [asyncio.create_task(upscale(m, np.full((60, 60, 3), i, np.uint8), 120, 120)) for i in range(4)]
+        tasks = [
+            asyncio.create_task(upscale(m, np.full((60, 60, 3), i, np.uint8), 120, 120)) for i in range(4)
+        ]
         await asyncio.sleep(0)  # let them reserve
         await asyncio.sleep(0.01)
         drained = asyncio.create_task(rt.drain(30))
@@ -301,8 +335,9 @@ def test_bad_inputs_are_bad_requests_and_release_the_reservation(tmp_path: Path)
             m.plan(10, 10, 0, 20)
         # the decoded image needs more tiles than the header promised: the reservation grows
         res = m.reserve(1)
-        out = await m.upscale(UpscaleJob(np.zeros((100, 100, 3), np.uint8), 200, 200, None, time.monotonic() + 30,
-                                         "g"), res)
+        out = await m.upscale(
+            UpscaleJob(np.zeros((100, 100, 3), np.uint8), 200, 200, None, time.monotonic() + 30, "g"), res
+        )
         assert out.tiles > 1 and res.released
         assert_no_leak(m)
         await rt.close()

@@ -1,0 +1,87 @@
+"""`gendr-build engine`: TensorRT engine for this machine's GPU into the model repository."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _ints(value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {value!r}") from e
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "engine",
+        help="build a TensorRT engine (fp16/int8/fp8) for the GPU of this machine",
+        description="Strongly typed TensorRT build from the repository's ONNX variant of that precision, "
+        "static tile, batch profiles, persistent timing cache; writes engines/sm<cc>/<precision>/ and the "
+        "manifest entry.",
+    )
+    p.add_argument("--model", required=True, type=Path, help="model folder, e.g. models/gendr")
+    p.add_argument("--precision", choices=["fp16", "int8", "fp8", "fp32"], default="fp16")
+    p.add_argument(
+        "--target-gpu",
+        choices=["auto", "a10", "l20", "h100"],
+        default="auto",
+        help="node pool the engine is for; must match this machine's GPU (auto: whatever is present)",
+    )
+    p.add_argument("--batch-sizes", type=_ints, default=[1, 2, 4, 8], help="comma list (default 1,2,4,8)")
+    p.add_argument("--tile", type=int, help="tile edge; must equal the exported graph's (checked)")
+    p.add_argument(
+        "--profile-mode",
+        choices=["shared", "per-batch"],
+        default="shared",
+        help="shared: N identical [min..max] profiles, one per engine instance (the runtime's "
+        "expectation); per-batch: one static profile per batch size",
+    )
+    p.add_argument(
+        "--profiles", type=int, default=1, help="shared mode: number of profiles (= engine instances)"
+    )
+    p.add_argument("--opt-batch", type=int, help="shared mode: batch size to tune for (default: the largest)")
+    p.add_argument("--workspace-gb", type=float, help="builder workspace limit (default: TensorRT's)")
+    p.add_argument("--opt-level", type=int, default=3, choices=range(0, 6), help="builder optimisation level")
+    p.add_argument(
+        "--timing-cache", type=Path, help="timing cache file (default: MODEL/engines/sm<cc>/timing.cache)"
+    )
+    p.add_argument("--device", type=int, default=0, help="CUDA device index")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_engine)
+
+
+def cmd_engine(args: argparse.Namespace) -> int:
+    from engine_build.trt_build import TrtBuildError, build_engine
+    from service.manifest import ManifestError
+
+    try:
+        res = build_engine(
+            args.model,
+            precision=args.precision,
+            target_gpu=args.target_gpu,
+            batch_sizes=args.batch_sizes,
+            tile=args.tile,
+            profile_mode=args.profile_mode,
+            profiles=args.profiles,
+            opt_batch=args.opt_batch,
+            workspace_gb=args.workspace_gb,
+            opt_level=args.opt_level,
+            timing_cache=args.timing_cache,
+            force=args.force,
+            progress=not args.no_progress,
+            device_id=args.device,
+        )
+    except (TrtBuildError, ManifestError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    e = res.engine
+    state = "up to date (skipped)" if res.skipped else f"built in {res.seconds:.0f} s"
+    print(
+        f"{e.precision} engine for {e.gpu_name} (sm_{e.compute_capability.replace('.', '')}): "
+        f"{e.plan.path} {state}"
+    )
+    return 0

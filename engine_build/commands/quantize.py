@@ -1,0 +1,93 @@
+"""`gendr-build quantize`: int8 / fp8 Q/DQ ONNX with NVIDIA ModelOpt, calibrated on real photo tiles."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from engine_build.quantize import DEFAULT_EXCLUDES
+
+    p = sub.add_parser(
+        "quantize",
+        help="post-training int8/fp8 quantization (ModelOpt Q/DQ ONNX) into the repository",
+        description="Calibrates on graph-input tiles cut from a folder of real photos and writes "
+        "onnx/int8 or onnx/fp8 with explicit Q/DQ nodes (what strongly typed TensorRT consumes). "
+        "Skipped when up to date.",
+    )
+    p.add_argument("--model", required=True, type=Path, help="model folder, e.g. models/gendr")
+    p.add_argument("--precision", required=True, choices=["int8", "fp8"])
+    p.add_argument(
+        "--calib",
+        required=True,
+        help="folder of real photos for calibration ('builtin' = scikit-image's bundled photos)",
+    )
+    p.add_argument("--tiles", type=int, default=32, help="calibration tiles (default 32)")
+    p.add_argument("--calib-batch", type=int, default=1, help="tiles per calibration run (default 1)")
+    p.add_argument(
+        "--base",
+        choices=["auto", "fp16", "fp32"],
+        default="auto",
+        help="graph to quantize (auto: fp16 when exported, keeping its fp32 islands; else fp32)",
+    )
+    p.add_argument(
+        "--method",
+        choices=["auto", "entropy", "max"],
+        default="auto",
+        help="activation calibration (auto: entropy for int8, max for fp8)",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="also keep ONNX nodes matching REGEX un-quantized (repeatable)",
+    )
+    p.add_argument(
+        "--no-default-excludes",
+        action="store_true",
+        help=f"do not exclude the default set {', '.join(DEFAULT_EXCLUDES)}",
+    )
+    p.add_argument(
+        "--target-gpu",
+        choices=["auto", "a10", "l20", "h100"],
+        default="auto",
+        help="node pool the graph is for; fp8 is refused for A10 (compute capability 8.6 < 8.9)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration crops")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_quantize)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from engine_build.quantize import DEFAULT_EXCLUDES, QuantizeError, quantize_model
+    from engine_build.verify import VerifyError
+    from service.manifest import ManifestError
+
+    excludes = ([] if args.no_default_excludes else list(DEFAULT_EXCLUDES)) + list(args.exclude)
+    try:
+        res = quantize_model(
+            args.model,
+            args.precision,
+            calib=args.calib,
+            n_tiles=args.tiles,
+            base=args.base,
+            excludes=excludes,
+            method=args.method,
+            target_gpu=args.target_gpu,
+            seed=args.seed,
+            force=args.force,
+            calib_batch=args.calib_batch,
+        )
+    except (QuantizeError, ManifestError, VerifyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    v = res.manifest.onnx[res.precision]
+    state = "up to date (skipped)" if res.skipped else f"written in {res.seconds:.1f} s"
+    print(
+        f"{res.precision}: {v.graph.path} {state}; {v.quantization.get('quantize_linear_nodes')} Q/DQ pairs, "
+        f"calibrated on {res.n_tiles} tiles from the {v.quantization.get('base')} graph"
+    )
+    return 0

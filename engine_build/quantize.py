@@ -1,0 +1,294 @@
+"""Post-training quantization (int8 / fp8) of the tile graph with NVIDIA ModelOpt: explicit Q/DQ ONNX.
+
+TensorRT 10/11 networks are strongly typed: precision comes from the ONNX, so int8 and fp8 engines are
+built from graphs that carry QuantizeLinear/DequantizeLinear pairs with calibrated scales. This step
+writes them into the repository as `onnx/int8/` and `onnx/fp8/`.
+
+- Calibration data: graph-input tiles cut from a folder of real photos, prepared exactly as the
+  runtime prepares requests (GenDR: bicubic ×native-scale crops; single networks: raw crops).
+- Base graph: the fp16 export when present (so its fp32 islands — norms, attention scores, an fp32
+  VAE decoder — stay as they are and the un-quantized rest runs in fp16 in TensorRT), else fp32.
+  ModelOpt's own fp32→fp16 conversion is avoided: on this graph it is quadratic in the node count
+  (≈100 s for the tiny model, hours at full size).
+- Excluded from quantization (regexes over ONNX node names; configurable): conv_in, conv_out, the
+  time embedding, norm_out and proj_out — first/last layers and the conditioning path, where int8
+  error is known to hurt diffusion models most.
+- int8 graphs use only standard ONNX ops and run in ONNX Runtime CPU (verify measures them). fp8
+  graphs use FLOAT8E4M3FN Q/DQ (opset 19), the form TensorRT consumes; fp8 engines need compute
+  capability ≥ 8.9 (L20, H100), so targeting an A10 is refused here already.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine_build.export import (
+    DATA_FILE,
+    GRAPH_FILE,
+    ONNX_DIR,
+    ExportError,
+    _tmp_dir,
+    _variant_ok,
+    finalize_onnx,
+    replace_dir,
+)
+from engine_build.trt_build import TARGET_GPUS, describe_gpu, detect_gpu, parse_cc
+from service.manifest import (
+    Manifest,
+    OnnxVariant,
+    hash_inputs,
+    make_artifact,
+    read_manifest,
+    write_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXCLUDES: tuple[str, ...] = (
+    r".*conv_in.*",
+    r".*conv_out.*",
+    r".*time_emb.*",
+    r".*norm_out.*",
+    r".*proj_out.*",
+)
+QUANT_PRECISIONS = ("int8", "fp8")
+FP8_MIN_CC = (8, 9)
+QUANTIZE_FORMAT = 1
+
+
+class QuantizeError(RuntimeError):
+    pass
+
+
+@dataclass
+class QuantizeResult:
+    model_dir: Path
+    manifest: Manifest
+    precision: str
+    skipped: bool
+    seconds: float
+    n_tiles: int
+
+
+def check_fp8_target(target_gpu: str) -> str:
+    """Refuse fp8 for GPUs below compute capability 8.9. Returns a note for the manifest/log."""
+    if target_gpu != "auto":
+        if target_gpu not in TARGET_GPUS:
+            raise QuantizeError(
+                f"unknown target GPU {target_gpu!r}; choose auto or one of {sorted(TARGET_GPUS)}"
+            )
+        cc, name = TARGET_GPUS[target_gpu]
+        if parse_cc(cc) < FP8_MIN_CC:
+            raise QuantizeError(
+                f"fp8 needs compute capability ≥ 8.9 (Ada: L20/L40/L4, Hopper: H100); {name} is {cc}. "
+                "Use --precision int8 (or fp16) for A10 nodes."
+            )
+        return f"target {target_gpu} ({name}, sm_{cc.replace('.', '')})"
+    gpu = detect_gpu()
+    if gpu is None:
+        log.warning(
+            "fp8: no GPU visible here; the fp8 graph builds into engines only on compute capability ≥ 8.9 "
+            "(L20, H100) — `gendr-build engine` checks that"
+        )
+        return "no GPU visible at quantization time"
+    if parse_cc(gpu.compute_capability) < FP8_MIN_CC:
+        raise QuantizeError(
+            f"fp8 needs compute capability ≥ 8.9 (L20, H100); this machine's {describe_gpu(gpu)} "
+            "cannot run it. "
+            "Use --precision int8, or pass --target-gpu l20|h100 to prepare the graph for another node pool."
+        )
+    return f"GPU present: {describe_gpu(gpu)}"
+
+
+def calibration_tiles(
+    manifest: Manifest, calib: str | Path | None, n_tiles: int, seed: int = 0
+) -> np.ndarray:
+    """uint8 [n, t, t, 3] graph-input tiles from a folder of photos (or scikit-image's bundled ones)."""
+    from engine_build.verify import builtin_photos, graph_input_tiles, load_photos
+
+    photos = builtin_photos() if calib in (None, "builtin") else load_photos(calib)
+    g = manifest.tile
+    return graph_input_tiles(photos, g.tile, g.graph_scale, manifest.native_scale, n_tiles, seed)
+
+
+def _modelopt_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("nvidia-modelopt", "onnxruntime", "onnx"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "missing"
+    return out
+
+
+def _import_modelopt():
+    try:
+        from modelopt.onnx.quantization import quantize
+    except ImportError as e:
+        raise QuantizeError(
+            f"NVIDIA ModelOpt's ONNX quantizer is not importable ({e}); install nvidia-modelopt plus "
+            "onnx-graphsurgeon, onnxconverter-common, polygraphy, onnxslim and lief"
+        ) from e
+    return quantize
+
+
+def quantize_model(
+    model_dir: str | Path,
+    precision: str,
+    calib: str | Path | None = None,
+    n_tiles: int = 32,
+    base: str = "auto",
+    excludes: Sequence[str] = DEFAULT_EXCLUDES,
+    method: str = "auto",
+    target_gpu: str = "auto",
+    seed: int = 0,
+    force: bool = False,
+    calib_batch: int = 1,
+) -> QuantizeResult:
+    """Write onnx/<precision>/ (Q/DQ) from the repository's fp16 (or fp32) graph; idempotent."""
+    model_dir = Path(model_dir)
+    if precision not in QUANT_PRECISIONS:
+        raise QuantizeError(f"precision must be one of {QUANT_PRECISIONS}, got {precision!r}")
+    target_note = check_fp8_target(target_gpu) if precision == "fp8" else None
+    manifest = read_manifest(model_dir, verify=True)
+    if base == "auto":
+        base = "fp16" if "fp16" in manifest.onnx else "fp32"
+    if base not in manifest.onnx:
+        raise QuantizeError(
+            f"{model_dir}: no {base} graph to quantize (have {list(manifest.onnx)}); run `gendr-build export`"
+        )
+    if n_tiles < 1 or n_tiles % calib_batch:
+        raise QuantizeError(
+            f"--tiles {n_tiles} must be a positive multiple of the calibration batch {calib_batch}"
+        )
+    if method == "auto":
+        method = "entropy" if precision == "int8" else "max"
+    base_v = manifest.onnx[base]
+    tiles = calibration_tiles(manifest, calib, n_tiles, seed)
+    calib_digest = hashlib.sha256(tiles.tobytes()).hexdigest()
+    options = {
+        "format": QUANTIZE_FORMAT,
+        "precision": precision,
+        "base": base,
+        "base_key": base_v.key,
+        "calibration_sha256": calib_digest,
+        "n_tiles": n_tiles,
+        "excludes": list(excludes),
+        "method": method,
+        "calib_batch": calib_batch,
+        "versions": _modelopt_versions(),
+    }
+    key = hash_inputs("quantize", options)
+    t0 = time.perf_counter()
+    if not force and _variant_ok(model_dir, manifest.onnx.get(precision), key):
+        log.info("onnx %s: up to date (key %s…), skipped", precision, key[:12])
+        return QuantizeResult(model_dir, manifest, precision, True, time.perf_counter() - t0, n_tiles)
+    quantize = _import_modelopt()
+    src = model_dir / base_v.graph.path
+    tmp = _tmp_dir(model_dir / ONNX_DIR, precision)
+    t = manifest.tile.tile
+    try:
+        raw = tmp / "raw"
+        raw.mkdir()
+        log.info(
+            "quantize %s: ModelOpt %s calibration (%s) on %d real-photo tiles from the %s graph",
+            precision,
+            precision,
+            method,
+            n_tiles,
+            base,
+        )
+        try:
+            quantize(
+                onnx_path=str(src),
+                quantize_mode=precision,
+                calibration_data={base_v.input_name: tiles},
+                calibration_method=method,
+                calibration_shapes=f"{base_v.input_name}:{calib_batch}x{t}x{t}x3",
+                calibration_eps=["cpu"],
+                nodes_to_exclude=list(excludes) or None,
+                use_external_data_format=base_v.external_data is not None,
+                output_path=str(raw / GRAPH_FILE),
+                high_precision_dtype="fp32",  # keep the base graph's dtypes (see the module docstring)
+                log_level="WARNING",
+            )
+        except Exception as e:  # ModelOpt raises many types
+            raise QuantizeError(f"ModelOpt {precision} quantization failed: {type(e).__name__}: {e}") from e
+        final = tmp / "final"
+        try:
+            data_path = finalize_onnx(raw / GRAPH_FILE, final, manifest.tile.out_tile, None, (t, t, 3))[1]
+        except ExportError as e:
+            raise QuantizeError(str(e)) from e
+        shutil.rmtree(raw)
+        target = model_dir / ONNX_DIR / precision
+        replace_dir(final, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    n_qdq = _count_qdq(target / GRAPH_FILE)
+    seconds = time.perf_counter() - t0
+    quant_info: dict[str, Any] = {k: v for k, v in options.items() if k != "versions"}
+    quant_info.update(
+        {"quantize_linear_nodes": n_qdq, "tool": "nvidia-modelopt", "versions": options["versions"]}
+    )
+    if target_note:
+        quant_info["target"] = target_note
+    variant = OnnxVariant(
+        precision=precision,
+        graph=make_artifact(model_dir, target / GRAPH_FILE),
+        external_data=make_artifact(model_dir, target / DATA_FILE) if data_path else None,
+        input_name=base_v.input_name,
+        output_name=base_v.output_name,
+        opset=_opset(target / GRAPH_FILE),
+        key=key,
+        quantization=quant_info,
+        options={"seconds": round(seconds, 2)},
+    )
+    onnx_map = dict(manifest.onnx)
+    onnx_map[precision] = variant
+    engines = [e for e in manifest.engines if e.precision != precision]
+    if len(engines) != len(manifest.engines):
+        log.warning("dropping TensorRT %s engine(s) built from the previous %s graph", precision, precision)
+    manifest = manifest.model_copy(update={"onnx": onnx_map, "engines": engines})
+    write_manifest(model_dir, manifest)
+    log.info("onnx %s: %d Q/DQ pairs, %.1f s", precision, n_qdq, seconds)
+    return QuantizeResult(model_dir, manifest, precision, False, seconds, n_tiles)
+
+
+def _count_qdq(path: Path) -> int:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return sum(1 for n in m.graph.node if n.op_type == "QuantizeLinear")
+
+
+def _opset(path: Path) -> int:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+
+
+__all__ = [
+    "DEFAULT_EXCLUDES",
+    "QUANT_PRECISIONS",
+    "QuantizeError",
+    "QuantizeResult",
+    "calibration_tiles",
+    "check_fp8_target",
+    "quantize_model",
+]
+
+if os.environ.get("GENDR_MODELOPT_QUIET", "1") == "1":
+    logging.getLogger("modelopt").setLevel(logging.WARNING)

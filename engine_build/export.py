@@ -154,12 +154,6 @@ def tool_versions() -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _param_bytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters()) + sum(
-        b.numel() * b.element_size() for b in module.buffers()
-    )
-
-
 def trace_to_onnx(
     graph: nn.Module, tile: int, path: Path, opset: int = DEFAULT_OPSET, channels: int = 3
 ) -> None:
@@ -212,6 +206,8 @@ def finalize_onnx(
     )
     graph_path = dst_dir / GRAPH_FILE
     data_path = dst_dir / DATA_FILE if use_external else None
+    for stale in (graph_path, dst_dir / DATA_FILE):  # onnx appends to an existing external-data file
+        stale.unlink(missing_ok=True)
     model.producer_name = "gendr-serve"
     _declare_output_shape(model, tile_out)
     if use_external:
@@ -389,7 +385,8 @@ def convert_graph_fp16(
         raise ExportError(f"fp16: no ONNX node name matches {list(opts.fp32_nodes)}")
     model, rep = convert_to_fp16(model, keep)
     tmp = dst_dir.parent / f".{dst_dir.name}-raw"
-    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # onnx appends to an existing external-data file
+    tmp.mkdir(parents=True)
     try:
         raw = tmp / GRAPH_FILE
         if _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD:

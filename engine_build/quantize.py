@@ -156,6 +156,7 @@ def quantize_model(
     seed: int = 0,
     force: bool = False,
     calib_batch: int = 1,
+    calib_ep: str = "cpu",
 ) -> QuantizeResult:
     """Write onnx/<precision>/ (Q/DQ) from the repository's fp16 (or fp32) graph; idempotent."""
     model_dir = Path(model_dir)
@@ -217,7 +218,7 @@ def quantize_model(
                 calibration_data={base_v.input_name: tiles},
                 calibration_method=method,
                 calibration_shapes=f"{base_v.input_name}:{calib_batch}x{t}x{t}x3",
-                calibration_eps=["cpu"],
+                calibration_eps=[calib_ep],
                 nodes_to_exclude=list(excludes) or None,
                 use_external_data_format=base_v.external_data is not None,
                 output_path=str(raw / GRAPH_FILE),

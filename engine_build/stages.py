@@ -77,7 +77,10 @@ def _consolidate(raw: Path, out_dir: Path) -> tuple[Path, int]:
     """Write one graph (+ one data file when large) and check it like the fused export does."""
     model = onnx.load(str(raw), load_external_data=True)
     nbytes = sum(int(np.prod(t.dims)) * 4 for t in model.graph.initializer)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    import shutil
+
+    shutil.rmtree(out_dir, ignore_errors=True)  # onnx appends to an existing external-data file
+    out_dir.mkdir(parents=True)
     path = out_dir / "model.onnx"
     if nbytes > (1 << 30):
         onnx.save_model(

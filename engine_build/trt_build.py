@@ -317,6 +317,8 @@ def build_engine(
     if workspace_gb:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     config.builder_optimization_level = opt_level
+    if hasattr(trt.BuilderFlag, "WEIGHT_STREAMING"):  # plain plans for deserialize_cuda_engine(bytes)
+        config.clear_flag(trt.BuilderFlag.WEIGHT_STREAMING)
     for mn, opt, mx in prof:
         p = builder.create_optimization_profile()
         p.set_shape(inp.name, (mn, g.tile, g.tile, 3), (opt, g.tile, g.tile, 3), (mx, g.tile, g.tile, 3))

@@ -94,9 +94,12 @@ class OnnxVariant(_Strict):
     output_name: str = "sr_tile"
     opset: int
     key: str = Field(..., description="Hash of every input of the step that produced it (idempotency).")
-    quantization: dict[str, object] | None = Field(None, description="Calibration and exclusions for int8/fp8.")
+    quantization: dict[str, object] | None = Field(
+        None, description="Calibration and exclusions for int8/fp8."
+    )
     options: dict[str, object] = Field(
-        default_factory=dict, description="How the step ran: fp16 islands, activation scan, timings (informational)."
+        default_factory=dict,
+        description="How the step ran: fp16 islands, activation scan, timings (informational).",
     )
 
 
@@ -123,7 +126,9 @@ class Engine(_Strict):
     gpu_name: str
     profile: EngineProfile
     key: str
-    build: dict[str, object] = Field(default_factory=dict, description="Build options and timings (informational).")
+    build: dict[str, object] = Field(
+        default_factory=dict, description="Build options and timings (informational)."
+    )
 
 
 class Source(_Strict):
@@ -140,8 +145,12 @@ class Manifest(_Strict):
     native_scale: int = Field(..., ge=1, le=8)
     tile: TileGeometry
     pipeline: PipelineParams | None = None
-    prompt_embeds: Artifact | None = Field(None, description="Fixed embeddings (safetensors); baked into graphs.")
-    checkpoint: list[Artifact] = Field(default_factory=list, description="Weights the torch backend can load.")
+    prompt_embeds: Artifact | None = Field(
+        None, description="Fixed embeddings (safetensors); baked into graphs."
+    )
+    checkpoint: list[Artifact] = Field(
+        default_factory=list, description="Weights the torch backend can load."
+    )
     onnx: dict[str, OnnxVariant] = Field(default_factory=dict)
     engines: list[Engine] = Field(default_factory=list)
     source: Source = Field(default_factory=Source)
@@ -189,12 +198,14 @@ def verify_artifact(model_dir: Path, art: Artifact) -> Path:
     if not p.is_file():
         raise ManifestError(f"{model_dir.name}: artifact {art.path} is missing")
     if p.stat().st_size != art.size:
-        raise ManifestError(f"{model_dir.name}: {art.path} has {p.stat().st_size} bytes, manifest says {art.size}")
+        raise ManifestError(
+            f"{model_dir.name}: {art.path} has {p.stat().st_size} bytes, manifest says {art.size}"
+        )
     digest = sha256_file(p)
     if digest != art.sha256:
         raise ManifestError(
-            f"{model_dir.name}: {art.path} sha256 {digest[:12]}… does not match the manifest ({art.sha256[:12]}…); "
-            "re-run the export step that wrote it"
+            f"{model_dir.name}: {art.path} sha256 {digest[:12]}… does not match the manifest "
+            f"({art.sha256[:12]}…); re-run the export step that wrote it"
         )
     return p
 

@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=["fp16", "int8", "fp8", "fp32"], default="fp16")
     p.add_argument(
         "--target-gpu",
+        "--gpu",
+        dest="target_gpu",
         choices=["auto", "a10", "l20", "h100"],
         default="auto",
         help="node pool the engine is for; must match this machine's GPU (auto: whatever is present)",

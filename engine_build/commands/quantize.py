@@ -8,8 +8,6 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from engine_build.quantize import DEFAULT_EXCLUDES
-
     p = sub.add_parser(
         "quantize",
         help="post-training int8/fp8 quantization (ModelOpt Q/DQ ONNX) into the repository",
@@ -48,13 +46,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-default-excludes",
         action="store_true",
-        help=f"do not exclude the default set {', '.join(DEFAULT_EXCLUDES)}",
+        help="do not exclude the default set (conv_in, conv_out, time embedding, norm_out, proj_out)",
     )
     p.add_argument(
         "--target-gpu",
         choices=["auto", "a10", "l20", "h100"],
         default="auto",
         help="node pool the graph is for; fp8 is refused for A10 (compute capability 8.6 < 8.9)",
+    )
+    p.add_argument(
+        "--calib-ep",
+        default="cpu",
+        help="ONNX Runtime provider for calibration: cpu (default), cuda:0, trt (needs onnxruntime-gpu)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration crops")
     p.add_argument("--force", action="store_true")
@@ -80,6 +83,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             seed=args.seed,
             force=args.force,
             calib_batch=args.calib_batch,
+            calib_ep=args.calib_ep,
         )
     except (QuantizeError, ManifestError, VerifyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

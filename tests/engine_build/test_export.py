@@ -80,7 +80,9 @@ def test_fp16_graph_keeps_the_overflow_prone_ops_in_fp32(tiny_repo: Path) -> Non
     assert softmax_in and set(softmax_in) == {onnx.TensorProto.FLOAT}  # attention scores in fp32
     assert norms_in and set(norms_in) == {onnx.TensorProto.FLOAT}  # GroupNorm / LayerNorm statistics in fp32
     opts = read_manifest(tiny_repo).onnx["fp16"].options
-    assert {"normalisation", "attention scores", "timestep embedding / scalar math"} <= set(opts["fp32_reasons"])
+    assert {"normalisation", "attention scores", "timestep embedding / scalar math"} <= set(
+        opts["fp32_reasons"]
+    )
     assert opts["scan"]["decoder_absmax"] < opts["scan"]["limit"] and opts["decoder_fp32"] is False  # auto
 
 
@@ -223,3 +225,18 @@ def test_export_single_network(toy_sr_export, small_photos) -> None:
         assert compare(got, ref(tiles))["psnr_db"] >= min_db, p
     # the caller's module is untouched (fp16 conversion works on a copy)
     assert next(net.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_the_service_runtime_loads_the_repository(tiny_repo: Path, small_photos, precision: str) -> None:
+    """The ONNX Runtime backend of the service (no torch) serves what the export wrote."""
+    from service.backends.onnxruntime import OnnxRuntimeBackend
+
+    m = read_manifest(tiny_repo, verify=True)
+    backend = OnnxRuntimeBackend(m, tiny_repo, provider="cpu", precision=precision, max_batch=2)
+    backend.load()
+    tiles = graph_input_tiles(small_photos, TILE, 1, 4, n=2)
+    out = backend.infer(0, tiles)
+    assert out.shape == (2, TILE, TILE, 3) and out.dtype == np.uint8
+    ref = OrtTileRunner(tiny_repo / m.onnx[precision].graph.path)(tiles)
+    assert np.array_equal(out, ref)

@@ -23,6 +23,7 @@ pytest.importorskip("spandrel")
 pytest.importorskip("onnxruntime")
 
 from spandrel.architectures.Compact import Compact  # noqa: E402
+from sr_test_helpers import seeded  # noqa: E402
 
 from engine_build import sr_models  # noqa: E402
 from engine_build.cli import main as build_main  # noqa: E402
@@ -46,14 +47,6 @@ except SRModelError as _e:  # pragma: no cover - the build extra installs it
 #: (docs/default-model.md): PSNR within −2.8 … +0.9 dB of bicubic (worst: chelsea, clean bicubic LR);
 #: a GAN restores plausible rather than exact detail. The test allows 4 dB below bicubic.
 PSNR_BAND_DB = 4.0
-
-
-def _seeded(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return module.eval()
 
 
 def _torch_tiles(net: torch.nn.Module, tiles: np.ndarray) -> np.ndarray:
@@ -100,7 +93,7 @@ def _main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def tiny_compact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
     """A small random SRVGGNetCompact ×4 (spandrel `Compact`) saved as .safetensors."""
-    net = _seeded(Compact(num_feat=8, num_conv=2, upscale=4))
+    net = seeded(Compact(num_feat=8, num_conv=2, upscale=4))
     path = save_sr_checkpoint(
         net.state_dict(),
         tmp_path_factory.mktemp("tiny") / "tiny-compact.safetensors",

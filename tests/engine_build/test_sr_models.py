@@ -16,6 +16,7 @@ PIL_Image = pytest.importorskip("PIL.Image")
 
 from spandrel.architectures.Compact import Compact  # noqa: E402
 from spandrel.architectures.ESRGAN import ESRGAN as RRDBNet  # noqa: E402
+from sr_test_helpers import seeded  # noqa: E402
 
 from engine_build import sr_models  # noqa: E402
 from engine_build.sr_models import (  # noqa: E402
@@ -337,14 +338,6 @@ def test_default_checkpoint_is_cached_and_keyed_by_the_wheel_files(
 # --------------------------------------------------------------------------- importing safetensors
 
 
-def _seeded(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return module.eval()
-
-
 @pytest.mark.parametrize(
     ("make", "arch", "scale"),
     [
@@ -355,7 +348,7 @@ def _seeded(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     ids=["rrdbnet-x4", "rrdbnet-x1", "compact-x2"],
 )
 def test_small_random_spandrel_model_round_trips(tmp_path: Path, make, arch: str, scale: int) -> None:
-    net = _seeded(make())
+    net = seeded(make())
     path = save_sr_checkpoint(
         net.state_dict(),
         tmp_path / "tiny.safetensors",

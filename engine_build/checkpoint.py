@@ -68,7 +68,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"missing {path}")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from e
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")

@@ -192,6 +192,7 @@ class TileBatcher:
         unhealthy_after: int = 3,
         stuck_after_s: float = 600.0,
         completion_threads: int | None = None,
+        max_retry_after_s: float = 600.0,
     ) -> None:
         info = backend.info
         sizes = tuple(sorted(b for b in info.batch_sizes if b <= max_batch)) or (min(info.batch_sizes),)
@@ -201,6 +202,8 @@ class TileBatcher:
         self.batch_sizes = sizes
         self.max_batch = sizes[-1]
         self.max_queue_delay_s = max_queue_delay_s
+        # Admitted work ends by its deadline at the latest: a longer Retry-After is never true.
+        self.max_retry_after_s = max_retry_after_s
         self.capacity_tiles = capacity_tiles
         self.unhealthy_after = unhealthy_after
         self.stuck_after_s = stuck_after_s
@@ -315,7 +318,7 @@ class TileBatcher:
                     if tiles <= self.capacity_tiles
                     else self._reserved_tiles
                 )
-                retry = min(3600.0, max(0.05, need / self._rate()))
+                retry = min(self.max_retry_after_s, max(0.05, need / self._rate()))
                 raise Overloaded(
                     f"queue full: {self._reserved_tiles}/{self.capacity_tiles} tiles in use, {tiles} asked",
                     retry_after_s=retry,

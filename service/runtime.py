@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import numpy as np
 from service import __version__
 from service.backends.base import Backend, BackendInfo, available_cpus
 from service.batcher import Reservation, Ticket, TicketResult, TileBatcher
-from service.errors import BadRequest, DeadlineExceeded, ModelNotFound, NotReady
+from service.errors import BadRequest, DeadlineExceeded, ImageTooLarge, ModelNotFound, NotReady
 from service.manifest import Manifest, ManifestError, list_models, read_manifest
 from service.metrics import Metrics
 from service.pipeline import RequestPlan, finish, make_plan, prepare_input
@@ -87,7 +88,9 @@ class ModelRuntime:
             max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
             capacity_tiles=settings.queue_capacity_tiles,
             unhealthy_after=settings.unhealthy_after_failures,
+            max_retry_after_s=settings.max_deadline_s,
         )
+        self.max_request_tiles = self._max_request_tiles()
         self._ready = False
         self._closed = False
 
@@ -132,12 +135,31 @@ class ModelRuntime:
 
     # ------------------------------------------------------------------ contract
 
+    def _max_request_tiles(self) -> int:
+        """Twice the tiles of the largest square output the pixel limit allows.
+
+        The pixel limits alone do not bound the work: a 4 × 4,000,000 image is within 16 MP but is
+        41,667 mostly-padding tiles (gigabytes of padded input). Any aspect ratio up to about 2× the
+        padding waste of a square passes; degenerate shapes get a 413.
+        """
+        side = max(1, math.isqrt(self.settings.max_output_pixels))
+        g = self.manifest.tile.graph_scale
+        square = make_plan(math.ceil(side / g), math.ceil(side / g), side, side, self.manifest.tile)
+        return 2 * square.n_tiles
+
     def plan(self, in_h: int, in_w: int, out_h: int, out_w: int) -> RequestPlan:
         """Cheap (no pixels): the HTTP layer calls it on header sizes to know the cost in tiles."""
         try:
-            return make_plan(in_h, in_w, out_h, out_w, self.manifest.tile, self.settings.max_output_pixels)
+            p = make_plan(in_h, in_w, out_h, out_w, self.manifest.tile, self.settings.max_output_pixels)
         except ValueError as e:
             raise BadRequest(str(e)) from e
+        if p.n_tiles > self.max_request_tiles:
+            raise ImageTooLarge(
+                f"a {in_w}×{in_h} → {out_w}×{out_h} request needs {p.n_tiles} tiles of "
+                f"{self.manifest.tile.tile} px; the limit per request is {self.max_request_tiles} "
+                "(very thin images waste most of each tile)"
+            )
+        return p
 
     def reserve(self, tiles: int) -> Reservation:
         if not self._ready or self._closed:
@@ -226,6 +248,7 @@ class ModelRuntime:
                 "max_batch": self.batcher.max_batch,
                 "max_queue_delay_ms": self.settings.max_queue_delay_ms,
                 "max_output_pixels": self.settings.max_output_pixels,
+                "max_request_tiles": self.max_request_tiles,
             },
             "ready": self.ready,
         }

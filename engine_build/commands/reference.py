@@ -72,6 +72,10 @@ def load_rgb(path: Path) -> tuple[np.ndarray, np.ndarray | None, Image.Image]:
         fmt = im.format
         im = ImageOps.exif_transpose(im)
         im.format = fmt
+    if im.mode.startswith("I"):  # 16/32-bit grayscale: convert("RGB") would clip it to white
+        a = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(np.rint(a * 255 / 65535), 0, 255).astype(np.uint8))
+        im.format = fmt
     alpha = None
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
@@ -134,7 +138,7 @@ def save_image(
     kwargs: dict[str, object] = {}
     if fmt in ("jpeg", "webp"):
         kwargs["quality"] = quality
-    if icc := src.info.get("icc_profile"):
+    if (icc := src.info.get("icc_profile")) and src.mode not in ("CMYK", "I", "I;16", "I;16B", "I;16L"):
         kwargs["icc_profile"] = icc
     out = out_dir / f"{stem}{suffix}"
     im.save(out, pil_fmt, **kwargs)

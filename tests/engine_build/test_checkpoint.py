@@ -140,3 +140,9 @@ def test_metadata_not_json(ckpt: Path) -> None:
     (ckpt / "gendr.json").write_text("{nope")
     with pytest.raises(CheckpointError, match="invalid JSON"):
         load_checkpoint(ckpt)
+
+
+def test_binary_config_is_a_checkpoint_error(ckpt: Path) -> None:
+    (ckpt / "unet" / "config.json").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(CheckpointError, match="invalid JSON"):
+        load_checkpoint(ckpt)

@@ -216,3 +216,14 @@ def test_cli_bad_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
         timeout=120,
     )
     assert r.returncode == 2 and "pickle" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_reads_16_bit_grayscale_without_clipping(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from engine_build.commands.reference import load_rgb
+
+    Image.fromarray(np.full((8, 8), 30000, np.uint16)).save(tmp_path / "g16.png")
+    rgb, alpha, _ = load_rgb(tmp_path / "g16.png")
+    assert rgb.shape == (8, 8, 3) and alpha is None
+    assert abs(int(rgb[0, 0, 0]) - round(30000 * 255 / 65535)) <= 1  # not clipped to 255

@@ -8,6 +8,7 @@ with the fake backend (failures on demand).
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 import time
 from collections.abc import Iterator
@@ -182,6 +183,24 @@ def test_overload_on_the_real_runtime(client: TestClient) -> None:
     assert results["big"].status_code == 200
     assert second.status_code == 503 and second.json()["error"]["code"] == "overloaded"
     assert int(second.headers["retry-after"]) >= 1
+
+
+def test_degenerate_aspect_is_413_before_any_work(client: TestClient) -> None:
+    """A thin image within the pixel limits would still be thousands of mostly-padding tiles
+    (gigabytes of padded input, the queue blocked for everyone): refused from the header, at once."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1_000_000, 2)).save(buf, "PNG")  # 2 MP in, 8 MP out at ×2: within pixel limits
+    t0 = time.monotonic()
+    r = client.post("/upscale?scale=2", content=buf.getvalue(), headers={"content-type": "image/png"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "image_too_large"
+    assert "tiles" in r.json()["error"]["message"]
+    assert time.monotonic() - t0 < 5
+    limit = client.get("/v1/models").json()["data"][0]["limits"]["max_request_tiles"]
+    assert 0 < limit < 20_000
+    ok = client.post("/upscale?scale=1", content=encode(small("coffee.png", 24)))
+    assert ok.status_code == 200  # the queue was never touched
 
 
 def test_engine_failure_only_fails_affected_requests(tmp_path: Path) -> None:

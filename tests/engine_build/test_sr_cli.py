@@ -43,6 +43,13 @@ try:
 except SRModelError as _e:  # pragma: no cover - the build extra installs it
     _MISSING = str(_e)
 
+
+def _run_default(base: Path) -> int:
+    """`gendr-build default` into base/models with a small tile (the test's fast settings)."""
+    args = ["--out", str(base / "models"), "--cache", str(base / "cache")]
+    return build_main(["default", *args, "--tile", "32", "--overlap", "8", "--precisions", "fp32"])
+
+
 #: Real-ESRGAN vs bicubic on the six bundled photos, measured with benchmarks/quality_default.py
 #: (docs/default-model.md): PSNR within −2.8 … +0.9 dB of bicubic (worst: chelsea, clean bicubic LR);
 #: a GAN restores plausible rather than exact detail. The test allows 4 dB below bicubic.
@@ -216,21 +223,7 @@ def default_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float
         pytest.skip(_MISSING)
     base = tmp_path_factory.mktemp("default")
     t0 = time.perf_counter()
-    rc = build_main(
-        [
-            "default",
-            "--out",
-            str(base / "models"),
-            "--cache",
-            str(base / "cache"),
-            "--tile",
-            "32",
-            "--overlap",
-            "8",
-            "--precisions",
-            "fp32",
-        ]
-    )
+    rc = _run_default(base)
     first_s = time.perf_counter() - t0
     assert rc == 0
     model_dir = base / "models" / "realesrgan-x4plus"
@@ -295,21 +288,7 @@ def test_default_second_run_is_a_quick_no_op(default_model, capsys) -> None:
     before = [(f.stat().st_mtime_ns, f.stat().st_size) for f in files]
     capsys.readouterr()
     t0 = time.perf_counter()
-    rc = build_main(
-        [
-            "default",
-            "--out",
-            str(model_dir.parent),
-            "--cache",
-            str(model_dir.parent.parent / "cache"),
-            "--tile",
-            "32",
-            "--overlap",
-            "8",
-            "--precisions",
-            "fp32",
-        ]
-    )
+    rc = _run_default(model_dir.parent.parent)
     dt = time.perf_counter() - t0
     assert rc == 0
     assert "up to date" in capsys.readouterr().out

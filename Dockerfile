@@ -87,10 +87,16 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service/ service/
 COPY engine_build/ engine_build/
+ARG ONNXRUNTIME_GPU_VERSION
+# onnxruntime-gpu replaces the CPU onnxruntime the build extra pulls (same module name), so int8/fp8
+# calibration runs on the GPU in the engine-build Job (gendr-build quantize --calib-ep cuda:0).
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --extra-index-url "${NVIDIA_PIP_INDEX}" ".[build,trt]" \
         "tensorrt==${TENSORRT_VERSION}" \
         "cuda-python==${CUDA_PYTHON_VERSION}" \
+    && /opt/venv/bin/pip uninstall -y onnxruntime \
+    && /opt/venv/bin/pip install --force-reinstall --no-deps "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}" \
+    && /opt/venv/bin/python -c "import onnxruntime as o; assert 'CUDAExecutionProvider' in o.get_available_providers()" \
     && groupadd --gid 10001 gendr \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin gendr \
     && mkdir -p /models && chown 10001:10001 /models
@@ -106,6 +112,9 @@ CMD ["--help"]
 
 # ---------------------------------------------------------------------------------------------
 FROM python:3.12.11-slim-bookworm AS cpu
+# glibc malloc (here, in the gpu stage, compose and k8s): 2 arenas instead of 8 per core, and buffers
+# of 1 MiB and more (decoded images) mmapped, so freeing them returns the memory; with the defaults
+# RSS keeps ~100-160 MB of freed decode buffers after a few large images. docs/reliability.md.
 LABEL org.opencontainers.image.title="gendr-serve (CPU)" \
       org.opencontainers.image.description="GenDR super-resolution inference service, ONNX Runtime CPU" \
       org.opencontainers.image.licenses="Apache-2.0"
@@ -114,7 +123,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH \
     HOME=/tmp \
     GENDR_MODEL_REPOSITORY=/models \
-    GENDR_BACKEND=onnxruntime-cpu
+    GENDR_BACKEND=onnxruntime-cpu \
+    MALLOC_ARENA_MAX=2 \
+    MALLOC_MMAP_THRESHOLD_=1048576
 COPY --from=cpu-venv /opt/venv /opt/venv
 RUN groupadd --gid 10001 gendr \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin gendr \
@@ -138,7 +149,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/tmp \
     GENDR_MODEL_REPOSITORY=/models \
     NVIDIA_VISIBLE_DEVICES=all \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    MALLOC_ARENA_MAX=2 \
+    MALLOC_MMAP_THRESHOLD_=1048576
 COPY --from=gpu-venv /opt/venv /opt/venv
 RUN groupadd --gid 10001 gendr \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin gendr \

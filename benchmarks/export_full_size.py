@@ -84,14 +84,14 @@ def run_step(step: str, work: Path, tile: int) -> dict:
     elif step in ("ort-fp32", "ort-fp16"):
         import numpy as np
 
-        from engine_build.verify import OrtTileRunner, compare, reference_net, torch_runner
+        from engine_build.verify import compare, onnx_runner, reference_net, torch_runner
         from service.manifest import read_manifest
 
         p = step.split("-")[1]
         manifest = read_manifest(model_dir, verify=False)
         x = _photo_tile(tile)
         t1 = time.perf_counter()
-        runner = OrtTileRunner(model_dir / manifest.onnx[p].graph.path)
+        runner = onnx_runner(model_dir, p, manifest=manifest)
         out["session_seconds"] = round(time.perf_counter() - t1, 2)
         t1 = time.perf_counter()
         y = runner(x)
@@ -101,7 +101,7 @@ def run_step(step: str, work: Path, tile: int) -> dict:
         ref_file = work / "torch_ref.npy"
         if not ref_file.exists():
             t1 = time.perf_counter()
-            ref = torch_runner(reference_net(model_dir, manifest, ckpt))(x)
+            ref = torch_runner(reference_net(model_dir, manifest, ckpt), geometry=manifest.tile)(x)
             out["torch_seconds_per_tile"] = round(time.perf_counter() - t1, 2)
             np.save(ref_file, ref)
         ref = np.load(ref_file)
@@ -113,11 +113,7 @@ def run_step(step: str, work: Path, tile: int) -> dict:
 
         manifest = read_manifest(model_dir, verify=False)
         model = load_checkpoint(ckpt)
-        out.update(
-            measure_stages(
-                model, tile, work / "stages", model_dir / manifest.onnx["fp32"].graph.path, _photo_tile(tile)
-            )
-        )
+        out.update(measure_stages(model, tile, work / "stages", model_dir, _photo_tile(tile)))
     else:
         raise SystemExit(f"unknown step {step}")
     out["seconds"] = round(time.perf_counter() - t0, 2)

@@ -1,34 +1,39 @@
 #!/usr/bin/env python
-"""GPU check of the TensorRT path on the tiny model: build every precision this GPU supports, check
-idempotency and the timing cache, measure parity against ONNX Runtime / PyTorch and latency per batch.
+"""GPU check of the TensorRT path on the tiny model, through the production backend.
 
-For a machine with an NVIDIA GPU, `tensorrt` and the build extra installed:
+Exports the tiny GenDR (fp32, fp16 with fp32 attention islands, fp16 with fp16 attention, int8 Q/DQ,
+fp8 where the GPU has it), checks every graph against TensorRT's rules (engine_build.trt_rules), then —
+where TensorRT and a GPU exist — builds each engine, checks idempotency and the timing cache, records
+which layers run in which precision (engine inspector), and measures parity (against ONNX Runtime on
+the same graph and the PyTorch fp32 reference) and latency per batch size, with and without CUDA
+graphs, all through `service.backends.tensorrt.TensorRTBackend` (engine_build.runners.tensorrt_runner).
+The JSON is rewritten after every row.
 
-    python benchmarks/gpu_check_engine.py                       # JSON → $OUT/gpu_check_engine.json (or ./)
-    python benchmarks/gpu_check_engine.py --tile 128 --batch-sizes 1,2,4,8 --out /tmp/gpu.json
+    python benchmarks/gpu_check_engine.py                 # GPU + TensorRT
+    python benchmarks/gpu_check_engine.py --dry-run       # CPU: export, graph rules, ORT parity only
 
-Precisions: fp16 and int8 everywhere, fp8 where compute capability ≥ 8.9 (refusal checked on others).
-Parity rows compare the engine with (a) ONNX Runtime CPU running the same-precision ONNX graph and
-(b) the PyTorch fp32 reference, on tiles cut from real photos (uint8 max abs error, PSNR). Exit code 1
-if any engine fails to build or fp16 parity vs PyTorch fp32 drops below --min-fp16-db.
+Exit code 1 if a graph breaks TensorRT's rules, an engine fails to build, or fp16 parity vs PyTorch
+fp32 drops below --min-fp16-db.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _gpu_report import Report
 
 
-def _latency(run, tiles, batch: int, repeats: int) -> dict:
+def _latency(run: Any, tiles: Any, batch: int, repeats: int) -> dict[str, float]:
     import numpy as np
 
     x = np.ascontiguousarray(np.resize(tiles, (batch, *tiles.shape[1:])))
@@ -42,114 +47,157 @@ def _latency(run, tiles, batch: int, repeats: int) -> dict:
     return {"batch": batch, "ms_per_batch": round(med * 1e3, 3), "ms_per_tile": round(med * 1e3 / batch, 3)}
 
 
-def main() -> int:
+def photos() -> list[tuple[str, Any]]:
+    """scikit-image's bundled photos, or (on the GPU machine, which lacks it) a textured stand-in."""
+    import numpy as np
+
+    from engine_build.verify import VerifyError, builtin_photos
+
+    try:
+        return builtin_photos()
+    except VerifyError:
+        rng = np.random.default_rng(0)
+        g = np.linspace(0, 255, 320, dtype=np.float32)
+        img = (g[None, :, None] * 0.5 + g[:, None, None] * 0.5 + rng.normal(0, 20, (320, 320, 3))).clip(
+            0, 255
+        )
+        return [("synthetic", img.astype(np.uint8))]
+
+
+def export_variants(
+    work: Path, tile: int, overlap: int, fp8: bool, skipped: dict[str, str]
+) -> dict[str, tuple[Path, str]]:
+    """label → (repository, precision): the graphs the engines are built from (what could not be made
+    here, e.g. Q/DQ graphs without ModelOpt on the GPU machine, goes into `skipped` with the reason)."""
+    from engine_build.checkpoint import make_tiny
+    from engine_build.export import Fp16Options, export_gendr
+    from engine_build.quantize import quantize_model
+
+    ckpt = make_tiny(work / "ckpt", seed=0)
+    repo = work / "models" / "tiny"
+    export_gendr(ckpt, repo, tile=tile, overlap=overlap)
+    attn16 = work / "models" / "tiny-attn16"
+    export_gendr(ckpt, attn16, tile=tile, overlap=overlap, fp16=Fp16Options(attention="fp16"))
+    out = {"fp32": (repo, "fp32"), "fp16": (repo, "fp16"), "fp16-attn16": (attn16, "fp16")}
+    for q in ("int8", "fp8") if fp8 else ("int8",):
+        try:
+            quantize_model(repo, q, calib="builtin", n_tiles=8, method="max")
+            out[q] = (repo, q)
+        except ImportError as e:  # ModelOpt is a build-extra dependency
+            skipped[q] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def check_rules(rep: Report, variants: dict[str, tuple[Path, str]], tile: int) -> bool:
+    from engine_build.trt_rules import check_graph
+    from service.manifest import read_manifest
+
+    ok = True
+    for label, (repo, p) in variants.items():
+        import onnx
+
+        m = read_manifest(repo, verify=False)
+        g = onnx.load(str(repo / m.onnx[p].graph.path), load_external_data=False)
+        problems = check_graph(g, tile=tile, out_tile=m.tile.out_tile)
+        casts = sum(n.op_type == "Cast" for n in g.graph.node)
+        rep.add({"graph": label, "trt_rules_problems": problems, "cast_nodes": casts})
+        ok = ok and not problems
+    return ok
+
+
+def build_and_measure(
+    rep: Report, variants: dict[str, tuple[Path, str]], tiles: Any, ref: Any, args: argparse.Namespace
+) -> bool:
+    from engine_build.runners import onnx_runner, tensorrt_runner
+    from engine_build.trt_build import build_engine
+    from engine_build.verify import compare
+
+    ok = True
+    for label, (repo, p) in variants.items():
+        if p == "fp32":
+            continue
+        row: dict[str, Any] = {"engine": label}
+        try:
+            r1 = build_engine(repo, p, batch_sizes=args.batch_sizes, progress=False)
+            row["build_s"] = round(r1.seconds, 1)
+            row["plan_mb"] = round(r1.engine.plan.size / 1e6, 2)
+            row["layer_precisions"] = r1.engine.build.get("layer_precisions")
+            row["second_build_skipped"] = build_engine(
+                repo, p, batch_sizes=args.batch_sizes, progress=False
+            ).skipped
+            r3 = build_engine(repo, p, batch_sizes=args.batch_sizes, progress=False, force=True)
+            row["rebuild_with_timing_cache_s"] = round(r3.seconds, 1)
+            row["timing_cache_reused"] = r3.engine.build.get("timing_cache_reused")
+            for graphs in (False, True):
+                fn = tensorrt_runner(repo, p, max_batch=max(args.batch_sizes), cuda_graphs=graphs)
+                got = fn(tiles)
+                key = "cuda_graphs" if graphs else "plain"
+                if graphs:
+                    row["graph_sizes"] = list(fn.backend.graph_sizes())  # type: ignore[attr-defined]
+                row[f"latency_{key}"] = [_latency(fn, tiles, b, args.repeats) for b in args.batch_sizes]
+                fn.close()
+            row["vs_onnxruntime_same_graph"] = compare(got, onnx_runner(repo, p)(tiles))
+            row["vs_torch_fp32"] = compare(got, ref)
+            if p == "fp16" and row["vs_torch_fp32"]["psnr_db"] < args.min_fp16_db:
+                ok = False
+        except Exception as e:  # record and go on with the other engines
+            row["error"] = f"{type(e).__name__}: {e}"
+            row["traceback"] = traceback.format_exc()[-3000:]
+            ok = False
+        rep.add(row)
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "gpu_check_engine.json")
+    ap.add_argument("--dry-run", action="store_true", help="CPU: export, graph rules and ORT parity only")
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     ap.add_argument("--work", type=Path, help="scratch folder (default: a temp dir)")
     ap.add_argument("--tile", type=int, default=128)
     ap.add_argument("--overlap", type=int, default=16)
-    ap.add_argument("--batch-sizes", default="1,2,4,8")
+    ap.add_argument("--batch-sizes", type=lambda s: [int(b) for b in s.split(",")], default=[1, 2, 4, 8])
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--min-fp16-db", type=float, default=40.0)
-    args = ap.parse_args()
-    bs = [int(b) for b in args.batch_sizes.split(",")]
+    ap.add_argument("--max-seconds", type=float, default=100.0)
+    args = ap.parse_args(argv)
+    if args.dry_run:
+        args.tile, args.batch_sizes, args.repeats = 64, [1, 2], 2
+    from engine_build.checkpoint import load_checkpoint
+    from engine_build.runners import onnx_runner, torch_runner
+    from engine_build.trt_build import detect_gpu, parse_cc
+    from engine_build.verify import compare, graph_input_tiles
+    from service.hardware import tensorrt_version
+
+    gpu = None if args.dry_run else detect_gpu()
+    trt = None if args.dry_run else tensorrt_version()
+    name = "gpu_check_engine_dry_run.json" if args.dry_run else "gpu_check_engine.json"
+    rep = Report(
+        args.out / name,
+        args.max_seconds,
+        tile=args.tile,
+        batch_sizes=args.batch_sizes,
+        gpu={"name": gpu.name, "cc": gpu.compute_capability} if gpu else None,
+        tensorrt=trt,
+    )
+    fp8 = gpu is not None and parse_cc(gpu.compute_capability) >= (8, 9)
     work = args.work or Path(tempfile.mkdtemp(prefix="gendr-gpu-"))
-    result: dict = {"tile": args.tile, "batch_sizes": bs, "steps": {}, "engines": {}, "ok": True}
-
-    def save() -> None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2, default=str))
-
-    from engine_build.checkpoint import load_checkpoint, make_tiny
-    from engine_build.export import export_gendr
-    from engine_build.quantize import QuantizeError, check_fp8_target, quantize_model
-    from engine_build.trt_build import (
-        SUPPORTED,
-        TrtTileRunner,
-        build_engine,
-        detect_gpu,
-        parse_cc,
-    )
-    from engine_build.verify import OrtTileRunner, builtin_photos, compare, graph_input_tiles, torch_runner
-
-    gpu = detect_gpu()
-    if gpu is None:
-        print("error: no NVIDIA GPU visible", file=sys.stderr)
-        return 2
-    import tensorrt as trt
-    import torch
-
-    result["gpu"] = {
-        "name": gpu.name,
-        "cc": gpu.compute_capability,
-        "memory_gb": round(gpu.memory_total / 2**30, 1),
-    }
-    result["versions"] = {"tensorrt": trt.__version__, "torch": torch.__version__, "cuda": torch.version.cuda}
-    fp8_ok = parse_cc(gpu.compute_capability) >= (8, 9)
-    precisions = ["fp16", "int8"] + (["fp8"] if fp8_ok else [])
-    pool = next(
-        (
-            k
-            for k, (cc, _) in {"a10": ("8.6", ""), "l20": ("8.9", ""), "h100": ("9.0", "")}.items()
-            if cc == gpu.compute_capability
-        ),
-        None,
-    )
-    result["matrix"] = {"pool": pool, "documented": SUPPORTED.get(pool or "", ()), "built": precisions}
-
     t0 = time.perf_counter()
-    ckpt = make_tiny(work / "ckpt", seed=0)
-    repo = work / "models" / "tiny"
-    export_gendr(ckpt, repo, tile=args.tile, overlap=args.overlap)
-    result["steps"]["export_s"] = round(time.perf_counter() - t0, 1)
-    for q in ("int8", "fp8") if fp8_ok else ("int8",):
-        t0 = time.perf_counter()
-        quantize_model(repo, q, calib="builtin", n_tiles=8, method="max")
-        result["steps"][f"quantize_{q}_s"] = round(time.perf_counter() - t0, 1)
-    if not fp8_ok:
-        try:
-            check_fp8_target("auto")
-            result["fp8_refusal"] = "NOT refused (bug)"
-            result["ok"] = False
-        except QuantizeError as e:
-            result["fp8_refusal"] = str(e)
-    save()
-
-    photos = builtin_photos()
-    tiles = graph_input_tiles(photos, args.tile, 1, 4, n=8, seed=0)
-    ref_torch = torch_runner(load_checkpoint(repo / "checkpoint"))(tiles)
-    for p in precisions:
-        entry: dict = {}
-        result["engines"][p] = entry
-        try:
-            r1 = build_engine(repo, p, batch_sizes=bs, profiles=2, progress=False)
-            entry["build_s"] = round(r1.seconds, 1)
-            entry["plan_mb"] = round(r1.engine.plan.size / 1e6, 2)
-            r2 = build_engine(repo, p, batch_sizes=bs, profiles=2, progress=False)
-            entry["second_build_skipped"] = r2.skipped
-            r3 = build_engine(repo, p, batch_sizes=bs, profiles=2, progress=False, force=True)
-            entry["rebuild_with_timing_cache_s"] = round(r3.seconds, 1)
-            plan = repo / r3.engine.plan.path
-            runner = TrtTileRunner(plan)
-            got = runner(tiles)
-            same = OrtTileRunner(repo / "onnx" / p / "model.onnx")(tiles)
-            entry["vs_onnxruntime_same_precision"] = compare(got, same)
-            entry["vs_torch_fp32"] = compare(got, ref_torch)
-            entry["latency"] = [_latency(runner, tiles, b, args.repeats) for b in bs]
-            if p == "fp16" and entry["vs_torch_fp32"]["psnr_db"] < args.min_fp16_db:
-                result["ok"] = False
-        except Exception as e:  # record (TrtBuildError or anything else) and go on with the other precisions
-            entry["error"] = f"{type(e).__name__}: {e}"
-            entry["traceback"] = traceback.format_exc()[-3000:]
-            result["ok"] = False
-        save()
-        print(p, json.dumps({k: v for k, v in entry.items() if k != "traceback"}), flush=True)
-    result["ort_fp32_vs_torch_fp32"] = compare(
-        OrtTileRunner(repo / "onnx" / "fp32" / "model.onnx")(tiles), ref_torch
-    )
-    save()
-    print(f"wrote {args.out}; ok={result['ok']}")
-    return 0 if result["ok"] else 1
+    skipped: dict[str, str] = {}
+    variants = export_variants(work, args.tile, args.overlap, fp8, skipped)
+    rep.set(export_s=round(time.perf_counter() - t0, 1), variants_skipped=skipped)
+    ok = check_rules(rep, variants, args.tile)
+    repo = variants["fp32"][0]
+    tiles = graph_input_tiles(photos(), args.tile, 1, 4, n=8, seed=0)
+    ref = torch_runner(load_checkpoint(repo / "checkpoint"))(tiles)
+    for label, (r, p) in variants.items():
+        rep.add({"graph": label, "ort_cpu_vs_torch_fp32": compare(onnx_runner(r, p)(tiles), ref)})
+    if gpu is None or trt is None:
+        rep.set(engines_skipped="dry run" if args.dry_run else "no GPU or no TensorRT here")
+    else:
+        ok = build_and_measure(rep, variants, tiles, ref, args) and ok
+    rep.set(ok=ok)
+    print(f"wrote {rep.path}; ok={ok}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

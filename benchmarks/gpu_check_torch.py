@@ -1,12 +1,14 @@
-"""GPU check: full-size GenDR (random weights) through the PyTorch CUDA backend path.
+"""GPU check: full-size GenDR (random weights) through the production PyTorch backend.
 
-For every SR tile size (512, 1024), batch size (1…16), precision (fp16, bf16) and with/without
-torch.compile it measures, through `service.backends.torch_backend.TorchBackend.infer` (uint8 tiles
+For every output tile size (512², 1024²), batch size (1…8) and precision (bf16, fp16; torch.compile
+only with --full) it measures, through `engine_build.torch_backend.TorchBackend.infer` (uint8 tiles
 in and out, host↔device copies included): ms per tile, output megapixels/s, achieved TFLOP/s against
-the GPU's dense fp16/bf16 tensor peak, and peak GPU memory. Results go to JSON ($OUT or --out).
+the GPU's dense fp16/bf16 tensor peak, and peak GPU memory. The JSON ($OUT or --out) is rewritten
+after every row, so a timeout loses nothing.
 
-    python benchmarks/gpu_check_torch.py                      # the full matrix (GPU)
-    python benchmarks/gpu_check_torch.py --dry-run            # tiny model on CPU: checks the script runs
+    python benchmarks/gpu_check_torch.py                      # eager matrix (GPU), ~3 min on an H200
+    python benchmarks/gpu_check_torch.py --full               # + torch.compile
+    python benchmarks/gpu_check_torch.py --dry-run            # tiny model on CPU, same code path
 
 FLOPs are counted once per tile size with torch.utils.flop_counter (matmul, conv, attention), so
 "achieved TFLOP/s" is model FLOPs / wall time, the usual MFU-style figure.
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import sys
@@ -25,31 +26,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# Dense (no sparsity) fp16/bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets.
-PEAK_TFLOPS = {
-    "H200": 989.0,
-    "H100 SXM": 989.0,
-    "H100 80GB HBM3": 989.0,
-    "H100 NVL": 835.0,
-    "H100 PCIe": 756.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "L40": 181.0,
-    "L20": 119.5,
-    "L4": 121.0,
-    "A10": 125.0,
-    "A10G": 125.0,
-    "RTX 4090": 165.0,
-}
-
-
-def peak_for(name: str) -> float | None:
-    best = None
-    for key, v in PEAK_TFLOPS.items():
-        if key in name and (best is None or len(key) > len(best[0])):
-            best = (key, v)
-    return best[1] if best else None
+from _gpu_report import Report, peak_for
 
 
 def count_flops(graph: Any, tile: int, device: Any) -> float:
@@ -63,12 +42,12 @@ def count_flops(graph: Any, tile: int, device: Any) -> float:
     return float(fc.get_total_flops())
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     import numpy as np
     import torch
 
     from engine_build.model import build_gendr
-    from service.backends.torch_backend import TorchBackend
+    from engine_build.torch_backend import TorchBackend
     from service.manifest import TileGeometry
 
     device = "cpu" if args.dry_run else f"cuda:{args.device}"
@@ -84,34 +63,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base = build_gendr(args.preset, seed=0).eval()
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in base.parameters())
-    report: dict[str, Any] = {
-        "gpu": gpu,
-        "device": device,
-        "torch": torch.__version__,
-        "preset": args.preset,
-        "parameters": n_params,
-        "peak_tflops_dense": peak,
-        "model_build_s": round(build_s, 1),
-        "iters": args.iters,
-        "results": [],
-    }
+    rep = Report(
+        path,
+        args.max_seconds,
+        gpu=gpu,
+        device=device,
+        torch=torch.__version__,
+        preset=args.preset,
+        parameters=n_params,
+        peak_tflops_dense=peak,
+        model_build_s=round(build_s, 1),
+        iters=args.iters,
+    )
     if device.startswith("cuda"):
-        report["cuda"] = torch.version.cuda
-        report["gpu_memory_total_gb"] = round(
-            torch.cuda.get_device_properties(args.device).total_memory / 2**30, 1
+        rep.set(
+            cuda=torch.version.cuda,
+            gpu_memory_total_gb=round(torch.cuda.get_device_properties(args.device).total_memory / 2**30, 1),
         )
     print(
         f"{gpu}: GenDR preset {args.preset}, {n_params / 1e6:.0f} M parameters, peak {peak} TFLOP/s",
         flush=True,
     )
-    started = time.monotonic()
     for compile_ in args.compile:  # every eager configuration first: compiling is what eats the budget
         for prec in args.precisions:
             for tile in args.tiles:
-                if time.monotonic() - started > args.max_seconds:
-                    report["results"].append(
-                        {"precision": prec, "compile": compile_, "tile": tile, "skipped": "time budget"}
-                    )
+                if rep.over_budget():
+                    rep.add({"precision": prec, "compile": compile_, "tile": tile, "skipped": "time budget"})
                     continue
                 geo = TileGeometry(
                     tile=tile, overlap=tile // 8, graph_scale=1, size_multiple=base.size_multiple
@@ -131,8 +108,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 load_s = time.perf_counter() - t_load
                 flops = count_flops(be._graph, tile, torch.device(device))
                 for bs in args.batches:
-                    if time.monotonic() - started > args.max_seconds:
-                        report["results"].append(
+                    if rep.over_budget():
+                        rep.add(
                             {
                                 "precision": prec,
                                 "compile": compile_,
@@ -165,8 +142,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         dt = (time.perf_counter() - t1) / args.iters
                     except torch.cuda.OutOfMemoryError:
                         row["error"] = "out of memory"
-                        report["results"].append(row)
-                        print(row, flush=True)
+                        rep.add(row)
                         torch.cuda.empty_cache()
                         break
                     assert y.shape == (bs, tile, tile, 3) and y.dtype == np.uint8
@@ -180,14 +156,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         row["mfu"] = round(row["tflops"] / peak, 3)
                     if device.startswith("cuda"):
                         row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(args.device) / 2**30, 2)
-                    report["results"].append(row)
-                    print(json.dumps(row), flush=True)
+                    rep.add(row)
                 be.close()
                 del be
                 if device.startswith("cuda"):
                     torch.cuda.empty_cache()
-    report["wall_s"] = round(time.monotonic() - started, 1)
-    return report
+    rep.save()
+    return rep.data
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -197,24 +172,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--preset", default="gendr", help="model preset (gendr = full size)")
     p.add_argument("--tiles", type=int, nargs="+", default=[512, 1024])
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--precisions", nargs="+", default=["fp16", "bf16"], choices=["fp32", "fp16", "bf16"])
-    p.add_argument(
-        "--compile",
-        type=lambda s: s.lower() in ("1", "true", "on", "yes"),
-        nargs="+",
-        default=[False, True],
-        help="torch.compile settings to try (off on)",
-    )
+    p.add_argument("--full", action="store_true", help="also with torch.compile (minutes per shape)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", type=int, default=0)
     p.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's dense fp16 peak")
     p.add_argument(
-        "--max-seconds", type=float, default=480.0, help="stop starting new configurations after this"
+        "--max-seconds", type=float, default=150.0, help="stop starting new configurations after this"
     )
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     a = p.parse_args(argv)
+    a.compile = [False, True] if a.full else [False]
     if a.dry_run:
         a.preset, a.tiles, a.batches, a.precisions, a.compile, a.iters, a.warmup = (
             "tiny",
@@ -230,10 +200,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    report = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / ("gpu_check_torch_dry_run.json" if args.dry_run else "gpu_check_torch.json")
-    path.write_text(json.dumps(report, indent=2))
+    run(args, path)
     print(f"wrote {path}")
     return 0
 

@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
-# Every GPU check in one run, for a session that is lent a GPU machine (about 15 minutes in all).
-# Run it there from the repository root; results land in $OUT (or ./gpu-out):
+# Every GPU check in one run, sized for a 15-minute GPU lease (under 8 minutes on an H100/H200).
+# Run it from the repository root; results land in $OUT (or ./gpu-out), each JSON rewritten after
+# every row so a timeout loses nothing:
 #
-#   bash benchmarks/gpu_checks.sh            # full set, ~8 min on an H100
-#   QUICK=1 bash benchmarks/gpu_checks.sh    # smaller matrix, ~3 min
+#   bash benchmarks/fetch_gpu_wheels.sh      # once, on the dev machine: wheels the GPU machine lacks → .whl/
+#   bash benchmarks/gpu_checks.sh            # on the GPU machine (carry .whl)
+#   bash benchmarks/gpu_checks.sh --full     # + torch.compile rows (much longer)
+#   bash benchmarks/gpu_checks.sh --dry-run  # on a CPU: the same scripts and code paths, tiny model
 #
 # The GPU machine has torch (CUDA), onnx, onnxruntime (CPU), pillow and prometheus-client, but no
-# TensorRT, diffusers or FastAPI: carry their wheels in .whl/ (see /work/.library/device/README.md)
-# and this script installs them into /tmp/site first. Each check writes its own JSON and log, and a
-# failing check does not stop the others.
+# TensorRT, diffusers, pydantic or FastAPI: the wheels in .whl/ are installed into /tmp/site first.
+# A failing check does not stop the others; the exit code says whether all passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+mode="${1:-}"
 OUT="${OUT:-gpu-out}"
+PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}:$PWD"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
-export PYTHONPATH="${PYTHONPATH:-}:$PWD" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv >"$OUT/gpu.csv" 2>&1
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv >"$OUT/gpu.csv" 2>&1 || true
 rc=0
 run() {
   local name="$1"; shift
@@ -26,16 +30,16 @@ run() {
   if ! timeout "${CHECK_TIMEOUT:-300}" "$@" >"$OUT/$name.log" 2>&1; then
     echo "   $name FAILED (see $OUT/$name.log)"; rc=1
   fi
-  tail -n 5 "$OUT/$name.log"
+  tail -n 4 "$OUT/$name.log"
 }
-if [ -n "${QUICK:-}" ]; then
-  run torch python3 benchmarks/gpu_check_torch.py --tiles 512 --batches 1 4 --precisions fp16 --out "$OUT"
-else
-  run torch python3 benchmarks/gpu_check_torch.py --out "$OUT"
-fi
-if python3 -c "import tensorrt" 2>/dev/null; then
-  run engine python3 benchmarks/gpu_check_engine.py --out "$OUT/gpu_check_engine.json"
-else
-  echo "== engine: skipped (no tensorrt package; carry its wheels in .whl/)"
-fi
+torch_flags=() other_flags=()
+case "$mode" in
+  --dry-run) torch_flags=(--dry-run) other_flags=(--dry-run) ;;
+  --full) torch_flags=(--full) ;;
+  "") ;;
+  *) echo "usage: $0 [--dry-run|--full]" >&2; exit 2 ;;
+esac
+run torch "$PY" benchmarks/gpu_check_torch.py "${torch_flags[@]}" --out "$OUT"
+run batcher "$PY" benchmarks/gpu_check_batcher.py "${other_flags[@]}" --out "$OUT"
+run engine "$PY" benchmarks/gpu_check_engine.py "${other_flags[@]}" --out "$OUT"
 exit $rc

@@ -6,17 +6,16 @@ prompt embeddings, timestep, α, β and scaling factor are constants of that gra
 dynamic; the tile shape is static (diffusers' UNet freezes its upsample sizes when traced, and static
 shapes give the fastest TensorRT engines).
 
-Steps, each idempotent (skipped when the manifest already holds an artifact with the same key and
-the files match their sha256; redone when any input changed):
+Steps, each one `engine_build.repository.run_step` (skipped when the manifest already holds an
+artifact with the same key and the files match their sha256; redone when any input changed):
 
     checkpoint   copy of the checkpoint the export read (torch backend, verify)     gendr only
     onnx fp32    TorchScript exporter (dynamo=False: <1 s vs ≈19 s for the tiny model)
     onnx fp16    the fp32 graph rewritten to fp16 with fp32 islands (engine_build/fp16.py: norms,
                  Q·Kᵀ + softmax, timestep embedding, optionally the VAE decoder), every cast explicit
 
-Graphs whose weights exceed EXTERNAL_DATA_THRESHOLD are written as `model.onnx` + one
-`model.onnx.data` (protobuf cannot hold more than 2 GiB). Every graph passes `onnx.checker`
-(full check) and strict shape inference before it is recorded.
+Writing and checking a graph is engine_build/onnx_graph.py (checker, shape inference, I/O, TensorRT's
+rules); the fp16 rewrite is engine_build/export_fp16.py.
 """
 
 from __future__ import annotations
@@ -24,25 +23,49 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import re
 import shutil
-import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
 
-from engine_build.model import GenDR, TileGraph
+from engine_build.export_fp16 import (
+    FP16_OVERFLOW_LIMIT,
+    Fp16Options,
+    activation_absmax,
+    convert_graph_fp16,
+    fp16_decision,
+    scan_tiles,
+)
+from engine_build.model import TileGraph
+from engine_build.onnx_graph import (
+    DATA_FILE,
+    DEFAULT_OPSET,
+    EXTERNAL_DATA_THRESHOLD,
+    GRAPH_FILE,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    ExportError,
+    check_io,
+    finalize_onnx,
+    save_onnx,
+    trace_to_onnx,
+)
+from engine_build.repository import (
+    CHECKPOINT_DIR,
+    ONNX_DIR,
+    StepResult,
+    drop_stale,
+    existing_manifest,
+    replace_dir,
+    run_step,
+)
 from service.manifest import (
-    MANIFEST_FILE,
     Artifact,
     Manifest,
     ManifestError,
@@ -51,75 +74,48 @@ from service.manifest import (
     TileGeometry,
     hash_inputs,
     make_artifact,
-    read_manifest,
     sha256_file,
-    verify_artifact,
     write_manifest,
 )
 
 log = logging.getLogger(__name__)
 
+__all__ = [  # the export API in one place (the pieces live in onnx_graph.py and export_fp16.py)
+    "DATA_FILE",
+    "DEFAULT_OPSET",
+    "EXTERNAL_DATA_THRESHOLD",
+    "FP16_OVERFLOW_LIMIT",
+    "GRAPH_FILE",
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+    "ExportError",
+    "Fp16Options",
+    "activation_absmax",
+    "check_io",
+    "convert_graph_fp16",
+    "export_gendr",
+    "export_single",
+    "finalize_onnx",
+    "fp16_decision",
+    "save_onnx",
+    "scan_tiles",
+    "trace_to_onnx",
+]
+
 #: Bump when the exported graph changes for identical inputs (invalidates every cached export).
-EXPORT_FORMAT = 1
-#: opset 18: SDPA/LayerNormalization export cleanly (≥14 needed); ModelOpt lifts Q/DQ graphs to 19.
-DEFAULT_OPSET = 18
-#: Initializer bytes above which a graph is written with external data (protobuf's limit is 2 GiB).
-EXTERNAL_DATA_THRESHOLD = 1 << 30
-ONNX_DIR = "onnx"
-GRAPH_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
-CHECKPOINT_DIR = "checkpoint"
-INPUT_NAME = "lr_tile"
-OUTPUT_NAME = "sr_tile"
+EXPORT_FORMAT = 2  # 2: Cast-first/Cast-last tile I/O (TensorRT's uint8 rule)
 #: GenDR defaults: 512-px tiles = the 512² training crops and SD2.1's native 64×64 latent;
 #: 64-px overlap = 8 latent pixels of context/blending on each side.
 GENDR_TILE = 512
 GENDR_OVERLAP = 64
-#: fp16 "auto" policy: an fp32 activation above this (fp16 max is 65504; 8× headroom for real
-#: images brighter/more textured than the scan tiles) keeps the VAE decoder in fp32.
-FP16_OVERFLOW_LIMIT = 8192.0
 
 ExportPrecision = Literal["fp32", "fp16"]
 EXPORT_PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
 
 
-class ExportError(RuntimeError):
-    """An export step that cannot run or produced an invalid graph."""
-
-
 # ---------------------------------------------------------------------------------------------
 # Options, results
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Fp16Options:
-    """Where the fp16 graph keeps fp32 (DESIGN.md §2: fp16 overflows or loses precision there)."""
-
-    norms: Literal["fp32", "fp16"] = "fp32"  # GroupNorm / LayerNorm statistics (sum of squares)
-    attention: Literal["fp32", "fp16"] = "fp32"  # Q·Kᵀ and softmax (SD2.1 needs upcast_attention)
-    vae_decoder: Literal["auto", "fp32", "fp16"] = "auto"  # auto: fp32 if an activation scan overflows
-    fp32_nodes: tuple[
-        str, ...
-    ] = ()  # ONNX node-name regexes kept in fp32, e.g. r"^/net/decoder/up_blocks\.3/"
-    overflow_limit: float = FP16_OVERFLOW_LIMIT
-
-    def key(self) -> dict[str, Any]:
-        return {
-            "norms": self.norms,
-            "attention": self.attention,
-            "vae_decoder": self.vae_decoder,
-            "fp32_nodes": list(self.fp32_nodes),
-            "overflow_limit": self.overflow_limit,
-        }
-
-
-@dataclass
-class StepResult:
-    step: str
-    skipped: bool
-    seconds: float
-    detail: str = ""
 
 
 @dataclass
@@ -150,305 +146,8 @@ def tool_versions() -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Low level: trace → ONNX file(s), checker, shape inference
-# ---------------------------------------------------------------------------------------------
-
-
-def trace_to_onnx(
-    graph: nn.Module, tile: int, path: Path, opset: int = DEFAULT_OPSET, channels: int = 3
-) -> None:
-    """TorchScript-export `graph` (uint8 [B,t,t,C] → uint8) with a dynamic batch axis to `path`.
-
-    Large models come out with one external file per tensor next to `path`; `finalize_onnx`
-    consolidates them.
-    """
-    import warnings
-
-    example = torch.randint(0, 256, (2, tile, tile, channels), dtype=torch.uint8)
-    graph = graph.eval()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TracerWarnings from diffusers' shape asserts are expected
-        torch.onnx.export(
-            graph,
-            (example,),
-            str(path),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
-
-
-def _initializer_bytes(model: onnx.ModelProto) -> int:
-    total = 0
-    for t in model.graph.initializer:
-        n = int(np.prod(t.dims)) if t.dims else 1
-        total += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    return total
-
-
-def finalize_onnx(
-    src: Path,
-    dst_dir: Path,
-    tile_out: int,
-    external_data: bool | None = None,
-    expect_input: tuple[int, ...] | None = None,
-) -> tuple[Path, Path | None]:
-    """Load `src` (with its external data), write `dst_dir/model.onnx` [+ model.onnx.data], then run
-    the full checker and strict shape inference (the inferred graph, with value_info, is the result).
-    """
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    model = onnx.load(str(src), load_external_data=True)
-    use_external = (
-        external_data if external_data is not None else _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    )
-    graph_path = dst_dir / GRAPH_FILE
-    data_path = dst_dir / DATA_FILE if use_external else None
-    for stale in (graph_path, dst_dir / DATA_FILE):  # onnx appends to an existing external-data file
-        stale.unlink(missing_ok=True)
-    model.producer_name = "gendr-serve"
-    _declare_output_shape(model, tile_out)
-    if use_external:
-        onnx.save_model(
-            model,
-            str(graph_path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=DATA_FILE,
-            size_threshold=1024,
-        )
-    else:
-        onnx.save_model(model, str(graph_path))
-    del model
-    try:
-        onnx.checker.check_model(str(graph_path), full_check=True)
-        inferred = dst_dir / ".inferred.onnx"
-        onnx.shape_inference.infer_shapes_path(
-            str(graph_path), str(inferred), check_type=True, strict_mode=True
-        )
-        os.replace(inferred, graph_path)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise ExportError(f"{graph_path}: ONNX checker/shape inference failed: {e}") from e
-    check_io(graph_path, tile_out, expect_input)
-    return graph_path, data_path
-
-
-def _declare_output_shape(model: onnx.ModelProto, tile_out: int) -> None:
-    """Write the static output tile into the graph's declared output shape.
-
-    The traced graph computes upsample sizes from Shape ops, which ONNX shape inference cannot fold, so
-    the exporter leaves the spatial output dims symbolic. They are static by construction (fixed input
-    tile); declaring them lets consumers (TensorRT, ORT, the runtime) see the real shape.
-    """
-    out = model.graph.output[0]
-    dims = out.type.tensor_type.shape.dim
-    if len(dims) != 4:
-        raise ExportError(f"output {out.name} has rank {len(dims)}, expected 4 (NHWC)")
-    for i in (1, 2):
-        dims[i].Clear()
-        dims[i].dim_value = tile_out
-    if not dims[0].dim_param:
-        dims[0].Clear()
-        dims[0].dim_param = "batch"
-
-
-def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
-    return [
-        d.dim_value if d.HasField("dim_value") else d.dim_param for d in value_info.type.tensor_type.shape.dim
-    ]
-
-
-def check_io(graph_path: Path, tile_out: int, expect_input: tuple[int, ...] | None = None) -> None:
-    """The graph has exactly `lr_tile` uint8 [batch,t,t,C] → `sr_tile` uint8 [batch,T,T,C]."""
-    m = onnx.load(str(graph_path), load_external_data=False)
-    ins = [i for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer}]
-    outs = list(m.graph.output)
-    if [i.name for i in ins] != [INPUT_NAME] or [o.name for o in outs] != [OUTPUT_NAME]:
-        raise ExportError(
-            f"{graph_path}: expected {INPUT_NAME} → {OUTPUT_NAME}, "
-            f"got {[i.name for i in ins]} → {[o.name for o in outs]}"
-        )
-    for v in (ins[0], outs[0]):
-        if v.type.tensor_type.elem_type != onnx.TensorProto.UINT8:
-            raise ExportError(f"{graph_path}: {v.name} must be uint8")
-    di, do = _dims(ins[0]), _dims(outs[0])
-    if not isinstance(di[0], str) or not isinstance(do[0], str):
-        raise ExportError(f"{graph_path}: batch axis is not dynamic ({di} → {do})")
-    if expect_input and tuple(di[1:]) != tuple(expect_input):
-        raise ExportError(f"{graph_path}: input tile {di[1:]} != {expect_input}")
-    if tuple(do[1:3]) != (tile_out, tile_out):
-        raise ExportError(f"{graph_path}: output tile {do[1:]} != {tile_out}×{tile_out} (shape inference)")
-
-
-# ---------------------------------------------------------------------------------------------
-# fp16: the fp32 graph rewritten with explicit fp32 islands (engine_build/fp16.py)
-# ---------------------------------------------------------------------------------------------
-
-
-def activation_absmax(net: nn.Module, x: torch.Tensor, prefixes: Sequence[str] = ("",)) -> dict[str, float]:
-    """Largest |activation| of every leaf module under each prefix, from one fp32 forward on x ([-1,1])."""
-    found: dict[str, float] = {}
-    hooks = []
-
-    def hook(name: str) -> Callable:
-        def fn(_m, _i, out) -> None:
-            if isinstance(out, torch.Tensor) and out.is_floating_point():
-                found[name] = max(found.get(name, 0.0), float(out.detach().abs().max()))
-
-        return fn
-
-    for name, m in net.named_modules():
-        if not list(m.children()) and any(name.startswith(p) for p in prefixes):
-            hooks.append(m.register_forward_hook(hook(name)))
-    try:
-        with torch.no_grad():
-            net(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return found
-
-
-def scan_tiles(tile: int, graph_scale: int, native_scale: int, n: int = 2) -> torch.Tensor:
-    """Real-photo graph-input tiles ([-1,1] NCHW) for the fp16 activation scan."""
-    from engine_build.verify import builtin_photos, graph_input_tiles
-
-    try:
-        photos = builtin_photos()
-    except Exception as e:  # scikit-image missing: a deterministic textured stand-in
-        log.warning("fp16 scan: no bundled photos (%s); using a synthetic pattern", e)
-        g = np.linspace(0, 255, 256, dtype=np.float32)
-        rng = np.random.default_rng(0)
-        img = (g[None, :, None] * 0.5 + g[:, None, None] * 0.5 + rng.normal(0, 20, (256, 256, 3))).clip(
-            0, 255
-        )
-        photos = [("synthetic", img.astype(np.uint8))]
-    tiles = graph_input_tiles(photos, tile, graph_scale, native_scale, n=n, seed=0)
-    return torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def fp16_decision(net: nn.Module, opts: Fp16Options, scan_input: torch.Tensor | None) -> dict[str, Any]:
-    """Whether the VAE decoder runs in fp32, from the options or an activation scan on real tiles."""
-    report: dict[str, Any] = {"decoder_fp32": opts.vae_decoder == "fp32"}
-    if scan_input is None:
-        return report
-    t0 = time.perf_counter()
-    has_decoder = isinstance(net, GenDR)
-    amax = activation_absmax(net, scan_input)
-    dec = max((v for k, v in amax.items() if k.startswith("vae.decoder")), default=0.0)
-    other = max((v for k, v in amax.items() if not k.startswith("vae.decoder")), default=0.0)
-    report["scan"] = {
-        "decoder_absmax": dec,
-        "other_absmax": other,
-        "limit": opts.overflow_limit,
-        "tiles": int(scan_input.shape[0]),
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    if has_decoder and opts.vae_decoder == "auto" and dec > opts.overflow_limit:
-        report["decoder_fp32"] = True
-        log.warning(
-            "fp16: VAE decoder activations reach %.0f (> %.0f): keeping the decoder in fp32",
-            dec,
-            opts.overflow_limit,
-        )
-    if other > opts.overflow_limit:
-        worst = sorted(((v, k) for k, v in amax.items() if not k.startswith("vae.decoder")), reverse=True)[:3]
-        log.warning(
-            "fp16: activations up to %.0f in %s; check `gendr-build verify` and keep those scopes in "
-            "fp32 with --fp16-fp32-node",
-            other,
-            ", ".join(k for _, k in worst),
-        )
-    return report
-
-
-def convert_graph_fp16(
-    src: Path,
-    dst_dir: Path,
-    tile_out: int,
-    opts: Fp16Options,
-    decoder_fp32: bool,
-    external_data: bool | None,
-    tile: int,
-) -> tuple[Path, Path | None, dict[str, Any]]:
-    """fp32 ONNX file → fp16 ONNX folder (checked like every export) and the conversion report."""
-    from engine_build.fp16 import DECODER_SCOPES, convert_to_fp16, fp32_nodes
-
-    model = onnx.load(str(src), load_external_data=True)
-    patterns = list(opts.fp32_nodes) + (list(DECODER_SCOPES) if decoder_fp32 else [])
-    keep = fp32_nodes(
-        model.graph, norms=opts.norms == "fp32", attention=opts.attention == "fp32", name_patterns=patterns
-    )
-    if opts.fp32_nodes and not any(re.search(p, n) for p in opts.fp32_nodes for n in keep):
-        raise ExportError(f"fp16: no ONNX node name matches {list(opts.fp32_nodes)}")
-    model, rep = convert_to_fp16(model, keep)
-    tmp = dst_dir.parent / f".{dst_dir.name}-raw"
-    shutil.rmtree(tmp, ignore_errors=True)  # onnx appends to an existing external-data file
-    tmp.mkdir(parents=True)
-    try:
-        raw = tmp / GRAPH_FILE
-        if _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD:
-            onnx.save_model(
-                model,
-                str(raw),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=DATA_FILE,
-                size_threshold=1024,
-            )
-        else:
-            onnx.save_model(model, str(raw))
-        del model
-        graph, data = finalize_onnx(raw, dst_dir, tile_out, external_data, (tile, tile, 3))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return graph, data, {"fp32_node_patterns": patterns, **rep.as_dict()}
-
-
-# ---------------------------------------------------------------------------------------------
 # Repository helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def _tmp_dir(parent: Path, tag: str) -> Path:
-    parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=parent, prefix=f".tmp-{tag}-"))
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished folder into place; the old one is removed only after the new one is there."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _variant_ok(model_dir: Path, v: OnnxVariant | None, key: str) -> bool:
-    if v is None or v.key != key:
-        return False
-    try:
-        verify_artifact(model_dir, v.graph)
-        if v.external_data:
-            verify_artifact(model_dir, v.external_data)
-    except ManifestError as e:
-        log.warning("%s", e)
-        return False
-    return True
-
-
-def existing_manifest(model_dir: Path) -> Manifest | None:
-    if not (model_dir / MANIFEST_FILE).is_file():
-        return None
-    try:
-        return read_manifest(model_dir, verify=False)
-    except ManifestError as e:
-        log.warning("ignoring unreadable manifest: %s", e)
-        return None
 
 
 def checkpoint_digest(root: Path) -> tuple[str, dict[str, str]]:
@@ -561,90 +260,74 @@ def _export_variants(
     order = [p for p in EXPORT_PRECISIONS if p in precisions or (p == "fp32" and "fp16" in precisions)]
     for p in order:
         key = keys[p]
-        t0 = time.perf_counter()
-        if not force and _variant_ok(model_dir, manifest.onnx.get(p), key):
-            steps.append(StepResult(f"onnx {p}", True, time.perf_counter() - t0, "same key, files match"))
-            log.info("onnx %s: up to date (key %s…), skipped", p, key[:12])
-            continue
+        v = manifest.onnx.get(p)
+        recorded = (v.key, [v.graph, v.external_data]) if v else None
         needs_net = p == "fp32" or fp16.vae_decoder == "auto" or plan.kind == "single"
-        if needs_net and plan._net is None:
+        if needs_net and plan._net is None and (force or not (recorded and recorded[0] == key)):
             plan.net  # noqa: B018 (loads the network; timed separately from the export itself)
             steps.append(StepResult("load", False, plan.load_seconds, "weights → torch"))
+
+        def produce(tmp: Path, p: str = p, needs_net: bool = needs_net) -> tuple[Path, dict[str, Any]]:
+            log.info("onnx %s: exporting %s tile %d → %d (opset %d)", p, plan.name, g.tile, g.out_tile, opset)
             t0 = time.perf_counter()
-        log.info("onnx %s: exporting %s tile %d → %d (opset %d)", p, plan.name, g.tile, g.out_tile, opset)
-        tmp = _tmp_dir(model_dir / ONNX_DIR, p)
-        try:
             report: dict[str, Any] = {"graph_base": graph_base}
             final = tmp / "final"
             if p == "fp32":
                 raw = tmp / "raw"
                 raw.mkdir()
-                t_trace = time.perf_counter()
                 trace_to_onnx(TileGraph(plan.net), g.tile, raw / GRAPH_FILE, opset)
-                report["trace_seconds"] = round(time.perf_counter() - t_trace, 2)
-                graph_path, data_path = finalize_onnx(
-                    raw / GRAPH_FILE, final, g.out_tile, external_data, (g.tile, g.tile, 3)
-                )
-                shutil.rmtree(raw)
+                report["trace_seconds"] = round(time.perf_counter() - t0, 2)
+                finalize_onnx(raw / GRAPH_FILE, final, g.out_tile, external_data, (g.tile, g.tile, 3))
             else:
                 scan = None
                 if needs_net and (fp16.vae_decoder == "auto" or plan.kind == "single"):
                     scan = scan_tiles(g.tile, g.graph_scale, plan.native_scale)
                 report.update(fp16_decision(plan.net if needs_net else nn.Identity(), fp16, scan))
+                report["attention"] = fp16.attention  # fp16: TensorRT's fused attention kernels apply
                 src = model_dir / manifest.onnx["fp32"].graph.path
                 t_conv = time.perf_counter()
-                graph_path, data_path, conv = convert_graph_fp16(
+                _, _, conv = convert_graph_fp16(
                     src, final, g.out_tile, fp16, report["decoder_fp32"], external_data, g.tile
                 )
                 report.update(conv)
                 report["convert_seconds"] = round(time.perf_counter() - t_conv, 2)
+            report["seconds"] = round(time.perf_counter() - t0, 2)
+            return final, report
+
+        def install(tmp: Path, made: tuple[Path, dict[str, Any]], p: str = p, key: str = key) -> str:
+            nonlocal manifest
+            final, report = made
             target = model_dir / ONNX_DIR / p
             replace_dir(final, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        graph_path = target / GRAPH_FILE
-        data = target / DATA_FILE if data_path is not None else None
-        report["seconds"] = round(time.perf_counter() - t0, 2)
-        variant = OnnxVariant(
-            precision=p,
-            graph=make_artifact(model_dir, graph_path),
-            external_data=make_artifact(model_dir, data) if data else None,
-            input_name=INPUT_NAME,
-            output_name=OUTPUT_NAME,
-            opset=opset,
-            key=key,
-            options=report,
+            data = target / DATA_FILE
+            variant = OnnxVariant(
+                precision=p,  # type: ignore[arg-type]
+                graph=make_artifact(model_dir, target / GRAPH_FILE),
+                external_data=make_artifact(model_dir, data) if data.is_file() else None,
+                input_name=INPUT_NAME,
+                output_name=OUTPUT_NAME,
+                opset=opset,
+                key=key,
+                options=report,
+            )
+            manifest = drop_stale(manifest, model_dir, [p], f"the {p} graph was re-exported", keep_self=True)
+            manifest = manifest.model_copy(update={"onnx": {**manifest.onnx, p: variant}})
+            write_manifest(model_dir, manifest)
+            size = variant.graph.size + (variant.external_data.size if variant.external_data else 0)
+            return f"{size / 1e6:.1f} MB"
+
+        run_step(
+            model_dir,
+            f"onnx {p}",
+            key,
+            recorded,
+            produce,
+            install,
+            force=force,
+            steps=steps,
+            parent=model_dir / ONNX_DIR,
         )
-        manifest = drop_stale(manifest, model_dir, [p], f"the {p} graph was re-exported", keep_self=True)
-        onnx_map = dict(manifest.onnx)
-        onnx_map[p] = variant
-        manifest = manifest.model_copy(update={"onnx": onnx_map})
-        write_manifest(model_dir, manifest)
-        size = variant.graph.size + (variant.external_data.size if variant.external_data else 0)
-        steps.append(StepResult(f"onnx {p}", False, report["seconds"], f"{size / 1e6:.1f} MB"))
     return manifest
-
-
-def drop_stale(
-    manifest: Manifest, model_dir: Path, precisions: Sequence[str], reason: str, keep_self: bool = False
-) -> Manifest:
-    """Remove variants (unless keep_self), the quantized graphs derived from them and every engine built
-    from any of those, files included. Returns the new manifest (not written)."""
-    gone = set(precisions)
-    for q, v in manifest.onnx.items():
-        if v.quantization and v.quantization.get("base") in gone:
-            gone.add(q)
-    onnx_map = {q: v for q, v in manifest.onnx.items() if q not in gone or (keep_self and q in precisions)}
-    engines = [e for e in manifest.engines if e.precision not in gone]
-    for q in gone - (set(precisions) if keep_self else set()):
-        if q in manifest.onnx:
-            log.warning("onnx %s removed: %s; re-run the step that makes it", q, reason)
-            shutil.rmtree(model_dir / ONNX_DIR / q, ignore_errors=True)
-    for e in manifest.engines:
-        if e not in engines:
-            log.warning("TensorRT %s engine for sm_%s removed: %s", e.precision, e.compute_capability, reason)
-            (model_dir / e.plan.path).unlink(missing_ok=True)
-    return manifest.model_copy(update={"onnx": onnx_map, "engines": engines})
 
 
 def _base_manifest(plan: _Plan, old: Manifest | None, **fields: Any) -> Manifest:
@@ -674,34 +357,37 @@ def _base_manifest(plan: _Plan, old: Manifest | None, **fields: Any) -> Manifest
 
 
 def _copy_checkpoint(
-    src: Path, model_dir: Path, files: dict[str, str], old: Manifest | None, steps: list[StepResult]
+    src: dict[str, Path],
+    model_dir: Path,
+    files: dict[str, str],
+    old: Manifest | None,
+    steps: list[StepResult],
 ) -> list[Artifact]:
-    t0 = time.perf_counter()
-    dst = model_dir / CHECKPOINT_DIR
+    """The checkpoint the export read (relative path → source file, relative path → sha256), copied
+    into the repository's checkpoint/ (the torch backend and verify rebuild the network from it)."""
     want = {f"{CHECKPOINT_DIR}/{rel}": digest for rel, digest in files.items()}
-    if old is not None and {a.path: a.sha256 for a in old.checkpoint} == want:
-        try:
-            for a in old.checkpoint:
-                verify_artifact(model_dir, a)
-            steps.append(StepResult("checkpoint", True, time.perf_counter() - t0, "same files"))
-            return list(old.checkpoint)
-        except ManifestError as e:
-            log.warning("%s", e)
-    tmp = _tmp_dir(model_dir, "checkpoint")
-    try:
+    key = hash_inputs("checkpoint", want)
+    recorded = None
+    if old is not None and old.checkpoint:
+        recorded = (hash_inputs("checkpoint", {a.path: a.sha256 for a in old.checkpoint}), old.checkpoint)
+    arts: list[Artifact] = list(old.checkpoint) if old is not None else []
+
+    def produce(tmp: Path) -> None:
         for rel in files:
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src / rel, tmp / rel)
-        replace_dir(tmp, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    arts = [make_artifact(model_dir, dst / rel) for rel in files]
-    for a in arts:
-        if a.sha256 != want[a.path]:
-            raise ExportError(f"{a.path} changed while it was copied")
-    steps.append(
-        StepResult("checkpoint", False, time.perf_counter() - t0, f"{sum(a.size for a in arts) / 1e6:.1f} MB")
-    )
+            (tmp / "copy" / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src[rel], tmp / "copy" / rel)
+
+    def install(tmp: Path, _: None) -> str:
+        nonlocal arts
+        dst = model_dir / CHECKPOINT_DIR
+        replace_dir(tmp / "copy", dst)
+        arts = [make_artifact(model_dir, dst / rel) for rel in files]
+        for a in arts:
+            if a.sha256 != want[a.path]:
+                raise ExportError(f"{a.path} changed while it was copied")
+        return f"{sum(a.size for a in arts) / 1e6:.1f} MB"
+
+    run_step(model_dir, "checkpoint", key, recorded, produce, install, steps=steps)
     return arts
 
 
@@ -766,7 +452,8 @@ def export_gendr(
     src = source or Source(description=f"GenDR checkpoint {checkpoint.name}")
     src = src.model_copy(update={"checkpoint_sha256": digest})
     if copy_checkpoint:
-        ckpt_arts = _copy_checkpoint(checkpoint, model_dir, files, old, steps)
+        sources = {rel: checkpoint / rel for rel in files}
+        ckpt_arts = _copy_checkpoint(sources, model_dir, files, old, steps)
         emb = next(a for a in ckpt_arts if a.path == f"{CHECKPOINT_DIR}/{EMBEDS_FILE}")
     else:
         ckpt_arts = []
@@ -823,14 +510,8 @@ def export_single(
         if f.suffix != ".safetensors":
             raise ExportError(f"{f}: only .safetensors checkpoints are copied (nothing is unpickled)")
     if files:
-        tmp = _tmp_dir(model_dir, "checkpoint")
-        try:
-            for f in files:
-                shutil.copyfile(f, tmp / f.name)
-            replace_dir(tmp, model_dir / CHECKPOINT_DIR)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        arts = [make_artifact(model_dir, model_dir / CHECKPOINT_DIR / f.name) for f in files]
+        sources = {f.name: f for f in files}
+        arts = _copy_checkpoint(sources, model_dir, {f.name: sha256_file(f) for f in files}, old, steps)
     steps.append(StepResult("load", False, time.perf_counter() - t0, "weights hashed"))
     src = source.model_copy(update={"checkpoint_sha256": source.checkpoint_sha256 or digest})
     manifest = _base_manifest(plan, old, checkpoint=arts, source=src)

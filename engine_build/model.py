@@ -63,7 +63,8 @@ class GenDR(nn.Module):
         return (z_l - self.params.beta * eps) / self.params.alpha
 
     def decode(self, z_g: torch.Tensor) -> torch.Tensor:
-        z = z_g / self.params.scaling_factor
+        # the decoder may be kept in fp32 inside an fp16 model (its activations overflow fp16)
+        z = (z_g / self.params.scaling_factor).to(self.vae.decoder.conv_in.weight.dtype)
         return self.vae.decode(z, return_dict=False)[0].clamp(-1.0, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,16 +95,23 @@ def build_gendr(preset: str, params: PipelineParams | None = None, seed: int | N
 class TileGraph(nn.Module):
     """Exported unit: uint8 [B,H,W,3] → uint8 [B,H·s,W·s,3] around a [-1,1] → [-1,1] network."""
 
-    def __init__(self, net: nn.Module, compute_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, net: nn.Module, compute_dtype: torch.dtype = torch.float32, check_finite: bool = False
+    ) -> None:
         super().__init__()
         self.net = net
         self.compute_dtype = compute_dtype
+        self.check_finite = check_finite  # serving: NaN/Inf must fail the batch, never become pixels
 
     def forward(self, tile: torch.Tensor) -> torch.Tensor:
-        x = tile.permute(0, 3, 1, 2).to(self.compute_dtype) / 127.5 - 1.0
+        # Cast first and last: TensorRT accepts a uint8 network input only when it feeds a Cast
+        # directly, and a uint8 output only when a Cast produces it (the permutes run in float).
+        x = tile.to(self.compute_dtype).permute(0, 3, 1, 2) / 127.5 - 1.0
         y = self.net(x).float()
+        if self.check_finite and not bool(torch.isfinite(y).all()):
+            raise FloatingPointError("the network produced NaN/Inf (fp16 overflow?): batch failed")
         y = torch.round((y.clamp(-1.0, 1.0) + 1.0) * 127.5)
-        return y.clamp(0.0, 255.0).to(torch.uint8).permute(0, 2, 3, 1)
+        return y.clamp(0.0, 255.0).permute(0, 2, 3, 1).to(torch.uint8)
 
 
 class UnitRangeAdapter(nn.Module):

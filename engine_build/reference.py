@@ -1,22 +1,17 @@
-"""The PyTorch reference path: GenDR (or any TileGraph-able net) on CPU/CUDA in fp32/fp16/bf16.
+"""The PyTorch reference path's pieces: GenDR's default tiling, and the untiled ground truth.
 
-Whole images go through `service.pipeline.run_sync`, the same resize/tile/stitch/colour-fix code the
-service runs, so the reference differs from the served path only in the engine.
+Tiled reference runs go through `service.pipeline.run_sync` with `engine_build.runners.torch_runner`
+(the service's torch backend), the same resize/tile/stitch/colour-fix code the service runs, so the
+reference differs from the served path only in the engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
-from torch import nn
 
-from engine_build.model import GenDR, TileGraph
+from engine_build.model import GenDR
 from service.manifest import TileGeometry
-from service.pipeline import run_sync
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Default GenDR tiling: 512 px tiles are GenDR's training crop (paper §4.1) and SD2.1's 64×64 latent;
 # 64 px overlap = 8 latent pixels, enough for feathered blending to hide per-tile GroupNorm shifts.
@@ -24,51 +19,8 @@ DEFAULT_TILE = 512
 DEFAULT_OVERLAP = 64
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda requested but no CUDA GPU is available")
-    return dev
-
-
-class TorchTileRunner:
-    """Callable uint8 [B,t,t,3] → uint8 [B,t·s,t·s,3] running a network through TileGraph."""
-
-    def __init__(self, net: nn.Module, device: str = "cpu", dtype: str = "fp32") -> None:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
-        self.device = resolve_device(device)
-        self.dtype = DTYPES[dtype]
-        if self.device.type == "cpu" and self.dtype == torch.float16:
-            raise ValueError("fp16 on CPU is not supported by PyTorch kernels here; use fp32 or bf16")
-        self.graph = TileGraph(net, compute_dtype=self.dtype).to(self.device, self.dtype).eval()
-
-    @torch.inference_mode()
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
-        return self.graph(x).cpu().numpy()
-
-
 def gendr_geometry(model: GenDR, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP) -> TileGeometry:
     return TileGeometry(tile=tile, overlap=overlap, graph_scale=1, size_multiple=model.size_multiple)
-
-
-def upscale_image(
-    runner: Callable[[np.ndarray], np.ndarray],
-    image: np.ndarray,
-    out_h: int,
-    out_w: int,
-    geometry: TileGeometry,
-    *,
-    color_fix: str = "none",
-    batch: int = 1,
-    progress: Callable[[int], None] | None = None,
-) -> np.ndarray:
-    return run_sync(
-        image, out_h, out_w, geometry, runner, batch=batch, color_fix=color_fix, progress=progress
-    )
 
 
 @torch.inference_mode()

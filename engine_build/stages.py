@@ -159,16 +159,19 @@ def measure_stages(
     model: GenDR,
     tile: int,
     out_dir: Path,
-    fused_graph: Path,
+    fused_repo: Path,
     tiles: np.ndarray,
     opset: int = DEFAULT_OPSET,
     repeats: int = 1,
 ) -> dict[str, Any]:
-    """Export the stages, then time fused vs staged on `tiles` in ORT CPU and compare outputs."""
-    from engine_build.verify import OrtTileRunner, compare
+    """Export the stages, then time fused vs staged on `tiles` in ORT CPU and compare outputs.
+
+    `fused_repo` is the model repository whose fp32 graph is the fused one (run by the service backend).
+    """
+    from engine_build.verify import compare, onnx_runner
 
     report: dict[str, Any] = {"tile": tile, "stages": export_stages(model, tile, out_dir, opset)}
-    fused = OrtTileRunner(fused_graph)
+    fused = onnx_runner(fused_repo, "fp32")
     staged = StagesRunner(out_dir)
     fused(tiles[:1])
     staged(tiles[:1])  # warm-up (first-run allocations)

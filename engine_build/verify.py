@@ -25,7 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from engine_build.runners import onnx_runner, torch_runner
 from service.manifest import Manifest, ManifestError, TileGeometry, read_manifest
+
+__all__ = ["onnx_runner", "torch_runner"]  # the tile functions verify runs, for its callers
 
 log = logging.getLogger(__name__)
 
@@ -111,31 +114,6 @@ def graph_input_tiles(
     return np.stack(tiles)
 
 
-# ---------------------------------------------------------------------------------------------
-# Runners
-# ---------------------------------------------------------------------------------------------
-
-
-class OrtTileRunner:
-    """ONNX Runtime (CPU unless told) tile function: uint8 [B,t,t,3] → uint8 [B,T,T,3]."""
-
-    def __init__(
-        self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0
-    ) -> None:
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = threads
-        self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), so, providers=list(providers))
-        self.input_name = self.session.get_inputs()[0].name
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch)})[0]
-
-
 def reference_net(model_dir: Path, manifest: Manifest, checkpoint: str | Path | None = None) -> Any:
     """The [-1,1] → [-1,1] PyTorch network the repository was exported from."""
     model_dir = Path(model_dir)
@@ -162,12 +140,6 @@ def reference_net(model_dir: Path, manifest: Manifest, checkpoint: str | Path | 
     if int(desc.scale) != manifest.native_scale:
         raise VerifyError(f"{files[0]}: network scale {desc.scale} != manifest {manifest.native_scale}")
     return UnitRangeAdapter(desc.model)
-
-
-def torch_runner(net: Any, device: str = "cpu", dtype: str = "fp32") -> TileFn:
-    from engine_build.reference import TorchTileRunner
-
-    return TorchTileRunner(net, device, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +288,7 @@ def verify_model(
     photos = list(photos) if photos is not None else builtin_photos()
     t0 = time.perf_counter()
     ref_net = reference if reference is not None else reference_net(model_dir, manifest, checkpoint)
-    ref_fn = torch_runner(ref_net)
+    ref_fn = torch_runner(ref_net, geometry=manifest.tile)
     report = VerifyReport(model=manifest.name, reference="PyTorch TileGraph fp32 (CPU)")
     report.info = {
         "tile": g.tile,
@@ -345,7 +317,7 @@ def verify_model(
 
     fns: dict[str, TileFn] = {}
     for p in wanted:
-        fns[p] = OrtTileRunner(model_dir / manifest.onnx[p].graph.path)
+        fns[p] = onnx_runner(model_dir, p, manifest=manifest)
     fns.update(runners or {})
     for label, fn in fns.items():
         if tiles is not None:

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/venv.sh
-ensure_venv "serve,build,dev"
+ensure_venv "serve,build,dev,client"
 if [ -f .ci/install-deploy-tools.sh ]; then
   bash .ci/install-deploy-tools.sh
 fi

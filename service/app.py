@@ -13,12 +13,8 @@ import asyncio
 import contextlib
 import logging
 import math
-import re
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -26,10 +22,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
-from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__, images
 from service.auth import ApiKeys
@@ -40,121 +34,14 @@ from service.errors import (
     NotReady,
     ServiceError,
 )
-from service.manifest import ManifestError
+from service.jobs_routes import add_routes
+from service.lifecycle import UPSCALE_PATH, GendrState, RequestContext
 from service.metrics import Metrics
 from service.runtime import Runtime
 from service.settings import Settings
 from service.upscale import Context, UpscaleParams, handle_upscale, validation_message
 
 log = logging.getLogger("gendr.http")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-UPSCALE_PATH = "/upscale"
-
-
-@dataclass
-class GendrState:
-    """Process-wide state of one app: runtime, pool, readiness, in-flight accounting."""
-
-    settings: Settings
-    runtime: Any
-    metrics: Metrics
-    pool: ThreadPoolExecutor
-    keys: ApiKeys
-    started: bool = False
-    start_error: BaseException | None = None
-    draining: bool = False
-    inflight: int = 0
-    on_fatal: Callable[[BaseException], None] | None = None  # the CLI exits the process
-    _idle: asyncio.Event | None = field(default=None, repr=False)
-    _start_task: asyncio.Task[None] | None = field(default=None, repr=False)
-    _closed: bool = False
-
-    @property
-    def ready(self) -> bool:
-        return self.started and not self.draining and bool(self.runtime.ready)
-
-    def not_ready_reason(self) -> str:
-        if self.start_error is not None:
-            return "failed"
-        if self.draining or self.runtime.draining:
-            return "draining"
-        if not self.started:
-            return "starting"
-        if not self.runtime.healthy:
-            return "unhealthy"
-        return "not_ready" if not self.runtime.ready else "ready"
-
-    def enter(self) -> None:
-        self.inflight += 1
-        self.metrics.inflight_requests.inc()
-
-    def leave(self) -> None:
-        self.inflight -= 1
-        self.metrics.inflight_requests.dec()
-        if self.inflight == 0 and self._idle is not None:
-            self._idle.set()
-
-    async def start(self) -> None:
-        """Load and warm every model (runs as a background task from the lifespan)."""
-        try:
-            await self.runtime.start()
-        except (ManifestError, OSError, ValueError) as e:  # a deployment problem, not a bug: no traceback
-            log.error("runtime failed to start; the server will not become ready: %s", e)
-            self.start_error = e
-            if self.on_fatal is not None:
-                self.on_fatal(e)
-            return
-        except Exception as e:
-            log.exception("runtime failed to start; the server will not become ready")
-            self.start_error = e
-            if self.on_fatal is not None:
-                self.on_fatal(e)
-            return
-        self.started = True
-        log.info(
-            "ready: %s",
-            ", ".join(f"{n} ({m.info.name}, {m.info.precision})" for n, m in self.runtime.models.items()),
-        )
-
-    async def drain(self, timeout_s: float) -> bool:
-        """Stop admitting, wait up to `timeout_s` for admitted and in-flight requests. True if all done."""
-        first = not self.draining
-        self.draining = True
-        self.metrics.ready.set(0)
-        deadline = time.monotonic() + timeout_s
-        if first:
-            log.info("draining: %d request(s) in flight, up to %.1f s", self.inflight, timeout_s)
-        runtime_done = True
-        if self.started:
-            runtime_done = bool(await self.runtime.drain(timeout_s))
-        while self.inflight > 0:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            self._idle = asyncio.Event()
-            if self.inflight == 0:
-                break
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(left):
-                    await self._idle.wait()
-        done = runtime_done and self.inflight == 0
-        if first:
-            log.info(
-                "drain %s", "complete" if done else f"timed out with {self.inflight} request(s) in flight"
-            )
-        return done
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._start_task is not None and not self._start_task.done():
-            self._start_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._start_task
-        with contextlib.suppress(Exception):
-            await self.runtime.close()
-        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class ErrorDetail(BaseModel):
@@ -227,61 +114,6 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(request, err)
 
 
-class RequestContext:
-    """Pure ASGI middleware: request id, arrival time, /upscale metrics and in-flight accounting.
-
-    Counting here (not in the route) sees every outcome: 401 and 400 raised before the handler,
-    unhandled 500s, and 499 for clients that went away.
-    """
-
-    def __init__(self, app: ASGIApp, state: GendrState) -> None:
-        self.app = app
-        self.st = state
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        rid = ""
-        for k, v in scope.get("headers", ()):
-            if k == b"x-request-id":
-                candidate = v.decode("latin-1")
-                rid = candidate if _REQUEST_ID.match(candidate) else ""
-                break
-        rid = rid or uuid.uuid4().hex
-        state = scope.setdefault("state", {})
-        state["request_id"] = rid
-        state["t0"] = time.monotonic()
-        status = [500]
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-                headers = MutableHeaders(scope=message)
-                if "x-request-id" not in headers:
-                    headers["X-Request-Id"] = rid
-            await send(message)
-
-        if not (scope["path"] == UPSCALE_PATH and scope["method"] == "POST"):
-            await self.app(scope, receive, send_with_id)
-            return
-        st = self.st
-        st.enter()
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            st.leave()
-            model = state.get("model", "unknown")
-            code = status[0]
-            st.metrics.requests.labels(model=model, status=str(code)).inc()
-            if code == 200:
-                st.metrics.request_seconds.labels(model=model).observe(time.monotonic() - state["t0"])
-            else:
-                st.metrics.request_errors.labels(
-                    model=model, code=state.get("error_code", "internal_error")
-                ).inc()
-
-
 def create_app(
     settings: Settings | None = None, runtime: Any = None, metrics: Metrics | None = None
 ) -> FastAPI:
@@ -307,9 +139,13 @@ def create_app(
         try:
             yield
         finally:
-            # After a SIGTERM drain (the CLI) only stragglers cancelled by uvicorn remain: don't wait again.
-            await st.drain(0.5 if st.draining else settings.drain_timeout_s)
-            await st.close()
+            # After a SIGTERM drain (the CLI) everything left was answered: only the deadline remains.
+            if st.draining:
+                await st.close(st.time_left(1.0))
+            else:
+                if not await st.drain(settings.drain_timeout_s):
+                    st.cut_off()
+                await st.close(max(1.0, st.time_left(5.0)))
 
     errors = {
         s: {"model": ErrorBody, "description": d}
@@ -440,4 +276,5 @@ def create_app(
         await asyncio.to_thread(st.metrics.refresh_gpu_memory)
         return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    add_routes(app)  # /v1/jobs and the web page at / (service/jobs_routes.py)
     return app

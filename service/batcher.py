@@ -195,12 +195,11 @@ class TileBatcher:
         max_retry_after_s: float = 600.0,
     ) -> None:
         info = backend.info
-        sizes = tuple(sorted(b for b in info.batch_sizes if b <= max_batch)) or (min(info.batch_sizes),)
         self.backend = backend
         self.model = model
         self.metrics = metrics
-        self.batch_sizes = sizes
-        self.max_batch = sizes[-1]
+        self._max_batch_setting = max_batch
+        self._use_batch_sizes(info.batch_sizes)  # provisional: start() reads the loaded engine's
         self.max_queue_delay_s = max_queue_delay_s
         # Admitted work ends by its deadline at the latest: a longer Retry-After is never true.
         self.max_retry_after_s = max_retry_after_s
@@ -239,10 +238,22 @@ class TileBatcher:
 
     # ------------------------------------------------------------------ lifecycle
 
+    def _use_batch_sizes(self, offered: tuple[int, ...]) -> None:
+        if not offered:
+            raise ValueError(f"{self.model}: the backend offers no batch size")
+        self.batch_sizes = tuple(sorted(b for b in offered if b <= self._max_batch_setting)) or (min(offered),)
+        self.max_batch = self.batch_sizes[-1]
+
     def start(self, warmup_timings: dict[int, float] | None = None) -> None:
-        """Start one worker thread per instance (+ completion threads). Timings seed the tiles/s estimate."""
+        """Start one worker thread per instance (+ completion threads). Timings seed the tiles/s estimate.
+
+        Call after the backend's load(): the batch sizes are read again here, because an engine's
+        real sizes (a TensorRT plan's profiles) are only known once it is loaded; padding to a size
+        the engine refuses would fail every such batch.
+        """
         if self._started:
             return
+        self._use_batch_sizes(self.backend.info.batch_sizes)
         if warmup_timings:
             b = max(warmup_timings)
             self._rate_per_instance = b / max(warmup_timings[b], 1e-6)

@@ -5,7 +5,13 @@ Host and port are flags, never settings: Kubernetes injects `<SERVICE>_PORT` var
 
 SIGTERM / SIGINT → graceful drain: /readyz turns 503, new /upscale requests get 503 `draining` with
 Retry-After, admitted work finishes, then the server stops listening and exits — all within
-`drain_timeout_s`. A second signal skips the drain.
+`drain_timeout_s`. Requests still unfinished when the drain budget ends are answered 503 `draining`
+(JSON) by the app; if anything still holds the process (an engine call stuck in native code), a
+watchdog ends it at `drain_timeout_s + FORCE_EXIT_MARGIN_S` with exit status 1. A second signal
+skips the drain.
+
+uvicorn's connection limits are set deliberately from settings (docs/http.md, "Before the app"):
+h11 with `max_header_bytes`, `keep_alive_timeout_s`, `max_connections` and a header timeout.
 """
 
 from __future__ import annotations
@@ -16,18 +22,24 @@ import logging
 import os
 import socket
 import sys
+import threading
+import time
 from types import FrameType
 
 import uvicorn
 from pydantic import ValidationError
 
 from service import __version__
+from service.httpserver import protocol_class
 from service.manifest import ManifestError
 from service.settings import CONFIG_FILE_ENV, Settings
 
 log = logging.getLogger("gendr.cli")
-# Leave this much of drain_timeout_s for closing connections and the runtime after the drain.
+# Leave this much of drain_timeout_s (at most half of it) for answering, closing connections and the
+# runtime after the drain.
 _SHUTDOWN_MARGIN_S = 1.0
+# The process is gone at the latest this long after drain_timeout_s, whatever an engine call does.
+FORCE_EXIT_MARGIN_S = 0.5
 
 
 class _DrainingServer(uvicorn.Server):
@@ -50,18 +62,37 @@ class _DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)  # second signal, or before startup: uvicorn's own stop
             return
         self._drain_started = True
-        self._loop.call_soon_threadsafe(self._begin_drain)
+        t_signal = time.monotonic()
+        watchdog = threading.Timer(self.drain_timeout_s + FORCE_EXIT_MARGIN_S, self._force_exit)
+        watchdog.daemon = True
+        watchdog.start()
+        self._loop.call_soon_threadsafe(self._begin_drain, t_signal)
 
-    def _begin_drain(self) -> None:
-        self._drain_task = asyncio.ensure_future(self._drain_then_exit())
+    def _begin_drain(self, t_signal: float) -> None:
+        self._drain_task = asyncio.ensure_future(self._drain_then_exit(t_signal))
 
-    async def _drain_then_exit(self) -> None:
+    async def _drain_then_exit(self, t_signal: float) -> None:
         st = self.config.app.state.gendr  # type: ignore[union-attr]
-        budget = max(0.0, self.drain_timeout_s - _SHUTDOWN_MARGIN_S)
+        st.shutdown_deadline = t_signal + self.drain_timeout_s
+        margin = min(_SHUTDOWN_MARGIN_S, self.drain_timeout_s / 2)
+        budget = max(0.0, t_signal + self.drain_timeout_s - margin - time.monotonic())
         try:
-            await st.drain(budget)
+            if not await st.drain(budget):
+                st.cut_off()  # answer what is left (503 draining) instead of uvicorn's plain 500
         finally:
             self.should_exit = True
+
+    def _force_exit(self) -> None:
+        """Backstop: the drain timeout is what the orchestrator waits before SIGKILL; never overrun it."""
+        log.error(
+            "shutdown took longer than drain_timeout_s=%.1f s (an engine call is stuck?): exiting now",
+            self.drain_timeout_s,
+        )
+        for h in logging.getLogger().handlers:
+            h.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
     def fatal(self, exc: BaseException) -> None:
         """The runtime could not start: exit non-zero so the orchestrator restarts or reports us."""
@@ -120,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         lifespan="on",
         timeout_graceful_shutdown=max(0.1, _SHUTDOWN_MARGIN_S / 2),
         server_header=False,
+        http=protocol_class(settings.header_timeout_s, settings.retry_after_s),
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]
+        limit_concurrency=settings.max_connections,
     )
     server = _DrainingServer(config, settings.drain_timeout_s)
     app.state.gendr.on_fatal = server.fatal

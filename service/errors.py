@@ -75,6 +75,18 @@ class UndecodableImage(ServiceError):
     status, code = 422, "undecodable_image"
 
 
+class RequestTimeout(ServiceError):
+    """The request head did not arrive within the header timeout (answered by the protocol layer)."""
+
+    status, code = 408, "request_timeout"
+
+
+class HeaderTooLarge(ServiceError):
+    """Request line + headers over the limit (answered by the protocol layer, before the app)."""
+
+    status, code = 431, "header_too_large"
+
+
 class ClientClosedRequest(ServiceError):
     """The client went away before the answer was ready; only ever seen in metrics and logs."""
 

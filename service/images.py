@@ -18,9 +18,13 @@ Decisions (also in docs/http.md):
 - EXIF orientation is applied (same mapping as `ImageOps.exif_transpose`); EXIF itself is not copied
   to the output (it may hold GPS data and its thumbnail/orientation would be stale). PNG eXIf chunks
   after the image data are ignored (the orientation must be known before decoding).
-- ICC profile copied to the output when its colour space matches the output's (RGB or gray). CMYK
-  is converted to sRGB through its embedded profile (LittleCMS) and tagged sRGB; without a profile
+- ICC profile: validated by LittleCMS and *rebuilt* (colorimetric tags only, `service/icc.py`) when
+  its colour space matches the output's (RGB or gray), else dropped; client bytes are never copied
+  into the output, and no other metadata block (EXIF, XMP, text, comments) is written. CMYK is
+  converted to sRGB through its embedded profile (LittleCMS) and tagged sRGB; without a profile
   Pillow's plain conversion is used and the output is untagged.
+- Work per byte is bounded before admission (`service/imagecheck.py`): data too short for the
+  declared image is 422, more than `max_pixels_per_byte` is 413.
 - Grayscale in → grayscale out (the model runs on three equal channels, its output is converted back
   to luma), so a gray photo never picks up a colour cast and stays a 1-channel file. WebP has no gray
   mode: it is stored as RGB.
@@ -47,7 +51,12 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageCms, UnidentifiedImageError
 
+from service import icc as icc_profiles
 from service.errors import ImageTooLarge, UndecodableImage, UnsupportedMediaType
+from service.imagecheck import check_work
+from service.png16 import low_bytes
+from service.png16 import read_png16 as read_png16  # re-exported: tests and tools
+from service.png16 import write_png16 as write_png16
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +192,8 @@ def _orientation(im: Image.Image) -> int:
     return value if value in _ORIENT else 1
 
 
-def probe(data: bytes, formats: list[str], max_pixels: int) -> Probe:
-    """Open the header, identify, check the pixel limit. Raises 415 / 413 / 422 errors."""
+def probe(data: bytes, formats: list[str], max_pixels: int, max_pixels_per_byte: float = 0.0) -> Probe:
+    """Open the header, identify, check the pixel limit and the work per byte. Raises 415 / 413 / 422."""
     allowed = list(formats)
     try:
         im = Image.open(io.BytesIO(data), formats=allowed)
@@ -207,6 +216,7 @@ def probe(data: bytes, formats: list[str], max_pixels: int) -> Probe:
         if w * h > max_pixels:
             raise ImageTooLarge(f"image is {w}×{h} = {w * h} pixels; the limit is {max_pixels}")
         fmt = im.format or "?"
+        check_work(data, fmt, w * h, max_pixels_per_byte)
         if fmt != "MPO" and (getattr(im, "is_animated", False) or getattr(im, "n_frames", 1) > 1):
             raise UnsupportedMediaType("animated images are not supported; send a single frame")
         mode, rawmode = im.mode, _tile_rawmode(im)
@@ -244,22 +254,6 @@ def _cmyk_to_rgb(im: Image.Image, icc: bytes | None) -> tuple[Image.Image, bytes
     return im.convert("RGB"), None
 
 
-def _low_bytes(data: bytes) -> np.ndarray:
-    """Low bytes of a 16-bit RGB(A) PNG.
-
-    Pillow keeps only the high byte of 16-bit colour PNGs. Decoding the same file again with the
-    little-endian raw mode (same 48/64 bits per pixel, so PNG un-filtering is identical) makes its
-    unpacker pick the other byte of each sample.
-    """
-    im = Image.open(io.BytesIO(data), formats=["PNG"])
-    try:
-        im.tile = [t._replace(args=t.args.replace(";16B", ";16L")) for t in im.tile]
-        im.load()
-        return np.asarray(im)
-    finally:
-        im.close()
-
-
 def decode(p: Probe) -> Decoded:
     """Decode, normalise and orient (blocking: run in the image thread pool). Raises 422 / 415."""
     im = p.image
@@ -274,7 +268,7 @@ def decode(p: Probe) -> Decoded:
         elif p.bits == 16:  # RGB / RGBA 16-bit PNG
             hi = np.asarray(im)
             try:
-                lo = _low_bytes(p.data)
+                lo = low_bytes(p.data)
             except _DECODE_ERRORS as e:  # never worse than Pillow's own 8-bit reading
                 log.warning("16-bit PNG low bytes unreadable, using 8 bits: %s", e)
                 lo = np.zeros_like(hi)
@@ -321,8 +315,7 @@ def decode(p: Probe) -> Decoded:
     rgb = np.ascontiguousarray(np.repeat(colour, 3, axis=2) if gray else colour)
     if rgb.shape[:2] != (p.height, p.width):
         raise UndecodableImage(f"decoded size {rgb.shape[1]}×{rgb.shape[0]} differs from the header")
-    want = b"GRAY" if gray else b"RGB "
-    icc_out = icc if _icc_space(icc) == want else None
+    icc_out = icc_profiles.sanitize(icc, b"GRAY" if gray else b"RGB ")
     return Decoded(
         rgb=rgb,
         alpha=None if alpha is None else np.ascontiguousarray(alpha),
@@ -406,40 +399,3 @@ def encode(out_rgb: np.ndarray, src: Decoded, fmt: str, quality: int, png_level:
         # method 2: ~2.5x faster than Pillow's default 4 for about the same size at q 90.
         im.save(buf, format="WEBP", quality=quality, method=2, **extra)
     return buf.getvalue()
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return (
-        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    )
-
-
-def write_png16(arr: np.ndarray, icc: bytes | None = None, level: int = 3) -> bytes:
-    """16-bit PNG writer (Pillow cannot write 16-bit colour). arr: HWC uint16, C = 1..4."""
-    h, w, c = arr.shape
-    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
-    raw = np.ascontiguousarray(arr, dtype=">u2").view(np.uint8).reshape(h, w * c * 2)
-    bpp = c * 2
-    rows = np.empty((h, 1 + raw.shape[1]), dtype=np.uint8)
-    rows[:, 0] = 1  # "Sub" filter: cheap to vectorise, helps zlib on photos
-    rows[:, 1 : 1 + bpp] = raw[:, :bpp]
-    np.subtract(raw[:, bpp:], raw[:, :-bpp], out=rows[:, 1 + bpp :])  # uint8 wrap-around is the filter
-    out = [b"\x89PNG\r\n\x1a\n", _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))]
-    if icc:
-        out.append(_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc)))
-    out.append(_chunk(b"IDAT", zlib.compress(rows.tobytes(), level)))
-    out.append(_chunk(b"IEND", b""))
-    return b"".join(out)
-
-
-def read_png16(data: bytes) -> np.ndarray:
-    """Full-precision HWC uint16 pixels of a 16-bit PNG (tests and tools; see `_low_bytes`)."""
-    im = Image.open(io.BytesIO(data), formats=["PNG"])
-    if im.mode.startswith("I;16"):
-        return np.asarray(im).astype(np.uint16)[..., None]
-    hi = np.asarray(im)
-    im.close()
-    lo = _low_bytes(data)
-    if hi.ndim == 2:
-        hi, lo = hi[..., None], lo[..., None]
-    return (hi.astype(np.uint16) << 8) | lo.astype(np.uint16)

@@ -55,6 +55,15 @@ class TileGeometry(_Strict):
     overlap: int = Field(..., ge=0, description="Overlap between neighbouring input tiles.")
     graph_scale: int = Field(..., ge=1, le=8, description="Output tile edge = tile × graph_scale.")
     size_multiple: int = Field(8, ge=1, description="The network accepts multiples of this.")
+    context: int | None = Field(
+        None,
+        ge=0,
+        description="Measured input context (px) an output pixel needs to be exact to ±1 level; "
+        "None: not measured, or more than was measured (global pooling / attention).",
+    )
+    needed_overlap: int | None = Field(
+        None, ge=0, description="Overlap at which tiles stitch exactly (4 × context); informational."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TileGeometry:
@@ -192,16 +201,46 @@ def make_artifact(model_dir: Path, path: Path) -> Artifact:
     return Artifact(path=rel, sha256=sha256_file(path), size=path.stat().st_size)
 
 
+def artifact_path(model_dir: Path, art: Artifact) -> Path:
+    """The artifact's real path, refused when it (or a folder on the way) is a link out of the model folder.
+
+    A symlink to a file elsewhere with the same bytes would pass the hash check and have the service
+    read a file that the repository's owner never put in the model folder; so links are resolved
+    first and must stay inside it, and the resolved path is what gets opened (no link followed later).
+    """
+    root = Path(model_dir).resolve()
+    p = Path(model_dir) / art.path
+    real = p.resolve()
+    if not real.is_relative_to(root):
+        raise ManifestError(
+            f"{Path(model_dir).name}: artifact {art.path} is a link to {real}, outside the model folder; "
+            "copy the file into the folder instead"
+        )
+    return real
+
+
+def _open_no_follow(path: Path) -> int:
+    """Open a resolved artifact path, refusing a link swapped in after resolution (O_NOFOLLOW)."""
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        raise ManifestError(f"cannot open artifact {path}: {e.strerror}") from e
+
+
 def verify_artifact(model_dir: Path, art: Artifact) -> Path:
-    """Path of the artifact after checking it exists and matches its size and sha256."""
-    p = model_dir / art.path
+    """Real path of the artifact, checked: inside the model folder, and its size and sha256 match."""
+    p = artifact_path(model_dir, art)
     if not p.is_file():
         raise ManifestError(f"{model_dir.name}: artifact {art.path} is missing")
-    if p.stat().st_size != art.size:
-        raise ManifestError(
-            f"{model_dir.name}: {art.path} has {p.stat().st_size} bytes, manifest says {art.size}"
-        )
-    digest = sha256_file(p)
+    fd = _open_no_follow(p)
+    with open(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size != art.size:
+            raise ManifestError(f"{model_dir.name}: {art.path} has {size} bytes, manifest says {art.size}")
+        h = hashlib.sha256()
+        while block := f.read(1 << 20):
+            h.update(block)
+    digest = h.hexdigest()
     if digest != art.sha256:
         raise ManifestError(
             f"{model_dir.name}: {art.path} sha256 {digest[:12]}… does not match the manifest "

@@ -6,11 +6,11 @@ Each app gets its own CollectorRegistry so tests can build many apps in one proc
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass, field
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from service.hardware import NvmlReader
 
 log = logging.getLogger(__name__)
 
@@ -113,44 +113,10 @@ class Metrics:
         self.response_bytes = Counter(
             "gendr_response_body_bytes", "Image bytes returned by /upscale.", registry=r
         )
-        self._nvml = _Nvml()
+        self._nvml = NvmlReader()
 
     def refresh_gpu_memory(self) -> None:
         """Update the GPU memory gauges from NVML at scrape time (no-op without `pynvml` or a GPU)."""
         for index, used, total in self._nvml.memory():
             self.gpu_memory_used.labels(gpu=str(index)).set(used)
             self.gpu_memory_total.labels(gpu=str(index)).set(total)
-
-
-class _Nvml:
-    """Lazy NVML handle: initialised on first use, disabled for good after the first failure."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._mod: Any = None
-        self._state = "new"  # new | ok | off
-
-    def memory(self) -> list[tuple[int, int, int]]:
-        with self._lock:
-            if self._state == "new":
-                self._state = "off"
-                try:
-                    import pynvml  # provided by nvidia-ml-py (the `gpu` extra)
-
-                    pynvml.nvmlInit()
-                    self._mod, self._state = pynvml, "ok"
-                except Exception as e:  # ImportError, NVMLError (no driver), ...
-                    log.debug("NVML unavailable, no GPU memory metrics: %s", e)
-            if self._state != "ok":
-                return []
-            nv = self._mod
-            try:
-                out = []
-                for i in range(nv.nvmlDeviceGetCount()):
-                    mem = nv.nvmlDeviceGetMemoryInfo(nv.nvmlDeviceGetHandleByIndex(i))
-                    out.append((i, int(mem.used), int(mem.total)))
-                return out
-            except Exception as e:
-                log.warning("NVML query failed, GPU memory metrics disabled: %s", e)
-                self._state = "off"
-                return []

@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from service import __version__
-from service.backends.base import Backend, BackendInfo, available_cpus
+from service.backends.base import Backend, BackendInfo
 from service.batcher import Reservation, Ticket, TicketResult, TileBatcher
 from service.errors import BadRequest, DeadlineExceeded, ImageTooLarge, ModelNotFound, NotReady
+from service.hardware import available_cpus
 from service.manifest import Manifest, ManifestError, list_models, read_manifest
 from service.metrics import Metrics
 from service.pipeline import RequestPlan, finish, make_plan, prepare_input
@@ -46,6 +47,7 @@ class UpscaleJob:
     color_fix: str | None  # "none" | "adain" | "wavelet"; None = the model's default
     deadline: float  # time.monotonic() after which the job fails with DeadlineExceeded
     request_id: str
+    progress: Callable[[int], None] | None = None  # gets each batch's tile count as it lands (jobs)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class ModelRuntime:
         metrics: Metrics,
         host: concurrent.futures.Executor,
         selection_reason: str = "",
+        fallbacks: Sequence[tuple[str, Callable[[], Backend]]] = (),
     ) -> None:
         self.name = name
         self.model_dir = model_dir
@@ -79,17 +82,9 @@ class ModelRuntime:
         self.settings = settings
         self.metrics = metrics
         self.selection_reason = selection_reason
+        self._fallbacks = list(fallbacks)  # (reason, constructor), tried in order when a load fails
         self._host = host
-        self.batcher = TileBatcher(
-            backend,
-            model=name,
-            metrics=metrics,
-            max_batch=settings.max_batch,
-            max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
-            capacity_tiles=settings.queue_capacity_tiles,
-            unhealthy_after=settings.unhealthy_after_failures,
-            max_retry_after_s=settings.max_deadline_s,
-        )
+        self.batcher = self._make_batcher()
         self.max_request_tiles = self._max_request_tiles()
         self._ready = False
         self._closed = False
@@ -110,11 +105,44 @@ class ModelRuntime:
     def healthy(self) -> bool:
         return not self._ready or self.batcher.healthy
 
+    def _make_batcher(self) -> TileBatcher:
+        s = self.settings
+        return TileBatcher(
+            self.backend,
+            model=self.name,
+            metrics=self.metrics,
+            max_batch=s.max_batch,
+            max_queue_delay_s=s.max_queue_delay_ms / 1000.0,
+            capacity_tiles=s.queue_capacity_tiles,
+            unhealthy_after=s.unhealthy_after_failures,
+            max_retry_after_s=s.max_deadline_s,
+        )
+
+    def _load_backend(self) -> dict[int, float]:
+        """Load and warm the backend; on failure fall back down `auto`'s list (TensorRT → ORT CUDA → CPU)."""
+        failed: list[str] = []
+        while True:
+            try:
+                self.backend.load()
+                return self.backend.warmup()
+            except Exception as e:
+                if not self._fallbacks:
+                    raise
+                failed.append(f"{self.backend.info.name} failed to load: {e}")
+                log.warning("%s: %s; falling back", self.name, failed[-1])
+                try:
+                    self.backend.close()
+                except Exception as close_err:  # best effort: the next backend must still load
+                    log.debug("close after a failed load: %s", close_err)
+                reason, make = self._fallbacks.pop(0)
+                self.backend = make()
+                self.batcher = self._make_batcher()  # nothing is admitted before ready
+                self.selection_reason = f"{reason}; fell back after: {'; '.join(failed)}"
+
     def load(self) -> None:
         """Blocking: load the engine, warm up every batch size, start the instance workers."""
         t0 = time.monotonic()
-        self.backend.load()
-        timings = self.backend.warmup()
+        timings = self._load_backend()
         self.batcher.start(timings)
         info = self.info
         self.metrics.build_info.labels(
@@ -189,7 +217,7 @@ class ModelRuntime:
 
         padded, stitcher = await loop.run_in_executor(self._host, _prepare, img, plan)
         ticket = self.batcher.submit(
-            padded, plan.tiles, job.deadline, _sink(stitcher), admitted=reservation.created
+            padded, plan.tiles, job.deadline, _sink(stitcher, job.progress), admitted=reservation.created
         )
         del padded  # the ticket holds it until its last tile has been cut
         result = await self._wait(ticket, job.deadline)
@@ -259,10 +287,14 @@ class ModelRuntime:
         self.backend.close()
 
 
-def _sink(stitcher: Stitcher) -> Callable[[Sequence[int], np.ndarray], None]:
+def _sink(
+    stitcher: Stitcher, progress: Callable[[int], None] | None = None
+) -> Callable[[Sequence[int], np.ndarray], None]:
     def add(indices: Sequence[int], tiles: np.ndarray) -> None:
         for i, t in zip(indices, tiles, strict=True):
             stitcher.add(i, t)
+        if progress is not None:
+            progress(len(indices))
 
     return add
 
@@ -297,7 +329,7 @@ class Runtime:
         cls, settings: Settings, metrics: Metrics, backend_factory: BackendFactory | None = None
     ) -> Runtime:
         """Read the manifests and choose each model's backend; cheap (no artifact is hashed or loaded)."""
-        from service.backends.select import create_backend
+        from service.backends.select import create_backend, fallbacks
 
         repo = Path(settings.model_repository)
         names = settings.models or list_models(repo)
@@ -312,8 +344,11 @@ class Runtime:
             model_dir = repo / name
             manifest = read_manifest(model_dir, verify=False)  # the backend verifies what it loads
             backend, reason = factory(manifest, model_dir, settings)
+            more = fallbacks(manifest, model_dir, settings) if backend_factory is None else []
             log.info("%s: backend %s — %s", name, backend.info.name, reason)
-            models[name] = ModelRuntime(name, model_dir, manifest, backend, settings, metrics, host, reason)
+            models[name] = ModelRuntime(
+                name, model_dir, manifest, backend, settings, metrics, host, reason, fallbacks=more
+            )
         default = settings.default_model or names[0]
         if default not in models:
             raise ManifestError(f"default model {default!r} is not among the served models {sorted(models)}")
@@ -323,27 +358,7 @@ class Runtime:
         """Load and warm every model off the event loop (one after another: peak memory of one load)."""
         for m in self.models.values():
             await asyncio.to_thread(m.load)
-        self._watch_gpus()
         self._started = True
-
-    def _watch_gpus(self) -> None:
-        """GPU memory gauges read from NVML at scrape time (only when a model runs on a GPU)."""
-        if not any(m.info.device.startswith("cuda") for m in self.models.values()):
-            return
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            for i in range(pynvml.nvmlDeviceGetCount()):
-                h = pynvml.nvmlDeviceGetHandleByIndex(i)
-                self.metrics.gpu_memory_used.labels(str(i)).set_function(
-                    lambda h=h: float(pynvml.nvmlDeviceGetMemoryInfo(h).used)
-                )
-                self.metrics.gpu_memory_total.labels(str(i)).set(
-                    float(pynvml.nvmlDeviceGetMemoryInfo(h).total)
-                )
-        except Exception as e:  # nvidia-ml-py missing or no driver: metrics stay absent
-            log.info("GPU memory metrics unavailable: %s", e)
 
     def get(self, name: str | None) -> ModelRuntime:
         key = self.default if name is None else name

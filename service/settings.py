@@ -53,6 +53,16 @@ class Settings(BaseSettings):
         0, ge=0, le=256, description="ONNX Runtime CPU threads per instance; 0 = cores/instances."
     )
     cuda_graphs: bool = Field(False, description="Capture CUDA graphs per batch size (TensorRT backend).")
+    ort_trt_cache_dir: Path | None = Field(
+        None,
+        description="Writable folder for ONNX Runtime TensorRT EP engines; default: a temp folder.",
+    )
+    fake_delay_s: float = Field(
+        0.0, ge=0, le=600, description="Test backend only (GENDR_BACKEND=fake): seconds per engine call."
+    )
+    fake_per_tile_s: float = Field(
+        0.0, ge=0, le=60, description="Test backend only (GENDR_BACKEND=fake): extra seconds per tile."
+    )
     torch_compile: bool = Field(
         False, description="torch.compile the reference backend (torch backend only)."
     )
@@ -94,8 +104,27 @@ class Settings(BaseSettings):
     png_compress_level: int = Field(
         3, ge=0, le=9, description="PNG zlib level (6 is ~2.5x slower than 3 for ~10% smaller files)."
     )
+    max_pixels_per_byte: float = Field(
+        1024.0,
+        ge=0,
+        description="Above 1 MP, at most this many input pixels per byte sent (413); 0 = no cap.",
+    )
     retry_after_s: float = Field(
         5.0, gt=0, le=3600, description="Retry-After of 503s that carry no estimate (draining, starting)."
+    )
+
+    # --- HTTP server (uvicorn; docs/http.md "Before the app") ----------------------------------
+    max_connections: int = Field(
+        256, ge=1, description="Open connections (and requests) before new requests get 503 `overloaded`."
+    )
+    max_header_bytes: int = Field(
+        16_384, ge=1024, description="Largest request line + header block; larger is 431."
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A request head must arrive within this many seconds (else 408)."
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, description="Idle keep-alive connections are closed after this many seconds."
     )
 
     # --- security ----------------------------------------------------------------------------
@@ -106,6 +135,18 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Allowed CORS origins (JSON list or comma-separated); empty = CORS off.",
+    )
+
+    # --- jobs: POST /v1/jobs (docs/jobs.md) ---------------------------------------------------
+    jobs_dir: Path | None = Field(
+        None, description="Folder for job results and records; default: `gendr-jobs` in the temp folder."
+    )
+    jobs_ttl_s: float = Field(3600.0, gt=0, description="A finished job and its result are kept this long.")
+    jobs_max_bytes: int = Field(
+        2 * 1024**3, ge=1024, description="Cap on stored results; beyond it the oldest results expire."
+    )
+    jobs_max: int = Field(
+        256, ge=1, description="Jobs held at once (unfinished + finished); all unfinished: 503."
     )
 
     log_level: Literal["debug", "info", "warning", "error"] = Field(

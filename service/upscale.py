@@ -123,6 +123,23 @@ class Context:
     metrics: Metrics
     pool: Executor
     is_draining: Callable[[], bool]
+    # POST /v1/jobs (service/jobs_routes.py): gets the admitted, decoded request and answers instead
+    hand_off: Callable[[Admitted], Awaitable[Response]] | None = None
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A request past every check, admission and decode; `Context.hand_off` owns its reservation."""
+
+    request: Request
+    params: UpscaleParams
+    job: UpscaleJob
+    reservation: Any  # service.runtime.Reservation
+    model: Any  # service.runtime.ModelRuntime
+    decoded: images.Decoded
+    fmt: str
+    quality: int
+    tiles: int
 
 
 def _deadline_budget(request: Request, params: UpscaleParams, s: Settings) -> float:
@@ -174,6 +191,12 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     raise ClientClosedRequest("client disconnected before the result was ready")
 
 
+def _check_scale(params: UpscaleParams, s: Settings) -> None:
+    """`scale` itself above the server's limit is a 400 (the request model only bounds it by 16)."""
+    if params.scale is not None and params.scale > s.max_scale:
+        raise BadRequest(f"scale {params.scale:g} exceeds the limit of {s.max_scale:g}")
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}"
 
@@ -185,6 +208,7 @@ async def handle_upscale(request: Request, params: UpscaleParams, ctx: Context) 
     if ctx.is_draining():
         raise Draining("the server is shutting down; retry on another replica", retry_after_s=s.retry_after_s)
     deadline = t0 + _deadline_budget(request, params, s)
+    _check_scale(params, s)
     if params.model is not None:  # unknown model: 404 before reading the upload
         request.state.model = runtime.get(params.model).name
 
@@ -197,10 +221,13 @@ async def handle_upscale(request: Request, params: UpscaleParams, ctx: Context) 
     metrics.request_bytes.inc(len(upload.data))
     if upload.fields:
         params = merge_fields(params, upload.fields)
+        _check_scale(params, s)
     mr = runtime.get(params.model)
     request.state.model = mr.name
 
-    probe = await _run(ctx.pool, images.probe, upload.data, s.image_formats, s.max_input_pixels)
+    probe = await _run(
+        ctx.pool, images.probe, upload.data, s.image_formats, s.max_input_pixels, s.max_pixels_per_byte
+    )
     del upload
     probe_s = time.monotonic() - t_read
     try:
@@ -228,6 +255,7 @@ async def handle_upscale(request: Request, params: UpscaleParams, ctx: Context) 
         images.check_output_size(fmt, out_h, out_w)
         plan = mr.plan(probe.height, probe.width, out_h, out_w)
         reservation = mr.reserve(plan.n_tiles)  # 503 overloaded / draining / not ready — before decoding
+        handed = False
         try:
             t = time.monotonic()
             decoded = await _run(ctx.pool, images.decode, probe)
@@ -243,9 +271,15 @@ async def handle_upscale(request: Request, params: UpscaleParams, ctx: Context) 
                 deadline=deadline,
                 request_id=request_id,
             )
+            if ctx.hand_off is not None:
+                handed = True
+                q = params.quality or s.output_quality
+                admitted = Admitted(request, params, job, reservation, mr, decoded, fmt, q, plan.n_tiles)
+                return await ctx.hand_off(admitted)
             outcome = await _unless_disconnected(request, mr.upscale(job, reservation))
         finally:
-            reservation.release()
+            if not handed:
+                reservation.release()
     finally:
         probe.close()
 

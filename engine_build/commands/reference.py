@@ -11,6 +11,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from service.backends.base import BackendUnavailable
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 FORMATS = {"png": ("PNG", ".png"), "jpeg": ("JPEG", ".jpg"), "webp": ("WEBP", ".webp")}
 
@@ -88,7 +90,8 @@ def load_rgb(path: Path) -> tuple[np.ndarray, np.ndarray | None, Image.Image]:
 
 def _load_runner(args: argparse.Namespace):
     """(runner, geometry, default colour fix, native scale) for a GenDR folder or an SR .safetensors."""
-    from engine_build.reference import DEFAULT_OVERLAP, DEFAULT_TILE, TorchTileRunner, gendr_geometry
+    from engine_build.reference import DEFAULT_OVERLAP, DEFAULT_TILE, gendr_geometry
+    from engine_build.runners import torch_runner
     from service.manifest import TileGeometry
 
     ck: Path = args.checkpoint
@@ -100,7 +103,7 @@ def _load_runner(args: argparse.Namespace):
         net = UnitRangeAdapter(desc.model.eval())
         tile, overlap = args.tile or 128, 16 if args.overlap is None else args.overlap
         geo = TileGeometry(tile=tile, overlap=overlap, graph_scale=int(desc.scale), size_multiple=1)
-        return TorchTileRunner(net, args.device, args.dtype), geo, "none", int(desc.scale)
+        return torch_runner(net, args.device, args.dtype, geo, args.batch), geo, "none", int(desc.scale)
     from engine_build.checkpoint import load_checkpoint
 
     model = load_checkpoint(ck)
@@ -108,7 +111,7 @@ def _load_runner(args: argparse.Namespace):
     overlap = DEFAULT_OVERLAP if args.overlap is None else args.overlap
     geo = gendr_geometry(model, tile, overlap)
     return (
-        TorchTileRunner(model, args.device, args.dtype),
+        torch_runner(model, args.device, args.dtype, geo, args.batch),
         geo,
         model.params.color_fix,
         model.params.native_scale,
@@ -153,7 +156,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         return 2
     try:
         runner, geo, default_fix, native = _load_runner(args)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, BackendUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     color_fix = default_fix if args.color_fix == "default" else args.color_fix

@@ -8,7 +8,6 @@ same instance at once.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,10 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from service.hardware import available_cpus
 from service.manifest import Manifest
+
+__all__ = ["available_cpus"]  # re-exported: backends size their thread pools with it
 
 
 class BackendUnavailable(RuntimeError):
@@ -104,16 +106,33 @@ def check_output(manifest: Manifest, batch: np.ndarray, out: object) -> np.ndarr
     return out
 
 
-def available_cpus() -> int:
-    """CPUs this process may use: affinity mask, capped by a cgroup v2 CPU quota (Kubernetes limits)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        n = os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, int(int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, n)
+class TileFunction:
+    """A loaded backend as a plain `uint8 [B,t,t,3] → uint8 [B,T,T,3]` function of any batch size.
+
+    The build tools (verify, parity checks, the reference CLI, the GPU check) run every engine through
+    this, so what they measure is the code that serves. Batches are split into the sizes the engine
+    runs; the last chunk is padded up (by repeating its last tile) and trimmed.
+    """
+
+    def __init__(self, backend: Backend, instance: int = 0) -> None:
+        self.backend = backend
+        self.instance = instance
+        backend.load()
+        self.sizes = tuple(sorted(backend.info.batch_sizes))
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(batch)
+        out: list[np.ndarray] = []
+        i, n = 0, batch.shape[0]
+        while i < n:
+            k = min(n - i, self.sizes[-1])
+            bs = next(b for b in self.sizes if b >= k)
+            chunk = batch[i : i + k]
+            if bs > k:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - k, axis=0)])
+            out.append(self.backend.infer(self.instance, chunk)[:k])
+            i += k
+        return np.concatenate(out) if len(out) != 1 else out[0]
+
+    def close(self) -> None:
+        self.backend.close()

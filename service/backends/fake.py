@@ -18,6 +18,7 @@ import numpy as np
 
 from service.backends.base import BackendInfo
 from service.manifest import Manifest
+from service.settings import Settings
 
 
 class FakeEngineError(RuntimeError):
@@ -48,6 +49,7 @@ class FakeBackend:
         scale: int | None = None,
         behaviour: FakeBehaviour | None = None,
         selection_reason: str = "configured: fake",
+        loaded_batch_sizes: tuple[int, ...] | None = None,
     ) -> None:
         self.manifest = manifest
         self.model_dir = Path(model_dir)
@@ -66,6 +68,27 @@ class FakeBackend:
         self._release = threading.Event()  # set by close(): unblocks hung calls
         self._loaded = False
         self._reason = selection_reason
+        # Like TensorRT: the sizes an engine really serves are known only once it is loaded.
+        self._loaded_batch_sizes = tuple(sorted(loaded_batch_sizes)) if loaded_batch_sizes else None
+
+    @classmethod
+    def from_settings(
+        cls, name: str, manifest: Manifest, model_dir: Path, settings: Settings, reason: str = ""
+    ) -> FakeBackend:
+        behaviour = FakeBehaviour(delay_s=settings.fake_delay_s, per_tile_s=settings.fake_per_tile_s)
+        return cls(
+            manifest,
+            model_dir,
+            instances=settings.instances_per_device,
+            max_batch=settings.max_batch,
+            behaviour=behaviour,
+            selection_reason=reason,
+        )
+
+    def load(self) -> None:
+        if self._loaded_batch_sizes is not None:
+            self.batch_sizes = self._loaded_batch_sizes
+        self._loaded = True
 
     @property
     def info(self) -> BackendInfo:
@@ -78,9 +101,6 @@ class FakeBackend:
             instances=self.instances,
             selection_reason=self._reason,
         )
-
-    def load(self) -> None:
-        self._loaded = True
 
     def warmup(self) -> dict[int, float]:
         b = self.behaviour

@@ -3,18 +3,25 @@
 The exported graph takes uint8 [B, t, t, 3] and returns uint8 [B, t·s, t·s, 3] with a dynamic batch
 axis, so every batch size 1..max_batch runs without padding.
 
-Instances share one InferenceSession (ORT's Run is thread-safe; the weights exist once — 3.7 GB for
-full-size GenDR in fp32) unless each instance needs its own intra-op pool: on CPU with
-cores/instances > 1 threads per instance, concurrent Run() calls on one session would share one
-pool, so each instance then gets its own session. With one thread per instance (instances ≥ cores)
-a Run computes in its calling thread and both layouts measured the same (docs/benchmarks.md).
+Sessions per instance:
+- CPU: instances share one InferenceSession (ORT's Run is thread-safe; the weights exist once — 3.7 GB
+  for full-size GenDR in fp32) unless each instance needs its own intra-op pool: with
+  cores/instances > 1 threads per instance, concurrent Run() calls on one session would share one
+  pool, so each instance then gets its own session. With one thread per instance (instances ≥ cores)
+  a Run computes in its calling thread and both layouts measured the same (docs/benchmarks.md).
+- CUDA EP: one shared session; concurrent Run() calls are allowed and overlap on the GPU.
+- TensorRT EP: one session per instance. The EP serialises Run() calls on one session (one engine,
+  one execution context behind a lock), so a shared session would make extra instances useless.
+  Its engine and timing caches go to `cache_dir` (GENDR_ORT_TRT_CACHE_DIR), never beside the model:
+  the model repository is a read-only mount in Kubernetes.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -26,6 +33,7 @@ from service.backends.base import (
     timed_warmup,
 )
 from service.manifest import Manifest, OnnxVariant, verify_artifact
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +94,33 @@ class OnnxRuntimeBackend:
         self.max_batch = max_batch
         self.device_id = device_id
         if session_per_instance is None:
-            session_per_instance = provider == "cpu" and self.threads > 1 and instances > 1
+            session_per_instance = instances > 1 and (
+                provider == "trt" or (provider == "cpu" and self.threads > 1)
+            )
         self.session_per_instance = session_per_instance
-        self.cache_dir = cache_dir or self.model_dir / ".ort-trt-cache"
+        self.cache_dir = cache_dir or Path(tempfile.gettempdir()) / "gendr-ort-trt-cache" / manifest.name
         self._reason = selection_reason
         self._sessions: list[object] = []
         self._healthy = False
+
+    @classmethod
+    def from_settings(
+        cls, name: str, manifest: Manifest, model_dir: Path, settings: Settings, reason: str = ""
+    ) -> OnnxRuntimeBackend:
+        provider: Any = {"onnxruntime-cpu": "cpu", "onnxruntime-cuda": "cuda", "onnxruntime-trt": "trt"}[name]
+        cache = settings.ort_trt_cache_dir
+        return cls(
+            manifest,
+            model_dir,
+            provider=provider,
+            precision=settings.precision,
+            instances=settings.instances_per_device,
+            intra_op_threads=settings.intra_op_threads,
+            max_batch=settings.max_batch,
+            device_id=settings.device_id,
+            selection_reason=reason,
+            cache_dir=cache / manifest.name if cache else None,
+        )
 
     @property
     def info(self) -> BackendInfo:

@@ -1,84 +1,51 @@
-"""Choosing a backend for a model on this machine, and saying why.
+"""Choosing a backend for a model on this machine, saying why, and what to fall back to.
 
-`auto`: TensorRT when the package, a GPU and an engine built for this GPU's compute capability all
-exist; else ONNX Runtime's CUDA provider when onnxruntime-gpu sees a GPU; else ONNX Runtime on the
-CPU; else (no ONNX graph at all) PyTorch if it is installed. Each step only looks for packages and
-files (importlib.util.find_spec, NVML): nothing heavy is imported and no artifact is read here.
+`auto` ranks what could serve the model here: TensorRT when a real TensorRT runtime, a GPU and an
+engine built for this GPU's compute capability *by this exact TensorRT version* exist (a plan only
+deserialises in the version that built it); then ONNX Runtime's CUDA provider when onnxruntime-gpu
+sees a GPU; then ONNX Runtime on the CPU; then (a checkpoint in the repository) PyTorch. The runtime
+loads the first and falls back down the list when a load fails, recording why (`candidates`).
+
+Each step only looks for packages, devices and manifest entries: no artifact is read here.
+Backends are built by name from a registry of import paths, so the torch backend (which lives on
+the build side, beside the model code it needs) is never imported by the service.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from service.backends.base import Backend, BackendUnavailable
+from service.hardware import GpuInfo, gpu_info, has_package, tensorrt_version
 from service.manifest import Engine, Manifest
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+__all__ = ["GpuInfo", "gpu_info", "has_package", "tensorrt_version"]  # patched by tests
+
+#: backend name → "module:Class"; each class has `from_settings(manifest, model_dir, settings, reason)`.
+REGISTRY: dict[str, str] = {
+    "onnxruntime-cpu": "service.backends.onnxruntime:OnnxRuntimeBackend",
+    "onnxruntime-cuda": "service.backends.onnxruntime:OnnxRuntimeBackend",
+    "onnxruntime-trt": "service.backends.onnxruntime:OnnxRuntimeBackend",
+    "tensorrt": "service.backends.tensorrt:TensorRTBackend",
+    "torch": "engine_build.torch_backend:TorchBackend",  # the build extra; never imported by service/
+    "fake": "service.backends.fake:FakeBackend",
+}
+#: Engine precision preference under `auto` (fastest first at equal quality bounds).
+ENGINE_ORDER = {"fp16": 0, "bf16": 1, "int8": 2, "fp8": 3, "fp32": 4}
+
 
 @dataclass(frozen=True)
-class GpuInfo:
-    index: int
+class Candidate:
     name: str
-    compute_capability: str  # "8.6"
-    memory_total: int
-
-    @property
-    def sm(self) -> str:
-        return "sm_" + self.compute_capability.replace(".", "")
-
-
-def has_package(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def gpu_info(device_id: int = 0) -> GpuInfo | None:
-    """The GPU at `device_id` via NVML (nvidia-ml-py) or the CUDA runtime (cuda-python); None if none."""
-    if has_package("pynvml"):
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            try:
-                if device_id >= pynvml.nvmlDeviceGetCount():
-                    return None
-                h = pynvml.nvmlDeviceGetHandleByIndex(device_id)
-                major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
-                name = pynvml.nvmlDeviceGetName(h)
-                name = name.decode() if isinstance(name, bytes) else str(name)
-                mem = int(pynvml.nvmlDeviceGetMemoryInfo(h).total)
-                return GpuInfo(device_id, name, f"{major}.{minor}", mem)
-            finally:
-                pynvml.nvmlShutdown()
-        except Exception as e:  # no driver, no device
-            log.debug("NVML: %s", e)
-    for mod in ("cuda.bindings.runtime", "cuda.cudart"):
-        if not has_package(mod.rsplit(".", 1)[0]):
-            continue
-        try:
-            cudart = importlib.import_module(mod)
-            err, n = cudart.cudaGetDeviceCount()
-            if int(err) != 0 or device_id >= n:
-                return None
-            err, prop = cudart.cudaGetDeviceProperties(device_id)
-            if int(err) != 0:
-                return None
-            name = (
-                prop.name.decode(errors="replace").rstrip("\0")
-                if isinstance(prop.name, bytes)
-                else str(prop.name)
-            )
-            return GpuInfo(device_id, name, f"{prop.major}.{prop.minor}", int(prop.totalGlobalMem))
-        except Exception as e:
-            log.debug("%s: %s", mod, e)
-    return None
+    reason: str
 
 
 def ort_providers() -> list[str]:
@@ -89,101 +56,124 @@ def ort_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
-def find_engine(manifest: Manifest, gpu: GpuInfo, precision: str) -> Engine | None:
-    """The engine built for this GPU's compute capability (fp16 preferred under `auto`)."""
-    built = [e for e in manifest.engines if e.compute_capability == gpu.compute_capability]
-    if precision != "auto":
-        built = [e for e in built if e.precision == precision]
-    order = {"fp16": 0, "bf16": 1, "int8": 2, "fp8": 3, "fp32": 4}
-    built.sort(key=lambda e: order.get(e.precision, 9))
-    return built[0] if built else None
+def engines_for(
+    manifest: Manifest, gpu: GpuInfo, precision: str, trt_version: str | None = None
+) -> tuple[list[Engine], list[str]]:
+    """Engines that can run on this GPU with this TensorRT (best first), and why the others cannot."""
+    why: list[str] = []
+    ok: list[Engine] = []
+    for e in manifest.engines:
+        label = f"{e.precision}@sm_{e.compute_capability.replace('.', '')}"
+        if e.compute_capability != gpu.compute_capability:
+            continue
+        if precision != "auto" and e.precision != precision:
+            continue
+        if trt_version is not None and e.tensorrt_version != trt_version:
+            why.append(f"engine {label} was built by TensorRT {e.tensorrt_version}, runtime is {trt_version}")
+            continue
+        ok.append(e)
+    ok.sort(key=lambda e: ENGINE_ORDER.get(e.precision, 9))
+    return ok, why
 
 
-def choose(manifest: Manifest, settings: Settings) -> tuple[str, str]:
-    """(backend name, reason). Honours an explicit settings.backend; explains `auto`'s choice."""
+def find_engine(
+    manifest: Manifest, gpu: GpuInfo, precision: str, trt_version: str | None = None
+) -> Engine | None:
+    """The best engine for this GPU (fp16 preferred under `auto`), or None."""
+    ok, _ = engines_for(manifest, gpu, precision, trt_version)
+    return ok[0] if ok else None
+
+
+def candidates(manifest: Manifest, settings: Settings) -> list[Candidate]:
+    """Backends that could serve `manifest` here, best first; raises when none can."""
     if settings.backend != "auto":
-        return settings.backend, f"configured: GENDR_BACKEND={settings.backend}"
+        return [Candidate(settings.backend, f"configured: GENDR_BACKEND={settings.backend}")]
+    out: list[Candidate] = []
     why: list[str] = []
     gpu = gpu_info(settings.device_id)
     if gpu is None:
         why.append("no NVIDIA GPU visible")
-    if has_package("tensorrt"):
-        if gpu is not None:
-            eng = find_engine(manifest, gpu, settings.precision)
-            if eng is not None:
-                return "tensorrt", (
-                    f"auto: TensorRT {eng.precision} engine built for {gpu.sm} matches {gpu.name} "
-                    f"(cuda:{gpu.index})"
-                )
-            have = sorted({f"sm_{e.compute_capability.replace('.', '')}" for e in manifest.engines}) or [
-                "none"
-            ]
-            why.append(f"no TensorRT engine for {gpu.sm} (built: {', '.join(have)})")
-    else:
+    trt = tensorrt_version()
+    if trt is None:
         why.append("tensorrt not installed")
+    elif gpu is not None:
+        ok, skipped = engines_for(manifest, gpu, settings.precision, trt)
+        if ok:
+            e = ok[0]
+            out.append(
+                Candidate(
+                    "tensorrt",
+                    f"auto: TensorRT {trt} {e.precision} engine built for {gpu.sm} matches {gpu.name} "
+                    f"(cuda:{gpu.index})",
+                )
+            )
+        else:
+            have = sorted({f"sm_{e.compute_capability.replace('.', '')}" for e in manifest.engines})
+            why.extend(skipped or [f"no TensorRT engine for {gpu.sm} (built: {', '.join(have) or 'none'})"])
     providers = ort_providers()
     if manifest.onnx:
         if gpu is not None and "CUDAExecutionProvider" in providers:
-            return "onnxruntime-cuda", f"auto: ONNX Runtime CUDA on {gpu.name} ({'; '.join(why)})"
-        if gpu is not None:
+            out.append(
+                Candidate("onnxruntime-cuda", f"auto: ONNX Runtime CUDA on {gpu.name} ({'; '.join(why)})")
+            )
+        elif gpu is not None:
             why.append("onnxruntime has no CUDA provider (onnxruntime-gpu not installed)")
         if "CPUExecutionProvider" in providers:
-            return "onnxruntime-cpu", f"auto: ONNX Runtime CPU ({'; '.join(why)})"
-        why.append("onnxruntime not installed")
+            out.append(Candidate("onnxruntime-cpu", f"auto: ONNX Runtime CPU ({'; '.join(why)})"))
+        else:
+            why.append("onnxruntime not installed")
     else:
         why.append("the manifest lists no ONNX graph")
-    if manifest.checkpoint and has_package("torch"):
-        return "torch", f"auto: PyTorch reference ({'; '.join(why)})"
-    raise BackendUnavailable(f"{manifest.name}: no backend can serve it here: {'; '.join(why)}")
+    if manifest.checkpoint and has_package("torch") and has_package("engine_build"):
+        out.append(Candidate("torch", f"auto: PyTorch reference ({'; '.join(why)})"))
+    if not out:
+        raise BackendUnavailable(f"{manifest.name}: no backend can serve it here: {'; '.join(why)}")
+    return out
+
+
+def choose(manifest: Manifest, settings: Settings) -> tuple[str, str]:
+    """(backend name, reason) of the best candidate."""
+    c = candidates(manifest, settings)[0]
+    return c.name, c.reason
+
+
+def backend_class(name: str) -> Any:
+    try:
+        path = REGISTRY[name]
+    except KeyError:
+        raise BackendUnavailable(f"unknown backend {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
+    module, _, cls = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError as e:
+        raise BackendUnavailable(f"backend {name} needs {module} ({e})") from e
+
+
+def build(name: str, manifest: Manifest, model_dir: Path, settings: Settings, reason: str = "") -> Backend:
+    """Construct (not load) backend `name` for one model, configured from settings."""
+    backend: Backend = backend_class(name).from_settings(name, manifest, model_dir, settings, reason)
+    return backend
+
+
+BackendFactory = Callable[[Manifest, Path, Settings], tuple[Backend, str]]
 
 
 def create_backend(manifest: Manifest, model_dir: Path, settings: Settings) -> tuple[Backend, str]:
-    """Construct (not load) the backend `choose` picks, configured from settings."""
-    name, reason = choose(manifest, settings)
-    common = {"instances": settings.instances_per_device, "selection_reason": reason}
-    if name.startswith("onnxruntime"):
-        from service.backends.onnxruntime import OnnxRuntimeBackend
+    """Construct (not load) the best candidate's backend."""
+    c = candidates(manifest, settings)[0]
+    return build(c.name, manifest, model_dir, settings, c.reason), c.reason
 
-        provider = {"onnxruntime-cpu": "cpu", "onnxruntime-cuda": "cuda", "onnxruntime-trt": "trt"}[name]
-        backend: Backend = OnnxRuntimeBackend(
-            manifest,
-            model_dir,
-            provider=provider,
-            precision=settings.precision,  # type: ignore[arg-type]
-            intra_op_threads=settings.intra_op_threads,
-            max_batch=settings.max_batch,
-            device_id=settings.device_id,
-            **common,  # type: ignore[arg-type]
-        )
-    elif name == "tensorrt":
-        from service.backends.tensorrt import TensorRTBackend
 
-        backend = TensorRTBackend(
-            manifest,
-            model_dir,
-            precision=settings.precision,
-            device_id=settings.device_id,
-            max_batch=settings.max_batch,
-            cuda_graphs=settings.cuda_graphs,
-            **common,  # type: ignore[arg-type]
-        )
-    elif name == "torch":
-        from service.backends.torch_backend import TorchBackend
+def fallbacks(
+    manifest: Manifest, model_dir: Path, settings: Settings
+) -> list[tuple[str, Callable[[], Backend]]]:
+    """The candidates after the first, as (reason, constructor) pairs for the runtime to try in order."""
+    try:
+        rest = candidates(manifest, settings)[1:]
+    except BackendUnavailable:
+        return []
 
-        backend = TorchBackend(
-            manifest,
-            model_dir,
-            precision=settings.precision,
-            device_id=settings.device_id,
-            max_batch=settings.max_batch,
-            compile=settings.torch_compile,
-            intra_op_threads=settings.intra_op_threads,
-            **common,  # type: ignore[arg-type]
-        )
-    elif name == "fake":
-        from service.backends.fake import FakeBackend
+    def make(c: Candidate) -> Callable[[], Backend]:
+        return lambda: build(c.name, manifest, model_dir, settings, c.reason)
 
-        backend = FakeBackend(manifest, model_dir, max_batch=settings.max_batch, **common)  # type: ignore[arg-type]
-    else:  # pragma: no cover - Settings validates the name
-        raise BackendUnavailable(f"unknown backend {name!r}")
-    return backend, reason
+    return [(c.reason, make(c)) for c in rest]

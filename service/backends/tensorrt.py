@@ -1,66 +1,47 @@
 """TensorRT runtime backend (TensorRT 10/11 API): the fastest path on NVIDIA GPUs.
 
-- The engine (plan) is chosen from manifest.engines for this GPU's compute capability, verified
-  against its sha256 and TensorRT version, and deserialised once.
+- The engine (plan) is chosen from manifest.engines for this GPU's compute capability and this exact
+  TensorRT version (a plan deserialises only in the version that built it), verified against its
+  sha256 and deserialised once.
 - Each instance is one IExecutionContext (the weights are shared by all contexts) with its own CUDA
-  stream, its own device buffers and its own pinned host buffers, so the H2D copy, the kernels and
-  the D2H copy of different instances overlap. The batcher gathers tiles straight into the pinned
-  input buffer (`input_buffer`), saving a host copy.
-- Tile shapes are static; only the batch axis varies, within the engine's optimisation profile.
-  Contexts get distinct profiles when the engine has enough of them (concurrent contexts must not
-  share one on older TensorRT), else all use profile 0.
-- Optional CUDA graphs: one captured graph per batch size (copy in, enqueue, copy out) per instance.
+  stream, device buffers and pinned host buffers, so the H2D copy, the kernels and the D2H copy of
+  different instances overlap. The batcher gathers tiles straight into the pinned input buffer.
+- Tile shapes are static; only the batch axis varies inside the engine's optimisation profile.
+  TensorRT 10/11 let several contexts use one profile, so the default engine has one profile and
+  every context uses it (extra identical profiles, if built, are spread over the contexts).
+  `per-batch` engines (one min = max profile per batch size) would need a context per profile and
+  are refused at build and load time.
+- Context memory is sized for the batch sizes served (`USER_MANAGED` allocation sized by
+  `update_device_memory_size_for_shapes`), not for the profile's maximum.
+- The batch sizes reported before load() are the manifest entry's; after load() they are the sizes
+  the plan really serves (the batcher reads them again when it starts).
+- Optional CUDA graphs: one graph per batch size per instance, captured after an uncaptured enqueue
+  at that shape (TensorRT defers shape-dependent work to the first enqueue after a shape change). A
+  failed capture is ended, logged, and that size runs without a graph.
 
-`tensorrt` and the CUDA bindings (`cuda-python`) are imported in load(): on a machine without them
-this module still imports, and load() raises BackendUnavailable with the reason.
+`tensorrt` and the CUDA bindings (cuda-python) are imported in load(): without them this module still
+imports, and load() raises BackendUnavailable with the reason.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from service.backends.base import BackendInfo, BackendUnavailable, tile_shapes, timed_warmup
+from service.backends.cuda_rt import CudaRuntime, pinned_view
+from service.hardware import gpu_info, import_cudart, tensorrt_module
 from service.manifest import Engine, Manifest, verify_artifact
+from service.settings import Settings
+
+if TYPE_CHECKING:  # typed by tensorrt-stubs in scripts/typecheck_trt.sh; imported for real in load()
+    import tensorrt
 
 log = logging.getLogger(__name__)
-
-
-def _import_cudart() -> Any:
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python ≥ 12.6
-
-        return cudart
-    except ImportError:
-        pass
-    try:
-        from cuda import cudart  # older cuda-python
-
-        return cudart
-    except ImportError as e:
-        raise BackendUnavailable(
-            "the TensorRT backend needs cuda-python (pip install 'gendr-serve[trt]')"
-        ) from e
-
-
-class _Cuda:
-    """Thin checked wrapper over cuda-python's runtime API (which returns (err, *values) tuples)."""
-
-    def __init__(self, cudart: Any) -> None:
-        self.rt = cudart
-
-    def __call__(self, fn: str, *args: Any) -> Any:
-        res = getattr(self.rt, fn)(*args)
-        err, rest = (res[0], res[1:]) if isinstance(res, tuple) else (res, ())
-        if int(err) != 0:
-            name = self.rt.cudaGetErrorName(err)[1]
-            raise RuntimeError(f"{fn} failed: {name.decode() if isinstance(name, bytes) else name}")
-        return rest[0] if len(rest) == 1 else rest
 
 
 class _Context:
@@ -69,19 +50,14 @@ class _Context:
     def __init__(self) -> None:
         self.ctx: Any = None
         self.stream: Any = None
-        self.d_in = 0
-        self.d_out = 0
-        self.h_in_ptr = 0
-        self.h_out_ptr = 0
+        self.profile = 0
+        self.shape_bs = 0  # batch size of the last set_input_shape
+        self.d_in = self.d_out = self.d_mem = 0
+        self.h_in_ptr = self.h_out_ptr = 0
         self.h_in: np.ndarray = np.empty(0, np.uint8)
         self.h_out: np.ndarray = np.empty(0, np.uint8)
         self.graphs: dict[int, Any] = {}  # batch size → cudaGraphExec_t
         self.graph_objs: list[Any] = []
-
-
-def _pinned_view(ptr: int, shape: tuple[int, ...]) -> np.ndarray:
-    n = int(np.prod(shape))
-    return np.ctypeslib.as_array((ctypes.c_uint8 * n).from_address(int(ptr))).reshape(shape)
 
 
 class TensorRTBackend:
@@ -112,10 +88,25 @@ class TensorRTBackend:
         self._contexts: list[_Context] = []
         self._engine: Any = None
         self._runtime: Any = None
-        self._cuda: _Cuda | None = None
+        self._cuda: CudaRuntime | None = None
         self._in_name = self._out_name = ""
         self._tls = threading.local()
         self._healthy = False
+
+    @classmethod
+    def from_settings(
+        cls, name: str, manifest: Manifest, model_dir: Path, settings: Settings, reason: str = ""
+    ) -> TensorRTBackend:
+        return cls(
+            manifest,
+            model_dir,
+            precision=settings.precision,
+            device_id=settings.device_id,
+            instances=settings.instances_per_device,
+            max_batch=settings.max_batch,
+            cuda_graphs=settings.cuda_graphs,
+            selection_reason=reason,
+        )
 
     # ------------------------------------------------------------------ description
 
@@ -123,9 +114,8 @@ class TensorRTBackend:
         if self._batch_sizes:
             return self._batch_sizes
         if self.engine_entry is not None:
-            return tuple(b for b in sorted(self.engine_entry.profile.batch_sizes) if b <= self.max_batch) or (
-                1,
-            )
+            sizes = sorted(self.engine_entry.profile.batch_sizes)
+            return tuple(b for b in sizes if b <= self.max_batch) or (sizes[0],)
         return tuple(range(1, self.max_batch + 1))
 
     @property
@@ -144,46 +134,65 @@ class TensorRTBackend:
 
     # ------------------------------------------------------------------ loading
 
-    def load(self) -> None:
-        try:
-            import tensorrt as trt
-        except ImportError as e:
-            raise BackendUnavailable("tensorrt is not installed (pip install 'gendr-serve[trt]')") from e
-        from service.backends.select import find_engine, gpu_info
+    def _choose_engine(self, trt_version: str) -> Engine:
+        from service.backends.select import engines_for
 
-        cuda = self._cuda = _Cuda(_import_cudart())
         gpu = gpu_info(self.device_id)
         if gpu is None:
-            raise BackendUnavailable(f"no NVIDIA GPU at index {self.device_id}")
+            raise BackendUnavailable(f"no NVIDIA GPU at CUDA index {self.device_id}")
         self._gpu_desc = f"cuda:{self.device_id} ({gpu.name}, {gpu.sm})"
-        if self.engine_entry is None:
-            self.engine_entry = find_engine(self.manifest, gpu, self.precision)
+        ok, _ = engines_for(self.manifest, gpu, self.precision, trt_version)
         e = self.engine_entry
         if e is None:
-            built = (
-                ", ".join(f"{x.precision}@{x.compute_capability}" for x in self.manifest.engines) or "none"
-            )
-            raise BackendUnavailable(
-                f"{self.manifest.name}: no TensorRT engine for {gpu.sm} ({gpu.name}) at precision "
-                f"{self.precision}; built: {built}. "
-                f"Run `gendr-build engine --model models/{self.manifest.name}` on this GPU type"
-            )
-        if e.compute_capability != gpu.compute_capability:
+            if not ok:
+                built = ", ".join(
+                    f"{x.precision}@{x.compute_capability} (TensorRT {x.tensorrt_version})"
+                    for x in self.manifest.engines
+                )
+                raise BackendUnavailable(
+                    f"{self.manifest.name}: no TensorRT engine for {gpu.sm} ({gpu.name}), TensorRT "
+                    f"{trt_version}, precision {self.precision}; built: {built or 'none'}. "
+                    f"Run `gendr-build engine --model models/{self.manifest.name}` on this GPU type"
+                )
+            e = ok[0]
+        elif e.compute_capability != gpu.compute_capability:
             raise BackendUnavailable(
                 f"engine built for {e.compute_capability}, GPU is {gpu.compute_capability}"
             )
-        if e.tensorrt_version.split(".")[:2] != trt.__version__.split(".")[:2]:
+        elif e.tensorrt_version != trt_version:
             raise BackendUnavailable(
-                f"engine built with TensorRT {e.tensorrt_version}, runtime is {trt.__version__}: "
-                "rebuild the engine"
+                f"engine built with TensorRT {e.tensorrt_version}, runtime is {trt_version}: a plan only "
+                "loads in the exact version that built it; rebuild the engine"
             )
+        if e.profile.mode == "per-batch":
+            raise BackendUnavailable(
+                f"{e.plan.path}: per-batch profile engines are not served (a context is pinned to one "
+                "profile but offered every batch size); rebuild with --profile-mode shared"
+            )
+        return e
+
+    def load(self) -> None:
+        if tensorrt_module() is None:
+            raise BackendUnavailable(
+                "tensorrt is not installed (or only its type stubs are): pip install 'gendr-serve[trt]'"
+            )
+        import tensorrt as trt
+
+        cudart = import_cudart()
+        if cudart is None:
+            raise BackendUnavailable(
+                "the TensorRT backend needs cuda-python (pip install 'gendr-serve[trt]')"
+            )
+        cuda = self._cuda = CudaRuntime(cudart)
+        e = self.engine_entry = self._choose_engine(str(trt.__version__))
         plan = verify_artifact(self.model_dir, e.plan)
         cuda("cudaSetDevice", self.device_id)
+        self._tls.device = self.device_id
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
         if self._engine is None:
             raise BackendUnavailable(f"{plan}: TensorRT could not deserialise the engine (see its log above)")
-        self._bind_io(trt)
+        self._bind_io()
         self._make_contexts()
         self._healthy = True
         log.info(
@@ -197,8 +206,10 @@ class TensorRTBackend:
             self.cuda_graphs,
         )
 
-    def _bind_io(self, trt: Any) -> None:
-        eng = self._engine
+    def _bind_io(self) -> None:
+        import tensorrt as trt
+
+        eng: tensorrt.ICudaEngine = self._engine
         names = [eng.get_tensor_name(i) for i in range(eng.num_io_tensors)]
         ins = [n for n in names if eng.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outs = [n for n in names if eng.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -210,51 +221,78 @@ class TensorRTBackend:
                 raise BackendUnavailable(
                     f"engine tensor {n} is {eng.get_tensor_dtype(n)}, expected UINT8 tiles"
                 )
-        t, ot = tile_shapes(self.manifest)
-        lo, hi = 1 << 30, 0
+        t, _ = tile_shapes(self.manifest)
+        assert self.engine_entry is not None
+        wanted = sorted(b for b in self.engine_entry.profile.batch_sizes if b <= self.max_batch)
+        wanted = wanted or sorted(self.engine_entry.profile.batch_sizes)[:1]
+        # every profile must run every served size: a context stays on its profile
+        lo, hi = 0, 1 << 30
         for p in range(eng.num_optimization_profiles):
             mn, _, mx = eng.get_tensor_profile_shape(self._in_name, p)
             if tuple(mn[1:]) != (t, t, 3) or tuple(mx[1:]) != (t, t, 3):
                 raise BackendUnavailable(
-                    f"engine profile {p} has tile shape {tuple(mn)}..{tuple(mx)}, manifest says {t}"
+                    f"engine profile {p} has tile shape {tuple(mn[:])}..{tuple(mx[:])}, manifest says {t}"
                 )
-            lo, hi = min(lo, mn[0]), max(hi, mx[0])
-        wanted = (
-            self.engine_entry.profile.batch_sizes if self.engine_entry else list(range(1, self.max_batch + 1))
-        )
-        sizes = tuple(sorted(b for b in wanted if lo <= b <= min(hi, self.max_batch)))
+            lo, hi = max(lo, int(mn[0])), min(hi, int(mx[0]))
+        sizes = tuple(b for b in wanted if lo <= b <= hi)
         if not sizes:
             raise BackendUnavailable(
-                f"engine runs batch {lo}..{hi}; none of {wanted} fits max_batch {self.max_batch}"
+                f"engine profiles run batch {lo}..{hi} in common; none of {wanted} "
+                f"(max_batch {self.max_batch}) fits"
             )
         self._batch_sizes = sizes
-        self._ot = ot
 
     def _make_contexts(self) -> None:
+        import tensorrt as trt
+
+        eng: tensorrt.ICudaEngine = self._engine
         cuda = self._cuda
         assert cuda is not None
         t, ot = tile_shapes(self.manifest)
         bmax = self._batch_sizes[-1]
-        n_prof = self._engine.num_optimization_profiles
+        n_prof = eng.num_optimization_profiles
+        strategy = getattr(getattr(trt, "ExecutionContextAllocationStrategy", None), "USER_MANAGED", None)
         for i in range(self.instances):
             c = _Context()
-            c.ctx = self._engine.create_execution_context()
-            if c.ctx is None:
+            self._contexts.append(c)  # close() frees what was allocated even if this loop fails
+            ctx: tensorrt.IExecutionContext | None = (
+                eng.create_execution_context(strategy)
+                if strategy is not None
+                else eng.create_execution_context()
+            )
+            if ctx is None:
                 raise BackendUnavailable("could not create an execution context (GPU memory?)")
             c.stream = cuda("cudaStreamCreateWithFlags", self.rt.cudaStreamNonBlocking)
-            profile = i if n_prof >= self.instances else 0
-            if profile and not c.ctx.set_optimization_profile_async(profile, int(c.stream)):
-                raise BackendUnavailable(f"could not select optimisation profile {profile} for context {i}")
+            c.ctx = ctx
+            c.profile = i % n_prof
+            if not ctx.set_optimization_profile_async(c.profile, int(c.stream)):
+                raise BackendUnavailable(f"could not select optimisation profile {c.profile} for context {i}")
             in_bytes, out_bytes = bmax * t * t * 3, bmax * ot * ot * 3
             c.d_in = int(cuda("cudaMalloc", in_bytes))
             c.d_out = int(cuda("cudaMalloc", out_bytes))
             c.h_in_ptr = int(cuda("cudaMallocHost", in_bytes))
             c.h_out_ptr = int(cuda("cudaMallocHost", out_bytes))
-            c.h_in = _pinned_view(c.h_in_ptr, (bmax, t, t, 3))
-            c.h_out = _pinned_view(c.h_out_ptr, (bmax, ot, ot, 3))
-            c.ctx.set_tensor_address(self._in_name, c.d_in)
-            c.ctx.set_tensor_address(self._out_name, c.d_out)
-            self._contexts.append(c)
+            c.h_in = pinned_view(c.h_in_ptr, (bmax, t, t, 3))
+            c.h_out = pinned_view(c.h_out_ptr, (bmax, ot, ot, 3))
+            if strategy is not None:
+                size = self._context_memory(c)
+                c.d_mem = int(cuda("cudaMalloc", max(size, 1)))
+                ctx.set_device_memory(c.d_mem, size)
+            ctx.set_tensor_address(self._in_name, c.d_in)
+            ctx.set_tensor_address(self._out_name, c.d_out)
+
+    def _context_memory(self, c: _Context) -> int:
+        """Activation memory for the largest batch served (not the profile's maximum)."""
+        t = self.manifest.tile.tile
+        ctx: tensorrt.IExecutionContext = c.ctx
+        if not hasattr(ctx, "update_device_memory_size_for_shapes"):
+            eng: tensorrt.ICudaEngine = self._engine
+            return int(eng.get_device_memory_size_for_profile_v2(c.profile))
+        size = 0
+        for bs in self._batch_sizes:
+            self._set_shape(c, bs, t)
+            size = max(size, int(ctx.update_device_memory_size_for_shapes()))
+        return size
 
     @property
     def rt(self) -> Any:
@@ -272,41 +310,62 @@ class TensorRTBackend:
     def input_buffer(self, instance: int, n: int) -> np.ndarray:
         return self._contexts[instance].h_in[:n]
 
+    def _set_shape(self, c: _Context, bs: int, t: int) -> None:
+        if c.shape_bs != bs:
+            ctx: tensorrt.IExecutionContext = c.ctx
+            if not ctx.set_input_shape(self._in_name, (bs, t, t, 3)):
+                raise RuntimeError(f"TensorRT rejected input shape {(bs, t, t, 3)}")
+            c.shape_bs = bs
+
     def _enqueue(self, c: _Context, bs: int) -> None:
         cuda = self._cuda
         assert cuda is not None
         t, ot = tile_shapes(self.manifest)
-        rt = self.rt
-        cuda(
-            "cudaMemcpyAsync",
-            c.d_in,
-            c.h_in_ptr,
-            bs * t * t * 3,
-            rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
-            c.stream,
-        )
-        if not c.ctx.execute_async_v3(int(c.stream)):
+        kind = self.rt.cudaMemcpyKind
+        cuda("cudaMemcpyAsync", c.d_in, c.h_in_ptr, bs * t * t * 3, kind.cudaMemcpyHostToDevice, c.stream)
+        ctx: tensorrt.IExecutionContext = c.ctx
+        if not ctx.execute_async_v3(int(c.stream)):
             raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
-        cuda(
-            "cudaMemcpyAsync",
-            c.h_out_ptr,
-            c.d_out,
-            bs * ot * ot * 3,
-            rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
-            c.stream,
-        )
+        cuda("cudaMemcpyAsync", c.h_out_ptr, c.d_out, bs * ot * ot * 3, kind.cudaMemcpyDeviceToHost, c.stream)
 
-    def _capture(self, c: _Context, bs: int) -> None:
+    def _capture(self, c: _Context, bs: int) -> bool:
+        """Capture one graph for `bs`; False (and the size runs without a graph) when capture fails."""
         cuda = self._cuda
         assert cuda is not None
-        rt = self.rt
-        cuda("cudaStreamBeginCapture", c.stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
+        self._set_shape(c, bs, self.manifest.tile.tile)
+        self._enqueue(c, bs)  # uncaptured: flushes the deferred work of the shape change
+        cuda("cudaStreamSynchronize", c.stream)
+        mode = self.rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        error: BaseException | None = None
+        graph = None
+        try:
+            cuda("cudaStreamBeginCapture", c.stream, mode)
+        except RuntimeError as e:
+            log.warning("%s: CUDA graph capture for batch %d unavailable: %s", self.manifest.name, bs, e)
+            return False
         try:
             self._enqueue(c, bs)
+        except Exception as e:
+            error = e
         finally:
-            graph = cuda("cudaStreamEndCapture", c.stream)
+            try:
+                graph = cuda("cudaStreamEndCapture", c.stream)  # always end it: the stream stays usable
+            except RuntimeError as e:
+                error = error or e
+        if error is not None or graph is None:
+            log.warning(
+                "%s: CUDA graph capture for batch %d failed, running it without: %s",
+                self.manifest.name,
+                bs,
+                error,
+            )
+            if graph is not None:
+                cuda("cudaGraphDestroy", graph)
+            self.rt.cudaGetLastError()  # clear the error state the failed capture left
+            return False
         c.graph_objs.append(graph)
         c.graphs[bs] = cuda("cudaGraphInstantiate", graph, 0)
+        return True
 
     def infer(self, instance: int, batch: np.ndarray) -> np.ndarray:
         cuda = self._cuda
@@ -318,12 +377,11 @@ class TensorRTBackend:
             raise ValueError(f"batch of {bs} not in the engine's sizes {self._batch_sizes}")
         if batch.ctypes.data != c.h_in_ptr:
             c.h_in[:bs] = batch
-        if not c.ctx.set_input_shape(self._in_name, batch.shape):
-            raise RuntimeError(f"TensorRT rejected input shape {batch.shape}")
         g = c.graphs.get(bs)
         if g is not None:
             cuda("cudaGraphLaunch", g, c.stream)
         else:
+            self._set_shape(c, bs, batch.shape[1])
             self._enqueue(c, bs)
         cuda("cudaStreamSynchronize", c.stream)
         return c.h_out[:bs].copy()  # the pinned buffer is reused by the next call
@@ -334,11 +392,13 @@ class TensorRTBackend:
             self._ensure_device()
             for c in self._contexts:
                 for bs in self._batch_sizes:
-                    t = self.manifest.tile.tile
-                    c.ctx.set_input_shape(self._in_name, (bs, t, t, 3))
                     self._capture(c, bs)
             timings = timed_warmup(self, self.instances, self._batch_sizes)
         return timings
+
+    def graph_sizes(self, instance: int = 0) -> tuple[int, ...]:
+        """Batch sizes that run as a CUDA graph on `instance` (the GPU check records them)."""
+        return tuple(sorted(self._contexts[instance].graphs)) if self._contexts else ()
 
     def healthy(self) -> bool:
         return self._healthy
@@ -349,23 +409,19 @@ class TensorRTBackend:
         if cuda is None:
             return
         for c in self._contexts:
+            c.ctx = None  # the context goes before the memory it runs in
             for fn, h in (
                 [("cudaGraphExecDestroy", g) for g in c.graphs.values()]
                 + [("cudaGraphDestroy", g) for g in c.graph_objs]
-                + [
-                    ("cudaFree", c.d_in),
-                    ("cudaFree", c.d_out),
-                    ("cudaFreeHost", c.h_in_ptr),
-                    ("cudaFreeHost", c.h_out_ptr),
-                    ("cudaStreamDestroy", c.stream),
-                ]
+                + [("cudaFree", p) for p in (c.d_in, c.d_out, c.d_mem)]
+                + [("cudaFreeHost", p) for p in (c.h_in_ptr, c.h_out_ptr)]
+                + [("cudaStreamDestroy", c.stream)]
             ):
                 try:
                     if h:
                         cuda(fn, h)
                 except Exception as e:  # best effort at shutdown
                     log.debug("%s: %s", fn, e)
-            c.ctx = None
         self._contexts = []
         self._engine = None
         self._runtime = None

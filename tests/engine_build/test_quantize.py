@@ -11,7 +11,7 @@ import pytest
 
 from engine_build.quantize import DEFAULT_EXCLUDES, QuantizeError, check_fp8_target, quantize_model
 from engine_build.trt_build import Gpu
-from engine_build.verify import OrtTileRunner, graph_input_tiles
+from engine_build.verify import graph_input_tiles, onnx_runner
 from service.manifest import read_manifest
 
 pytest.importorskip("modelopt.onnx.quantization")
@@ -46,7 +46,7 @@ def test_excluded_layers_are_not_quantized(int8_repo) -> None:
 
 def test_int8_runs_in_onnxruntime_cpu(int8_repo, small_photos) -> None:
     tiles = graph_input_tiles(small_photos, 64, 1, 4, n=3)
-    out = OrtTileRunner(int8_repo.model_dir / "onnx" / "int8" / "model.onnx")(tiles)
+    out = onnx_runner(int8_repo.model_dir, "int8")(tiles)
     assert out.shape == (3, 64, 64, 3) and out.dtype == np.uint8
 
 

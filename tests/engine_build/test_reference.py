@@ -13,7 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from engine_build.checkpoint import load_checkpoint  # noqa: E402
-from engine_build.reference import TorchTileRunner, gendr_geometry, upscale_untiled  # noqa: E402
+from engine_build.reference import gendr_geometry, upscale_untiled  # noqa: E402
+from engine_build.runners import torch_runner  # noqa: E402
 from service.imageops import target_size  # noqa: E402
 from service.manifest import TileGeometry  # noqa: E402
 from service.pipeline import make_plan, run_sync  # noqa: E402
@@ -24,7 +25,7 @@ TILE, OVERLAP = 64, 16
 @pytest.fixture(scope="module")
 def tiny(tiny_checkpoint: Path):
     model = load_checkpoint(tiny_checkpoint)
-    return model, TorchTileRunner(model), gendr_geometry(model, TILE, OVERLAP)
+    return model, torch_runner(model), gendr_geometry(model, TILE, OVERLAP)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -135,7 +136,7 @@ def test_tiling_is_exact_for_a_local_network(photos) -> None:
     whose receptive-field radius (4 px) is ≤ overlap/4 and ≤ margin (overlap/2), tiled == untiled up to
     uint8 rounding of the blended overlaps."""
     net = LocalNet().eval()
-    runner = TorchTileRunner(net)
+    runner = torch_runner(net)
     geo = TileGeometry(tile=48, overlap=16, graph_scale=2, size_multiple=1)
     img = photos["astronaut"][::4, ::4][:90, :110]
     tiled = run_sync(img, 180, 220, geo, runner, batch=5)

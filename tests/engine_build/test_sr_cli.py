@@ -28,9 +28,10 @@ from sr_test_helpers import seeded  # noqa: E402
 from engine_build import sr_models  # noqa: E402
 from engine_build.cli import main as build_main  # noqa: E402
 from engine_build.commands import sr as sr_cmd  # noqa: E402
+from engine_build.commands import sr_default  # noqa: E402
 from engine_build.model import TileGraph, UnitRangeAdapter  # noqa: E402
 from engine_build.sr_models import SRModelError, find_ncnn_model, save_sr_checkpoint  # noqa: E402
-from engine_build.verify import OrtTileRunner, compare  # noqa: E402
+from service.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
 from service.imageops import resize_rgb  # noqa: E402
 from service.manifest import MANIFEST_FILE, read_manifest, sha256_file  # noqa: E402
 from service.pipeline import run_sync  # noqa: E402
@@ -59,6 +60,17 @@ PSNR_BAND_DB = 4.0
 def _torch_tiles(net: torch.nn.Module, tiles: np.ndarray) -> np.ndarray:
     with torch.inference_mode():
         return TileGraph(UnitRangeAdapter(net).eval())(torch.from_numpy(np.ascontiguousarray(tiles))).numpy()
+
+
+def _ort_fn(model_dir: Path, max_batch: int = 4):
+    """The service's ONNX Runtime CPU backend as a tile function (uint8 [B,t,t,3] → uint8)."""
+    backend = OnnxRuntimeBackend(read_manifest(model_dir), model_dir, provider="cpu", max_batch=max_batch)
+    backend.load()
+    return lambda tiles: backend.infer(0, np.ascontiguousarray(tiles))
+
+
+def compare(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    return {"psnr_db": _psnr(a, b)}
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -127,6 +139,9 @@ def test_import_sr_writes_a_valid_single_network_repository(imported: Path, tiny
     m = read_manifest(imported, verify=True)  # schema + every artifact's sha256
     assert m.name == "tiny-compact" and m.kind == "single" and m.native_scale == 4
     assert (m.tile.tile, m.tile.overlap, m.tile.graph_scale) == (32, 8, 4)
+    # Compact with 2 body convs: 4 stacked 3×3 convs, so at most 4 px of context
+    assert m.tile.context is not None and 1 <= m.tile.context <= 4
+    assert m.tile.needed_overlap == 4 * m.tile.context
     assert set(m.onnx) == {"fp32"}
     assert m.onnx["fp32"].input_name == "lr_tile" and m.onnx["fp32"].output_name == "sr_tile"
     assert [a.path for a in m.checkpoint] == ["checkpoint/tiny-compact.safetensors"]
@@ -138,7 +153,7 @@ def test_import_sr_writes_a_valid_single_network_repository(imported: Path, tiny
 def test_import_sr_onnx_matches_pytorch_on_real_photos(imported: Path, tiny_compact, photos) -> None:
     _, net = tiny_compact
     m = read_manifest(imported)
-    ort_fn = OrtTileRunner(imported / m.onnx["fp32"].graph.path)
+    ort_fn = _ort_fn(imported)
     tiles = np.stack([photos["astronaut"][60:92, 180:212], photos["coffee"][100:132, 200:232]])
     out, ref = ort_fn(tiles), _torch_tiles(net, tiles)
     assert out.shape == (2, 128, 128, 3) and out.dtype == np.uint8
@@ -253,8 +268,7 @@ def test_default_writes_the_manifest_with_license_and_attribution(default_model)
 
 def test_default_onnx_matches_pytorch_on_real_photos(default_model, photos) -> None:
     model_dir, _, net = default_model
-    m = read_manifest(model_dir)
-    ort_fn = OrtTileRunner(model_dir / m.onnx["fp32"].graph.path)
+    ort_fn = _ort_fn(model_dir)
     tiles = np.stack([photos["coffee"][100:132, 200:232], photos["rocket"][200:232, 300:332]])
     assert compare(ort_fn(tiles), _torch_tiles(net, tiles))["psnr_db"] >= 50.0
 
@@ -266,7 +280,7 @@ def test_default_is_sharper_than_bicubic_on_a_real_photo(default_model, photos) 
     hr = np.ascontiguousarray(photos["astronaut"][20:212, 140:332])
     lr = resize_rgb(hr, 48, 48)
     bic = resize_rgb(lr, 192, 192)
-    sr = run_sync(lr, 192, 192, m.tile, OrtTileRunner(model_dir / m.onnx["fp32"].graph.path), batch=4)
+    sr = run_sync(lr, 192, 192, m.tile, _ort_fn(model_dir), batch=4)
     g_hr, g_bic, g_sr = _gradient_energy(hr), _gradient_energy(bic), _gradient_energy(sr)
     p_bic, p_sr = _psnr(hr[4:-4, 4:-4], bic[4:-4, 4:-4]), _psnr(hr[4:-4, 4:-4], sr[4:-4, 4:-4])
     msg = (
@@ -300,10 +314,14 @@ def test_default_stamp_detects_changes(default_model, tmp_path: Path) -> None:
     model_dir, _, _ = default_model
     param, binf = find_ncnn_model()
     key = sr_cmd.default_key(model_dir.name, param, binf, 32, 8, ["fp32"])
-    assert sr_cmd._up_to_date(model_dir, key)
-    assert not sr_cmd._up_to_date(model_dir, sr_cmd.default_key(model_dir.name, param, binf, 64, 8, ["fp32"]))
-    assert not sr_cmd._up_to_date(model_dir, sr_cmd.default_key(model_dir.name, param, binf, 32, 8, ["fp16"]))
-    assert not sr_cmd._up_to_date(tmp_path, key)
+    assert sr_default._up_to_date(model_dir, key)
+    assert not sr_default._up_to_date(
+        model_dir, sr_cmd.default_key(model_dir.name, param, binf, 64, 8, ["fp32"])
+    )
+    assert not sr_default._up_to_date(
+        model_dir, sr_cmd.default_key(model_dir.name, param, binf, 32, 8, ["fp16"])
+    )
+    assert not sr_default._up_to_date(tmp_path, key)
 
 
 def test_default_refuses_bad_options(tmp_path: Path, capsys) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import types
 from pathlib import Path
@@ -11,20 +10,21 @@ import pytest
 
 import engine_build.trt_build as tb
 from engine_build.trt_build import Gpu, TrtBuildError, build_engine, check_target
+from service.hardware import tensorrt_version
 from service.manifest import read_manifest
 
-HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+HAS_TRT = tensorrt_version() is not None  # a real runtime: tensorrt-stubs alone does not count
 
 
 def test_no_gpu_is_a_clear_one_line_error(tiny_repo: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.setattr(tb, "detect_gpu", lambda device_id=0: None)
-    with pytest.raises(TrtBuildError, match="no NVIDIA GPU visible"):
+    with pytest.raises(TrtBuildError, match="no NVIDIA GPU at CUDA index 0"):
         build_engine(tiny_repo, "fp16")
     from engine_build.cli import main
 
     assert main(["engine", "--model", str(tiny_repo), "--precision", "fp16"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: no NVIDIA GPU visible")
+    assert len(err) == 1 and err[0].startswith("error: no NVIDIA GPU at CUDA index 0")
 
 
 @pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed here")
@@ -84,7 +84,8 @@ def test_progress_monitor_drives_tqdm(monkeypatch: pytest.MonkeyPatch, capsys) -
 
 def test_profiles() -> None:
     assert tb._profiles([4, 1, 2], "shared", 2, None) == [(1, 4, 4), (1, 4, 4)]
-    assert tb._profiles([1, 2, 4], "per-batch", 1, None) == [(1, 1, 1), (2, 2, 2), (4, 4, 4)]
+    with pytest.raises(tb.TrtBuildError, match="per-batch"):  # refused: a context is pinned to a profile
+        tb._profiles([1, 2, 4], "per-batch", 1, None)
     with pytest.raises(TrtBuildError):
         tb._profiles([1, 2], "shared", 1, 8)
 
@@ -95,8 +96,8 @@ def test_profiles() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_TRT, reason="needs the tensorrt package")
 def test_engine_build_parity_and_idempotency(repo_copy: Path, small_photos) -> None:
-    from engine_build.trt_build import TrtTileRunner
-    from engine_build.verify import OrtTileRunner, compare, graph_input_tiles
+    from engine_build.runners import tensorrt_runner
+    from engine_build.verify import compare, graph_input_tiles, onnx_runner
 
     res = build_engine(repo_copy, "fp16", batch_sizes=[1, 2, 4], profiles=2, progress=False)
     assert not res.skipped
@@ -104,14 +105,176 @@ def test_engine_build_parity_and_idempotency(repo_copy: Path, small_photos) -> N
     (e,) = m.engines
     assert e.precision == "fp16" and e.profile.batch_sizes == [1, 2, 4] and e.profile.count == 2
     assert e.onnx_sha256 == m.onnx["fp16"].graph.sha256 and e.plan.path.startswith("engines/sm")
-    assert (repo_copy / "engines" / f"sm{e.compute_capability.replace('.', '')}" / "timing.cache").is_file()
+    sm = f"sm{e.compute_capability.replace('.', '')}"
+    assert (repo_copy / "engines" / sm / f"timing-trt{e.tensorrt_version}.cache").is_file()
     again = build_engine(repo_copy, "fp16", batch_sizes=[1, 2, 4], profiles=2, progress=False)
     assert again.skipped
     tiles = graph_input_tiles(small_photos, 64, 1, 4, n=4)
-    ref = OrtTileRunner(repo_copy / "onnx" / "fp32" / "model.onnx")(tiles)
-    got = TrtTileRunner(repo_copy / e.plan.path)(tiles)
+    ref = onnx_runner(repo_copy, "fp32")(tiles)
+    got = tensorrt_runner(repo_copy, "fp16")(tiles)
     assert compare(got, ref)["psnr_db"] >= 40.0
+    assert (repo_copy / e.build["layers_json"]).is_file() and sum(e.build["layer_precisions"].values()) > 0
+
+
+# --------------------------------------------------------------- build logic on CPU (no TensorRT needed)
+
+
+def test_the_builder_runs_on_the_probed_device(tiny_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--device 1` must build on CUDA device 1, not on whatever is current (device 0)."""
+    events: list[str] = []
+    monkeypatch.setattr(tb, "detect_gpu", lambda device_id=0: Gpu(device_id, "NVIDIA L20", "8.9"))
+    monkeypatch.setattr(tb, "set_cuda_device", lambda i: events.append(f"set_device {i}"))
+
+    class Builder:
+        def __init__(self, logger: object) -> None:
+            events.append("builder")
+            raise RuntimeError("stop here")
+
+    fake = types.SimpleNamespace(
+        __version__="10.13.0",
+        Logger=type("Logger", (), {"WARNING": 1, "__init__": lambda self, level=0: None}),
+        Builder=Builder,
+    )
+    monkeypatch.setattr(tb, "import_tensorrt", lambda: fake)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    with pytest.raises(RuntimeError, match="stop here"):
+        build_engine(tiny_repo, "fp16", device_id=1, progress=False)
+    assert events == ["set_device 1", "builder"]
+
+
+class _Config:
+    """The two IBuilderConfig calls the timing cache uses; rejects caches not made by `accept`."""
+
+    def __init__(self, accept: bytes = b"", corrupt_raises: bool = False) -> None:
+        self.accept, self.corrupt_raises = accept, corrupt_raises
+        self.cache: object = None
+
+    def create_timing_cache(self, data: bytes) -> object:
+        if data and self.corrupt_raises and data != self.accept:
+            raise RuntimeError("Error Code 1: corrupt timing cache")
+        return ("cache", bytes(data))
+
+    def set_timing_cache(self, cache: object, ignore_mismatch: bool) -> bool:
+        self.cache = cache
+        return ignore_mismatch or cache[1] in (b"", self.accept)  # type: ignore[index]
+
+
+def test_timing_cache_is_per_tensorrt_version_and_a_rejected_one_starts_fresh(tmp_path: Path) -> None:
+    a = tb.timing_cache_path(tmp_path, "sm90", "10.13.0.35")
+    assert a != tb.timing_cache_path(tmp_path, "sm90", "10.9.0") and "10.13.0.35" in a.name
+    a.parent.mkdir(parents=True)
+    a.write_bytes(b"good")
+    cfg = _Config(accept=b"good")
+    assert tb.load_timing_cache(cfg, a) == (("cache", b"good"), True)
+    a.write_bytes(b"from another version")
+    for cfg in (_Config(accept=b"good"), _Config(accept=b"good", corrupt_raises=True)):
+        cache, reused = tb.load_timing_cache(cfg, a)  # mismatch → False, or TensorRT raising: no crash
+        assert not reused and cache == ("cache", b"") and cfg.cache == cache
+    assert tb.load_timing_cache(_Config(), tmp_path / "missing.cache") == (("cache", b""), False)
+
+
+def test_layer_precisions_count_what_the_engine_really_runs() -> None:
+    info = {
+        "Layers": [
+            {"Name": "conv1", "Outputs": [{"Format/Datatype": "Int8 NC/32HW32"}]},
+            {"Name": "conv2", "Outputs": [{"Format/Datatype": "Int8 NC/32HW32"}]},
+            {"Name": "softmax", "Outputs": [{"Format/Datatype": "Half format"}]},
+            {"Name": "norm", "Outputs": [{"Format/Datatype": "Row major linear FP32"}]},
+            {"Name": "q", "Outputs": [{"Format/Datatype": "FP8 format"}]},
+        ]
+    }
+    import json
+
+    assert tb.layer_precisions(json.dumps(info)) == {"FP8": 1, "Float": 1, "Half": 1, "Int8": 2}
+    assert tb.layer_precisions("not json") == {}
 
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_build_records_the_engine_and_skips_a_second_time(
+    tiny_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole build step on the CPU with the runtime double plus a minimal builder: the plan, its
+    layer report and the timing cache land in the repository, the manifest records the engine, and
+    the same inputs skip the build (the step primitive's key → verify-or-skip)."""
+    import json
+    import shutil
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "service"))
+    from trt_double import EngineSpec, install
+
+    dbl = install(monkeypatch)
+    repo = tmp_path / "tiny"
+    shutil.copytree(tiny_repo, repo)
+    m = read_manifest(repo)
+    spec = EngineSpec(tile=m.tile.tile, scale=m.tile.graph_scale, profiles=[(1, 4, 4)])
+    builds: list[int] = []
+
+    class Config:
+        builder_optimization_level = 3
+        progress_monitor = None
+        profiling_verbosity = None
+
+        def set_memory_pool_limit(self, *a: object) -> None: ...
+        def clear_flag(self, *a: object) -> None: ...
+        def add_optimization_profile(self, p: object) -> int:
+            return 0
+
+        def create_timing_cache(self, data: bytes) -> bytes:
+            return bytes(data)
+
+        def set_timing_cache(self, cache: object, ignore_mismatch: bool) -> bool:
+            return True
+
+        def get_timing_cache(self) -> object:
+            return types.SimpleNamespace(serialize=lambda: b"tactics")
+
+    class Builder:
+        def __init__(self, logger: object) -> None: ...
+        def create_network(self, flags: int) -> object:
+            return types.SimpleNamespace(get_input=lambda i: types.SimpleNamespace(name="lr_tile"))
+
+        def create_builder_config(self) -> Config:
+            return Config()
+
+        def create_optimization_profile(self) -> object:
+            return types.SimpleNamespace(set_shape=lambda *a: None)
+
+        def build_serialized_network(self, network: object, config: object) -> bytes:
+            builds.append(1)
+            return spec.plan()
+
+    inspector = json.dumps({"Layers": [{"Name": "conv", "Outputs": [{"Format/Datatype": "Half"}]}]})
+    trt = dbl.trt
+    for name, value in {
+        "Builder": Builder,
+        "OnnxParser": lambda net, logger: types.SimpleNamespace(parse_from_file=lambda p: True, num_errors=0),
+        "NetworkDefinitionCreationFlag": types.SimpleNamespace(STRONGLY_TYPED=0),
+        "MemoryPoolType": types.SimpleNamespace(WORKSPACE=0),
+        "BuilderFlag": types.SimpleNamespace(),
+        "ProfilingVerbosity": types.SimpleNamespace(DETAILED=2),
+        "LayerInformationFormat": types.SimpleNamespace(JSON=1),
+        "IProgressMonitor": type("IProgressMonitor", (), {"__init__": lambda self: None}),
+    }.items():
+        monkeypatch.setattr(trt, name, value, raising=False)
+    monkeypatch.setattr(
+        type(dbl.trt.Runtime(dbl.trt.Logger()).deserialize_cuda_engine(spec.plan())),
+        "create_engine_inspector",
+        lambda self: types.SimpleNamespace(get_engine_information=lambda fmt: inspector),
+        raising=False,
+    )
+    monkeypatch.setattr(tb, "detect_gpu", lambda device_id=0: Gpu(0, "NVIDIA H100 80GB HBM3", "9.0"))
+    res = build_engine(repo, "fp16", batch_sizes=[1, 2, 4], progress=False)
+    assert not res.skipped and builds == [1]
+    e = read_manifest(repo, verify=True).engines[0]
+    assert e.tensorrt_version == trt.__version__ and e.profile.batch_sizes == [1, 2, 4]
+    assert (repo / e.plan.path).read_bytes() == spec.plan() and e.build["layer_precisions"] == {"Half": 1}
+    assert (repo / e.build["layers_json"]).read_text() == inspector
+    assert (repo / "engines" / "sm90" / f"timing-trt{trt.__version__}.cache").read_bytes() == b"tactics"
+    assert not list((repo / "engines").glob(".tmp-*"))  # the step's temporary folder is gone
+    again = build_engine(repo, "fp16", batch_sizes=[1, 2, 4], progress=False)
+    assert again.skipped and builds == [1] and again.engine == e
+    (repo / e.plan.path).write_bytes(b"damaged")  # a damaged plan fails its sha256: rebuilt
+    assert not build_engine(repo, "fp16", batch_sizes=[1, 2, 4], progress=False).skipped and builds == [1, 1]

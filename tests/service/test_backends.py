@@ -19,6 +19,7 @@ from service.backends.base import BackendUnavailable, check_output, tile_shapes
 from service.backends.fake import FakeBackend, FakeBehaviour, FakeEngineError
 from service.backends.onnxruntime import OnnxRuntimeBackend
 from service.backends.tensorrt import TensorRTBackend
+from service.hardware import tensorrt_version
 from service.manifest import Engine, EngineProfile, ManifestError, make_artifact, read_manifest
 from service.settings import Settings
 
@@ -71,10 +72,10 @@ def test_onnxruntime_matches_the_pytorch_reference(
     """fp32 ORT vs the PyTorch TileGraph on 8 real-photo tiles: both compute in fp32 and differ by ~1e-6
     before the final ×127.5 and rounding, so a pixel can only flip by one LSB where its value sits within
     ~1e-4 of a rounding boundary: bound max |Δ| ≤ 1 and < 0.5 % of values differing (measured ≈0.02 %)."""
-    from engine_build.reference import TorchTileRunner
+    from engine_build.runners import torch_runner
 
     x = real_tiles(photos, 8)
-    ref = TorchTileRunner(tiny_net)(x)
+    ref = torch_runner(tiny_net)(x)
     got = ort_cpu.infer(0, x[:4])
     got = np.concatenate([got, ort_cpu.infer(1, x[4:])])
     d = np.abs(got.astype(np.int16) - ref)
@@ -150,66 +151,10 @@ def test_check_output_catches_count_shape_and_dtype() -> None:
             check_output(m, x, bad)
 
 
-# ---------------------------------------------------------------------------------- torch backend
-
-
-def test_torch_backend_loads_the_checkpoint_from_the_repository(
-    tiny_repo: Path, tiny_net, torch_one_thread, photos: dict[str, np.ndarray]
-) -> None:
-    from engine_build.reference import TorchTileRunner
-    from service.backends.torch_backend import TorchBackend
-
-    m = read_manifest(tiny_repo / "tiny")
-    be = TorchBackend(m, tiny_repo / "tiny", device="cpu", max_batch=2, instances=2)
-    assert be.info.name == "torch" and be.info.precision == "fp32"
-    be.load()
-    assert sorted(be.warmup()) == [1, 2]
-    x = real_tiles(photos, 2)
-    np.testing.assert_array_equal(be.infer(1, x), TorchTileRunner(tiny_net)(x))
-    bf = TorchBackend(m, tiny_repo / "tiny", device="cpu", precision="bf16", max_batch=2)
-    bf.load()
-    y = bf.infer(0, x)
-    assert (
-        y.shape == x.shape and np.abs(y.astype(int) - be.infer(0, x)).mean() < 40
-    )  # bf16 runs, roughly agrees
-    with pytest.raises(BackendUnavailable, match="fp16 on CPU"):
-        TorchBackend(m, tiny_repo / "tiny", device="cpu", precision="fp16").load()
-
-
-@pytest.mark.gpu
-def test_torch_backend_on_cuda_fp16(tiny_repo: Path, photos: dict[str, np.ndarray]) -> None:
-    from service.backends.torch_backend import TorchBackend
-
-    m = read_manifest(tiny_repo / "tiny")
-    ref = TorchBackend(m, tiny_repo / "tiny", device="cpu")
-    ref.load()
-    be = TorchBackend(m, tiny_repo / "tiny", device="cuda:0", precision="fp16", instances=2, max_batch=4)
-    be.load()
-    be.warmup()
-    x = real_tiles(photos, 4)
-    d = np.abs(be.infer(1, x).astype(int) - ref.infer(0, x))
-    assert d.mean() < 3
-
-
-def test_gpu_check_script_dry_run(tmp_path: Path, torch_one_thread) -> None:
-    spec = importlib.util.spec_from_file_location(
-        "gpu_check_torch", ROOT / "benchmarks" / "gpu_check_torch.py"
-    )
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.main(["--dry-run", "--out", str(tmp_path)]) == 0
-    rep = json.loads((tmp_path / "gpu_check_torch_dry_run.json").read_text())
-    rows = rep["results"]
-    assert [r["batch"] for r in rows] == [1, 2]
-    assert all(r["ms_per_tile"] > 0 and r["gflop_per_tile"] > 0 and r["mp_per_s"] > 0 for r in rows)
-    assert mod.peak_for("NVIDIA H100 80GB HBM3") == 989.0 and mod.peak_for("NVIDIA A10") == 125.0
-
-
 # ------------------------------------------------------------------------ GPU backends, cleanly absent
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+@pytest.mark.skipif(tensorrt_version() is not None, reason="TensorRT is installed here")
 def test_tensorrt_backend_fails_cleanly_without_tensorrt(tiny_repo: Path) -> None:
     m = read_manifest(tiny_repo / "tiny")
     be = TensorRTBackend(m, tiny_repo / "tiny", instances=2, max_batch=4)
@@ -222,10 +167,11 @@ def test_tensorrt_backend_fails_cleanly_without_tensorrt(tiny_repo: Path) -> Non
 @pytest.mark.gpu
 def test_tensorrt_backend_on_gpu(tiny_repo: Path, photos: dict[str, np.ndarray]) -> None:
     """Needs an engine for this GPU in the repository (gendr-build engine); skipped where there is none."""
-    pytest.importorskip("tensorrt")
+    if tensorrt_version() is None:
+        pytest.skip("needs TensorRT")
     gpu = select.gpu_info(0)
     m = read_manifest(tiny_repo / "tiny")
-    if gpu is None or select.find_engine(m, gpu, "auto") is None:
+    if gpu is None or select.find_engine(m, gpu, "auto", tensorrt_version()) is None:
         pytest.skip("no TensorRT engine built for this GPU in the test repository")
     be = TensorRTBackend(m, tiny_repo / "tiny", instances=2, max_batch=4, cuda_graphs=True)
     be.load()
@@ -241,7 +187,7 @@ def test_service_never_imports_torch_at_module_level() -> None:
     code = (
         "import sys\n"
         "import service.runtime, service.batcher, service.backends.select, service.backends.onnxruntime\n"
-        "import service.backends.tensorrt, service.backends.torch_backend, service.backends.fake\n"
+        "import service.backends.tensorrt, service.backends.fake, service.hardware, service.app\n"
         "bad = [m for m in ('torch', 'tensorrt', 'engine_build') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
@@ -288,8 +234,7 @@ def test_auto_prefers_tensorrt_when_an_engine_matches_the_gpu(
     m = m.model_copy(update={"engines": [_engine(m, d, "8.6"), _engine(m, d, "8.9", "int8")]})
     h100 = select.GpuInfo(0, "NVIDIA H100", "9.0", 80 << 30)
     a10 = select.GpuInfo(0, "NVIDIA A10", "8.6", 24 << 30)
-    real_has = select.has_package
-    monkeypatch.setattr(select, "has_package", lambda n: True if n == "tensorrt" else real_has(n))
+    monkeypatch.setattr(select, "tensorrt_version", lambda: "10.9.0")
     s = Settings(model_repository=tmp_path)
     monkeypatch.setattr(select, "gpu_info", lambda device_id=0: a10)
     name, reason = select.choose(m, s)
@@ -307,6 +252,12 @@ def test_auto_prefers_tensorrt_when_an_engine_matches_the_gpu(
     assert name == "onnxruntime-cpu" and "onnxruntime-gpu not installed" in reason
     assert select.find_engine(m, a10, "int8") is None
     assert select.find_engine(m, select.GpuInfo(0, "L20", "8.9", 0), "auto").precision == "int8"
+    # a plan only loads in the TensorRT that built it: another version is skipped, and said so
+    monkeypatch.setattr(select, "gpu_info", lambda device_id=0: a10)
+    monkeypatch.setattr(select, "tensorrt_version", lambda: "10.13.0")
+    name, reason = select.choose(m, s)
+    assert name == "onnxruntime-cpu" and "built by TensorRT 10.9.0, runtime is 10.13.0" in reason
+    assert "tensorrt" not in [c.name for c in select.candidates(m, s)]
 
 
 def test_auto_without_onnx_uses_torch_or_explains(tiny_repo: Path, monkeypatch) -> None:
@@ -316,3 +267,21 @@ def test_auto_without_onnx_uses_torch_or_explains(tiny_repo: Path, monkeypatch) 
     assert name == "torch" and "lists no ONNX graph" in reason
     with pytest.raises(BackendUnavailable, match="no backend can serve"):
         select.choose(m.model_copy(update={"checkpoint": []}), Settings(model_repository=tiny_repo))
+
+
+def test_onnxruntime_tensorrt_ep_caches_outside_the_model_and_gives_each_instance_a_session(
+    tiny_repo: Path, tmp_path: Path
+) -> None:
+    """The model repository is a read-only mount in Kubernetes, and the TensorRT EP serialises Run()
+    on one session: its engine cache goes to GENDR_ORT_TRT_CACHE_DIR, and instances get sessions."""
+    m = read_manifest(tiny_repo / "tiny")
+    s = Settings(model_repository=tiny_repo, instances_per_device=2, ort_trt_cache_dir=tmp_path / "ortcache")
+    be = select.build("onnxruntime-trt", m, tiny_repo / "tiny", s)
+    assert be.session_per_instance and be.cache_dir == tmp_path / "ortcache" / "tiny"
+    trt_opts = dict(be._providers()[0][1])
+    assert trt_opts["trt_engine_cache_path"] == str(tmp_path / "ortcache" / "tiny")
+    assert not str(be.cache_dir).startswith(str(tiny_repo))
+    default = select.build("onnxruntime-trt", m, tiny_repo / "tiny", Settings(model_repository=tiny_repo))
+    assert not str(default.cache_dir).startswith(str(tiny_repo))
+    cuda = select.build("onnxruntime-cuda", m, tiny_repo / "tiny", s)
+    assert not cuda.session_per_instance  # the CUDA EP runs concurrent Run() calls on one session

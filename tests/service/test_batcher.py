@@ -118,6 +118,24 @@ def test_batches_are_padded_to_the_engine_batch_sizes() -> None:
     b.close()
 
 
+def test_batch_sizes_come_from_the_loaded_engine_not_the_description_before_load() -> None:
+    """A TensorRT plan's sizes (1,2,4) are known only after load(); before, the backend says 1..4.
+    The batcher is built before load (the runtime builds it with the model): padding 3 tiles to 3
+    would fail every such batch and, three in a row, mark the instance unhealthy."""
+    be = FakeBackend(fake_manifest(tile=TILE, overlap=OVERLAP), max_batch=4, loaded_batch_sizes=(1, 2, 4))
+    assert be.info.batch_sizes == (1, 2, 3, 4)
+    b = TileBatcher(be, model="fake", metrics=Metrics(), max_batch=4, max_queue_delay_s=0.05)
+    be.load()
+    b.start(be.warmup())
+    assert b.batch_sizes == (1, 2, 4)
+    for seed in range(4):  # 3 tiles each (1×3 grid) → padded to 4, never sent as 3
+        r = Req(b, rand_img(np.random.default_rng(seed), 20, 60))
+        np.testing.assert_array_equal(r.result(), r.img)
+    assert {n for _, n in be.calls} <= {1, 2, 4} and 4 in {n for _, n in be.calls}
+    assert b.healthy
+    b.close()
+
+
 def test_deadline_expires_queued_tiles() -> None:
     hang = threading.Event()
     hang.set()

@@ -97,7 +97,7 @@ def test_concurrent_mixed_requests_get_exactly_their_own_pixels(
     batch-invariant, checked in test_backends). Against the PyTorch TileGraph reference: ≤ 1 LSB (fp32 vs fp32
     rounding flips, see test_backends), which blending cannot grow (a convex combination, rounded once).
     """
-    from engine_build.reference import TorchTileRunner
+    from engine_build.runners import torch_runner
 
     s = Settings(model_repository=tiny_repo, instances_per_device=2, intra_op_threads=1, max_batch=4)
 
@@ -119,7 +119,7 @@ def test_concurrent_mixed_requests_get_exactly_their_own_pixels(
     m = rt.get("tiny")
     assert m.metrics.tiles.labels("tiny")._value.get() == sum(o.tiles for o in outs)
     assert m.metrics.batch_size.labels("tiny")._sum.get() == sum(o.tiles for o in outs)
-    torch_run = TorchTileRunner(tiny_net)
+    torch_run = torch_runner(tiny_net)
     for k, out in enumerate(outs):
         n, h, w, oh, ow = REQUESTS[k // 2]
         img = photos[n][:h, :w]
@@ -356,3 +356,60 @@ def test_default_colour_fix_comes_from_the_manifest(tmp_path: Path, photos: dict
         await rt.close()
 
     arun(go)
+
+
+class _BrokenLoad(FakeBackend):
+    """A backend whose engine cannot load here (e.g. a plan from another TensorRT version)."""
+
+    def load(self) -> None:
+        raise RuntimeError("engine built with TensorRT 10.9.0, runtime is 10.13.0")
+
+    @property
+    def info(self):  # type: ignore[override]
+        import dataclasses
+
+        return dataclasses.replace(super().info, name="tensorrt")
+
+
+def test_a_backend_that_fails_to_load_falls_back_to_the_next_and_says_why(tmp_path: Path) -> None:
+    import concurrent.futures
+
+    repo = write_fake_repo(tmp_path, name="fake", tile=32, overlap=8, scale=2)
+    s = Settings(model_repository=repo, max_queue_delay_ms=5.0)
+    from service.manifest import read_manifest
+
+    man = read_manifest(repo / "fake", verify=False)
+    host = concurrent.futures.ThreadPoolExecutor(2)
+    good: list[FakeBackend] = []
+
+    def next_backend() -> FakeBackend:
+        good.append(FakeBackend(man, repo / "fake", max_batch=4))
+        return good[-1]
+
+    m = ModelRuntime(
+        "fake",
+        repo / "fake",
+        man,
+        _BrokenLoad(man, repo / "fake", max_batch=4),
+        s,
+        Metrics(),
+        host,
+        "auto: TensorRT engine matches",
+        fallbacks=[("auto: ONNX Runtime CUDA", next_backend)],
+    )
+    m.load()
+    assert m.backend is good[0] and m.batcher.backend is good[0] and m.ready
+    d = m.describe()
+    assert d["backend"] == "fake"
+    assert (
+        "fell back after: tensorrt failed to load: engine built with TensorRT 10.9.0" in d["selection_reason"]
+    )
+    img = np.random.default_rng(0).integers(0, 256, (20, 30, 3), np.uint8)
+    out = arun(lambda: upscale(m, img, 40, 60))
+    np.testing.assert_array_equal(out.image, expected_fake(img, 40, 60, m))
+    m.close()
+    # with nothing left to try, the load error is the model's error
+    m2 = ModelRuntime("fake", repo / "fake", man, _BrokenLoad(man, repo / "fake"), s, Metrics(), host)
+    with pytest.raises(RuntimeError, match="TensorRT 10.9.0"):
+        m2.load()
+    host.shutdown()

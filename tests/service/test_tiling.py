@@ -106,12 +106,13 @@ def test_tiled_matches_untiled_within_the_per_tile_bound(
     attention over a tile instead of the whole image); the random tiny GenDR has a lot of it, a trained
     one less. Blending must never add error on top, and must reduce it on average (mean < per-tile max).
     """
-    from engine_build.reference import TorchTileRunner, upscale_untiled
+    from engine_build.reference import upscale_untiled
+    from engine_build.runners import torch_runner
 
     img = photos[name][100:164, 100:180]
     oh, ow = 128, 160  # ×2: GenDR works at output resolution
     geo = TileGeometry(tile=64, overlap=24, graph_scale=1, size_multiple=16)
-    run = TorchTileRunner(tiny_net)
+    run = torch_runner(tiny_net)
     ref = upscale_untiled(tiny_net, img, oh, ow).astype(np.int16)
 
     plan = make_plan(img.shape[0], img.shape[1], oh, ow, geo)

@@ -223,3 +223,19 @@ class FakeRuntime:
 
     async def close(self) -> None:
         self.closed = True
+
+
+def same_colour(icc_a: bytes | None, icc_b: bytes | None) -> bool:
+    """True when two ICC profiles map colours to sRGB identically (the service rebuilds profiles)."""
+    from PIL import ImageCms
+
+    if not icc_a or not icc_b:
+        return False
+    ramp = np.stack(np.meshgrid(np.arange(0, 256, 17), np.arange(0, 256, 17)), -1).reshape(-1, 2)
+    im = Image.fromarray(np.concatenate([ramp, ramp[:, :1]], 1).astype(np.uint8).reshape(16, 16, 3))
+    srgb = ImageCms.createProfile("sRGB")
+    outs = [
+        np.asarray(ImageCms.profileToProfile(im, ImageCms.ImageCmsProfile(io.BytesIO(p)), srgb))
+        for p in (icc_a, icc_b)
+    ]
+    return bool(np.array_equal(outs[0], outs[1]))

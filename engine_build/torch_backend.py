@@ -1,9 +1,14 @@
 """PyTorch backend: the reference implementation, on CPU or CUDA, fp32 / fp16 / bf16, optional torch.compile.
 
-torch (and engine_build, which needs it) is imported inside the methods: the serving image does not
-ship torch, and importing this module must not fail there. The network is the same `TileGraph` the
-export stage traces (uint8 NHWC tile in, uint8 NHWC tile out), so this backend differs from the ONNX
-and TensorRT ones only in the engine.
+It lives on the build side (it needs torch and the model code); the service's backend registry names
+it by import path, so `service/` never imports it. The network is the same `TileGraph` the export
+stage traces (uint8 NHWC tile in, uint8 NHWC tile out), so this backend differs from the ONNX and
+TensorRT ones only in the engine. It is also the one wrapper the build tools (verify, parity, the
+reference CLI, the GPU check) run PyTorch through.
+
+Precision `auto`: fp32 on CPU; on CUDA bf16 from sm_80 on (fp32's range: GenDR's VAE decoder
+overflows fp16), else fp16 with the VAE decoder kept in fp32 when the export's activation scan said
+so (`decoder_fp32` in the manifest's fp16 variant). A non-finite output fails its batch.
 
 Instances share one module (one copy of the weights). On CUDA each instance has its own stream, so
 transfers and kernels of different instances overlap; on CPU instances share torch's intra-op pool.
@@ -21,6 +26,7 @@ import numpy as np
 
 from service.backends.base import BackendInfo, BackendUnavailable, timed_warmup
 from service.manifest import Manifest, TileGeometry, verify_artifact
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +68,7 @@ class TorchBackend:
         intra_op_threads: int = 0,
         selection_reason: str = "",
         module: Any = None,
+        decoder_fp32: bool | None = None,
     ) -> None:
         self.manifest = manifest
         self.model_dir = Path(model_dir)
@@ -74,6 +81,11 @@ class TorchBackend:
         self.threads = intra_op_threads
         self._reason = selection_reason
         self._module = module  # an nn.Module mapping [-1,1] NCHW → [-1,1] NCHW (tests, GPU check)
+        fp16 = manifest.onnx.get("fp16")
+        self.decoder_fp32 = (
+            bool(fp16.options.get("decoder_fp32")) if decoder_fp32 is None and fp16 else bool(decoder_fp32)
+        )
+        self._precision = "" if precision == "auto" else precision  # resolved at load() for auto
         self._graph: Any = None
         self._compiled: Any = None
         self._streams: list[Any] = []
@@ -85,11 +97,22 @@ class TorchBackend:
 
     @classmethod
     def from_module(
-        cls, net: Any, geometry: TileGeometry, *, name: str = "module", kind: str = "single", **kw: Any
+        cls,
+        net: Any,
+        geometry: TileGeometry | None = None,
+        *,
+        name: str = "module",
+        kind: str = "single",
+        **kw: Any,
     ) -> TorchBackend:
-        """Serve an in-memory network (random-weight GenDR for the GPU check, tests) without a repository."""
+        """Serve an in-memory network (random-weight GenDR for the GPU check, tests) without a repository.
+
+        Without a geometry the backend still runs any tile size (infer does not look at it); only
+        warmup() needs the real tile.
+        """
         from service.manifest import PipelineParams
 
+        geometry = geometry or TileGeometry(tile=64, overlap=0, graph_scale=1)
         manifest = Manifest(
             name=name,
             kind=kind,
@@ -98,6 +121,22 @@ class TorchBackend:
             pipeline=PipelineParams() if kind == "gendr" else None,
         )
         return cls(manifest, ".", module=net, **kw)
+
+    @classmethod
+    def from_settings(
+        cls, name: str, manifest: Manifest, model_dir: Path, settings: Settings, reason: str = ""
+    ) -> TorchBackend:
+        return cls(
+            manifest,
+            model_dir,
+            precision=settings.precision,
+            device_id=settings.device_id,
+            instances=settings.instances_per_device,
+            max_batch=settings.max_batch,
+            compile=settings.torch_compile,
+            intra_op_threads=settings.intra_op_threads,
+            selection_reason=reason,
+        )
 
     @property
     def info(self) -> BackendInfo:
@@ -115,10 +154,15 @@ class TorchBackend:
         )
 
     def _resolved_precision(self) -> str:
-        if self.precision != "auto":
-            return self.precision
-        dev = self._device or ""
-        return "fp16" if dev.startswith("cuda") else "fp32"
+        return self._precision or ("fp32" if self._device == "cpu" else "auto")
+
+    @staticmethod
+    def auto_precision(device: Any) -> str:
+        import torch
+
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
 
     def _load_net(self) -> Any:
         if self._module is not None:
@@ -152,7 +196,7 @@ class TorchBackend:
         dev = torch.device(self._device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailable("torch backend: CUDA requested but torch sees no GPU")
-        prec = self._resolved_precision()
+        prec = self._precision = self._precision or self.auto_precision(dev)
         if prec not in DTYPES:
             raise BackendUnavailable(f"torch backend runs {', '.join(DTYPES)}, not {prec}")
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[prec]
@@ -169,7 +213,12 @@ class TorchBackend:
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True  # static tile shapes: the autotuned choice is reused
         net = self._load_net()
-        self._graph = TileGraph(net, compute_dtype=dtype).to(dev, dtype).eval()
+        self._graph = TileGraph(net, compute_dtype=dtype, check_finite=True).to(dev, dtype).eval()
+        vae = getattr(net, "vae", None)
+        if prec == "fp16" and self.decoder_fp32 and vae is not None:
+            vae.decoder.float()  # GenDR.decode casts the latent to the decoder's dtype
+            if vae.post_quant_conv is not None:
+                vae.post_quant_conv.float()
         if self.compile:
             # one graph per batch size (static shapes), compiled during warmup on one thread
             for knob in ("recompile_limit", "cache_size_limit"):

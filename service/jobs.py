@@ -1,0 +1,405 @@
+"""The job store behind /v1/jobs (docs/jobs.md): long work as a job you poll instead of one long request.
+
+- A job is admitted exactly like POST /upscale (same checks, same tile reservation, same 503 +
+  Retry-After); the store only adds a bounded number of held jobs (`jobs_max`).
+- Progress comes from the runtime's per-batch callback (`UpscaleJob.progress`): tiles done of total.
+- Results and one small JSON record per job live under `jobs_dir`; records survive a restart, results
+  expire after `jobs_ttl_s` and the oldest expire early when the results exceed `jobs_max_bytes`.
+- Ids come from `secrets` (unguessable); with API keys, a job is visible only to the key that made it.
+- Drain: queued jobs (no tile done yet) fail with code `draining`; running jobs count as in-flight work,
+  so the app's drain waits for them, encode and write included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from service import images
+from service.errors import ImageTooLarge, NotFound, Overloaded, ServiceError
+from service.settings import Settings
+from service.upscale import DEADLINE_HEADER, Admitted
+
+log = logging.getLogger("gendr.jobs")
+
+ACTIVE = ("queued", "running")
+_ID_BYTES = 18  # 144 random bits → 24 url-safe characters
+
+
+class JobNotFound(NotFound):
+    status, code = 404, "job_not_found"
+
+
+class JobNotFinished(ServiceError):
+    status, code = 409, "job_not_finished"
+
+
+class JobFailed(ServiceError):
+    status, code = 409, "job_failed"
+
+
+class JobExpired(ServiceError):
+    status, code = 410, "job_expired"
+
+
+def owner_of(authorization: str | None, keys_enabled: bool) -> str | None:
+    """Who may see a job: a digest of the bearer key (never the key itself); None when the service is open."""
+    if not keys_enabled:
+        return None
+    token = (authorization or "").strip().partition(" ")[2].strip()
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _iso(t: float | None) -> str | None:
+    return None if t is None else datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class Job:
+    id: str
+    owner: str | None
+    model: str
+    tiles_total: int
+    out_width: int
+    out_height: int
+    format: str
+    created_at: float  # wall clock (records outlive the process)
+    seq: int = 0  # admission order within this process (queue position)
+    phase: str = "active"  # active | succeeded | failed | cancelled | expired
+    tiles_done: int = 0
+    started_mono: float | None = None  # when the first batch landed
+    first_batch: int = 0  # its tiles (not part of the measured rate: their time started earlier)
+    finished_at: float | None = None
+    result_bytes: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+    error: dict[str, Any] | None = None
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def state(self) -> str:
+        if self.phase != "active":
+            return self.phase
+        return "running" if self.tiles_done > 0 else "queued"
+
+    def add_tiles(self, n: int) -> None:
+        """Runtime callback (a batcher thread): `n` more tiles of this job are done."""
+        with self._lock:
+            if self.started_mono is None:
+                self.started_mono, self.first_batch = time.monotonic(), n
+            self.tiles_done += n
+
+    def record(self) -> dict[str, Any]:
+        keep = ("id", "owner", "model", "tiles_total", "out_width", "out_height", "format", "created_at")
+        rec = {k: getattr(self, k) for k in keep}
+        rec.update(
+            phase=self.phase,
+            tiles_done=self.tiles_done,
+            finished_at=self.finished_at,
+            result_bytes=self.result_bytes,
+            headers=self.headers,
+            error=self.error,
+        )
+        return rec
+
+
+class JobStore:
+    """Jobs of one app. All methods run on the event loop except `Job.add_tiles`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        pool: Any,
+        enter: Callable[[], None],
+        leave: Callable[[], None],
+        is_draining: Callable[[], bool],
+    ) -> None:
+        self.settings = settings
+        self._is_draining = is_draining
+        self.root = Path(settings.jobs_dir or Path(tempfile.gettempdir()) / "gendr-jobs")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._pool = pool
+        self._enter, self._leave = enter, leave
+        self._jobs: dict[str, Job] = {}
+        self._seq = 0
+        self._watcher: asyncio.Task[None] | None = None
+        self._load()
+
+    # ------------------------------------------------------------------ files
+
+    def _result_path(self, job: Job) -> Path:
+        return self.root / f"{job.id}.{job.format}"
+
+    def _record_path(self, job_id: str) -> Path:
+        return self.root / f"{job_id}.json"
+
+    def _save(self, job: Job) -> None:
+        tmp = self.root / f".{job.id}.json.tmp"
+        tmp.write_text(json.dumps(job.record()))
+        os.replace(tmp, self._record_path(job.id))
+
+    def _remove_files(self, job: Job, *, record: bool) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._result_path(job).unlink()
+        if record:
+            with contextlib.suppress(FileNotFoundError):
+                self._record_path(job.id).unlink()
+
+    @staticmethod
+    def _read(path: Path) -> Job | None:
+        try:
+            rec = json.loads(path.read_text())
+            return Job(**{k: v for k, v in rec.items() if k in Job.__dataclass_fields__})
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def _load(self) -> None:
+        """Records of an earlier process: finished jobs stay readable; unfinished ones were interrupted."""
+        for p in sorted(self.root.glob("*.json")):
+            job = self._read(p)
+            if job is None:
+                log.warning("ignoring unreadable job record %s", p.name)
+                continue
+            if job.phase == "active":
+                job.phase, job.finished_at = "failed", time.time()
+                job.error = {"code": "interrupted", "message": "the server stopped before this job finished"}
+                self._save(job)
+            if job.phase == "succeeded" and not self._result_path(job).is_file():
+                job.phase = "expired"
+            self._jobs[job.id] = job
+        self.sweep()
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def sweep(self) -> None:
+        """Forget jobs finished more than `jobs_ttl_s` ago and enforce the byte cap."""
+        now = time.time()
+        for job in list(self._jobs.values()):
+            if job.finished_at is not None and now - job.finished_at > self.settings.jobs_ttl_s:
+                del self._jobs[job.id]
+                self._remove_files(job, record=True)
+        self._enforce_bytes()
+
+    def stored_bytes(self) -> int:
+        return sum(j.result_bytes for j in self._jobs.values() if j.phase == "succeeded")
+
+    def _enforce_bytes(self, keep: str | None = None) -> None:
+        over = self.stored_bytes() - self.settings.jobs_max_bytes
+        for job in sorted(self._jobs.values(), key=lambda j: j.finished_at or 0.0):
+            if over <= 0:
+                return
+            if job.phase == "succeeded" and job.id != keep:
+                over -= job.result_bytes
+                job.phase = "expired"
+                self._remove_files(job, record=False)
+                self._save(job)
+                log.info("job %s: result expired early (jobs_max_bytes)", job.id)
+
+    def make_room(self) -> None:
+        """Before admitting a job: at `jobs_max`, drop the oldest finished job, or 503 if none is finished."""
+        self.sweep()
+        if len(self._jobs) < self.settings.jobs_max:
+            return
+        done = [j for j in self._jobs.values() if j.phase != "active"]
+        if not done:
+            raise Overloaded(
+                f"{len(self._jobs)} jobs are unfinished (the limit is {self.settings.jobs_max})",
+                retry_after_s=self.settings.retry_after_s,
+            )
+        oldest = min(done, key=lambda j: j.finished_at or 0.0)
+        del self._jobs[oldest.id]
+        self._remove_files(oldest, record=True)
+
+    def get(self, job_id: str, owner: str | None) -> Job:
+        """The job, if it exists and `owner` may see it (others get the same 404 as for no job at all)."""
+        self.sweep()
+        job = self._jobs.get(job_id) or self._from_disk(job_id)
+        if job is None or (job.owner is not None and not secrets.compare_digest(job.owner, owner or "")):
+            raise JobNotFound(f"no job {job_id!r} (finished jobs are kept {self.settings.jobs_ttl_s:g} s)")
+        return job
+
+    def _from_disk(self, job_id: str) -> Job | None:
+        """A finished job of another process sharing `jobs_dir` (a replica, or before a restart)."""
+        job = self._read(self._record_path(job_id))
+        if job is None or job.phase == "active" or job.id != job_id:
+            return None  # still running over there: only that process knows its progress
+        if job.phase == "succeeded" and not self._result_path(job).is_file():
+            job.phase = "expired"
+        self._jobs[job.id] = job
+        return job
+
+    def result_path(self, job: Job) -> Path:
+        if job.state in ACTIVE:
+            raise JobNotFinished(f"job {job.id} is {job.state}; poll GET /v1/jobs/{job.id}")
+        if job.phase == "expired":
+            raise JobExpired(f"the result of job {job.id} was removed to make room (jobs_max_bytes)")
+        if job.phase != "succeeded":
+            err = job.error or {}
+            raise JobFailed(f"job {job.id} {job.phase}: {err.get('message', 'no result')}")
+        return self._result_path(job)
+
+    def unfinished_ahead(self, job: Job) -> list[Job]:
+        return [
+            j for j in self._jobs.values() if j.phase == "active" and j.model == job.model and j.seq < job.seq
+        ]
+
+    # ------------------------------------------------------------------ running
+
+    def start(self, a: Admitted, owner: str | None) -> Job:
+        """Take over an admitted request (its reservation included) and run it in the background."""
+        try:
+            self._seq += 1
+            job = Job(
+                id=secrets.token_urlsafe(_ID_BYTES),
+                owner=owner,
+                model=a.model.name,
+                tiles_total=a.tiles,
+                out_width=a.job.out_width,
+                out_height=a.job.out_height,
+                format=a.fmt,
+                created_at=time.time(),
+                seq=self._seq,
+            )
+            deadline = a.job.deadline
+            if a.params.deadline_ms is None and DEADLINE_HEADER not in a.request.headers:
+                deadline = a.reservation.created + self.settings.max_deadline_s  # jobs are for long work
+            up = replace(a.job, deadline=deadline, progress=job.add_tiles)
+            self._save(job)
+        except BaseException:
+            a.reservation.release()
+            raise
+        self._jobs[job.id] = job
+        self._enter()  # the app's drain waits for this job like for a request in flight
+        job.task = asyncio.get_running_loop().create_task(self._run(job, a, up), name=f"gendr-job-{job.id}")
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_drain(), name="gendr-jobs")
+        return job
+
+    async def _run(self, job: Job, a: Admitted, up: Any) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            outcome = await a.model.upscale(up, a.reservation)
+            s = self.settings
+            body = await loop.run_in_executor(
+                self._pool, images.encode, outcome.image, a.decoded, a.fmt, a.quality, s.png_compress_level
+            )
+            del outcome
+            if len(body) > s.jobs_max_bytes:
+                raise ImageTooLarge(f"the result ({len(body)} bytes) exceeds the job store's jobs_max_bytes")
+            await loop.run_in_executor(self._pool, self._write, job, body)
+            job.result_bytes = len(body)
+            job.headers = {
+                "X-Model": a.model.name,
+                "X-Backend": a.model.info.name,
+                "X-Precision": a.model.info.precision,
+                "X-Tiles": str(job.tiles_total),
+                "X-Image-Size": f"{job.out_width}x{job.out_height}",
+            }
+            job.phase = "succeeded"
+        except asyncio.CancelledError:
+            if job.phase == "active":
+                job.phase = "cancelled"
+                job.error = {"code": "cancelled", "message": "the job was cancelled"}
+        except ServiceError as e:
+            job.phase = "failed"
+            job.error = {"code": e.code, "message": e.message}
+        except Exception as e:
+            log.exception("job %s failed", job.id)
+            job.phase = "failed"
+            job.error = {"code": "internal_error", "message": f"internal error ({type(e).__name__})"}
+        finally:
+            a.reservation.release()
+            if job.finished_at is None:
+                job.finished_at = time.time()
+            if job.phase == "failed":
+                log.info("job %s failed: %s", job.id, (job.error or {}).get("message"))
+            with contextlib.suppress(OSError):
+                if job.id in self._jobs:
+                    self._save(job)
+                    if job.phase == "succeeded":
+                        self._enforce_bytes(keep=job.id)
+            self._leave()
+
+    def _write(self, job: Job, body: bytes) -> None:
+        tmp = self.root / f".{job.id}.tmp"
+        tmp.write_bytes(body)
+        os.replace(tmp, self._result_path(job))
+
+    async def _watch_drain(self) -> None:
+        """While jobs are unfinished: once the app drains, fail the ones whose tiles have not started."""
+        while any(j.phase == "active" for j in self._jobs.values()):
+            if self._is_draining():
+                for j in list(self._jobs.values()):
+                    if j.state == "queued" and j.task is not None:
+                        j.phase, j.finished_at = "failed", time.time()
+                        j.error = {
+                            "code": "draining",
+                            "message": "the server shut down before this job started; submit it again",
+                        }
+                        j.task.cancel()
+            await asyncio.sleep(0.05)
+
+    async def cancel(self, job: Job) -> None:
+        """DELETE: stop an unfinished job (its unrun tiles are dropped) and forget it, result included."""
+        if job.phase == "active" and job.task is not None:
+            job.phase, job.finished_at = "cancelled", time.time()
+            job.error = {"code": "cancelled", "message": "the job was cancelled"}
+            job.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await job.task
+        self._jobs.pop(job.id, None)
+        self._remove_files(job, record=True)
+
+    def describe(self, job: Job, runtime: Any) -> dict[str, Any]:
+        """The job as GET /v1/jobs/{id} returns it: state, progress, queue position, ETA."""
+        state = job.state
+        out: dict[str, Any] = {
+            "id": job.id,
+            "state": state,
+            "model": job.model,
+            "tiles": {"done": job.tiles_done, "total": job.tiles_total},
+            "progress": round(job.tiles_done / max(1, job.tiles_total), 4),
+            "queue_position": None,
+            "eta_s": None,
+            "created_at": _iso(job.created_at),
+            "finished_at": _iso(job.finished_at),
+            "output": {"width": job.out_width, "height": job.out_height, "format": job.format},
+            "result_url": f"/v1/jobs/{job.id}/result" if state == "succeeded" else None,
+            "error": job.error,
+        }
+        if state == "succeeded":
+            out["output"]["bytes"] = job.result_bytes
+        if state in ACTIVE:
+            ahead = self.unfinished_ahead(job)
+            out["queue_position"] = 0 if state == "running" else len(ahead)
+            out["eta_s"] = self._eta(job, ahead, runtime)
+        return out
+
+    def _eta(self, job: Job, ahead: list[Job], runtime: Any) -> float | None:
+        """Remaining tiles (own, plus those of jobs ahead) over measured throughput (tiles per second)."""
+        rate = None
+        measured = job.tiles_done - job.first_batch
+        if job.started_mono is not None and measured > 0:
+            rate = measured / max(1e-3, time.monotonic() - job.started_mono)
+        if rate is None:
+            with contextlib.suppress(Exception):
+                rate = float(runtime.get(job.model).batcher.tiles_per_s)
+        if not rate:
+            return None
+        left = job.tiles_total - job.tiles_done
+        if job.state == "queued":
+            left += sum(j.tiles_total - j.tiles_done for j in ahead)
+        return round(left / rate, 3)

@@ -1,0 +1,187 @@
+// gendr-serve web page: upload → POST /v1/jobs → poll GET /v1/jobs/{id} → fetch the result.
+// Plain browser JavaScript, no build step, no dependencies (docs/jobs.md describes the API).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const POLL_MS = 250;
+let file = null;
+let current = null; // {id, xhr, stopped}
+let urls = [];
+
+function keyHeader() {
+  const key = $("api-key").value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+async function errorMessage(response) {
+  try {
+    const body = await response.json();
+    if (body && body.error && body.error.message) {
+      return `${body.error.message} (${body.error.code})`;
+    }
+  } catch (_) { /* not JSON */ }
+  return `HTTP ${response.status}`;
+}
+
+function setProgress(value, text) {
+  $("progress-box").hidden = false;
+  $("progress").value = Math.max(0, Math.min(1, value));
+  $("status").textContent = text;
+}
+
+function pickFile(f) {
+  if (!f) return;
+  file = f;
+  $("drop-text").textContent = `${f.name} (${Math.round(f.size / 1024)} KiB)`;
+  $("go").disabled = false;
+  showError("");
+}
+
+function query() {
+  const q = new URLSearchParams();
+  const add = (name, id) => { const v = $(id).value.trim(); if (v) q.set(name, v); };
+  add("model", "model");
+  const mode = $("size-mode").value;
+  if (mode === "scale") add("scale", "scale");
+  if (mode === "size") { add("width", "width"); add("height", "height"); }
+  add("format", "format");
+  add("color_fix", "color-fix");
+  return q.toString();
+}
+
+// XMLHttpRequest, not fetch: only it reports upload progress.
+function upload(url, blob) {
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    current.xhr = xhr;
+    xhr.open("POST", url);
+    for (const [k, v] of Object.entries(keyHeader())) xhr.setRequestHeader(k, v);
+    xhr.setRequestHeader("Content-Type", blob.type || "application/octet-stream");
+    xhr.upload.onprogress = (e) => {
+      if (e.lengthComputable) setProgress(0.1 * e.loaded / e.total, `Uploading ${Math.round(100 * e.loaded / e.total)} %`);
+    };
+    xhr.onload = () => resolve(new Response(xhr.response, { status: xhr.status, headers: { "Content-Type": "application/json" } }));
+    xhr.onerror = () => reject(new Error("the upload failed (network error)"));
+    xhr.onabort = () => reject(new Error("cancelled"));
+    xhr.send(blob);
+  });
+}
+
+function describe(job) {
+  const t = job.tiles;
+  const eta = job.eta_s != null ? `, about ${Math.ceil(job.eta_s)} s left` : "";
+  if (job.state === "queued") {
+    return [0.1, `Queued (${job.queue_position} job(s) ahead${eta})`];
+  }
+  if (job.state === "running") {
+    return [0.1 + 0.85 * t.done / Math.max(1, t.total), `Tiles ${t.done} of ${t.total}${eta}`];
+  }
+  return [1, job.state];
+}
+
+async function run(ev) {
+  ev.preventDefault();
+  if (!file) return;
+  showError("");
+  $("result").hidden = true;
+  $("go").disabled = true;
+  $("cancel").hidden = false;
+  current = { id: null, xhr: null, stopped: false };
+  const me = current;
+  try {
+    const q = query();
+    const r = await upload(`/v1/jobs${q ? "?" + q : ""}`, file);
+    if (r.status !== 202) throw new Error(await errorMessage(r));
+    let job = await r.json();
+    me.id = job.id;
+    while (job.state === "queued" || job.state === "running") {
+      setProgress(...describe(job));
+      await new Promise((ok) => setTimeout(ok, POLL_MS));
+      if (me.stopped) return;
+      const s = await fetch(`/v1/jobs/${job.id}`, { headers: keyHeader() });
+      if (!s.ok) throw new Error(await errorMessage(s));
+      job = await s.json();
+    }
+    if (job.state !== "succeeded") {
+      const e = job.error || {};
+      throw new Error(`${e.message || "the job " + job.state} (${e.code || job.state})`);
+    }
+    setProgress(0.97, "Downloading the result");
+    const res = await fetch(job.result_url, { headers: keyHeader() });
+    if (!res.ok) throw new Error(await errorMessage(res));
+    show(await res.blob(), job);
+    setProgress(1, `Done: ${job.tiles.total} tiles`);
+  } catch (e) {
+    if (!me.stopped) { showError(e.message); $("progress-box").hidden = true; }
+  } finally {
+    if (current === me) { $("go").disabled = false; $("cancel").hidden = true; }
+  }
+}
+
+function show(blob, job) {
+  urls.forEach(URL.revokeObjectURL);
+  urls = [URL.createObjectURL(file), URL.createObjectURL(blob)];
+  $("before").src = urls[0];
+  $("after").src = urls[1];
+  $("download").href = urls[1];
+  $("download").download = file.name.replace(/\.[^.]*$/, "") + "-upscaled." + job.output.format.replace("jpeg", "jpg");
+  $("result-size").textContent = `${job.output.width} × ${job.output.height}`;
+  $("result").dataset.width = job.output.width;
+  $("result").dataset.height = job.output.height;
+  $("result").hidden = false;
+  applyZoom();
+}
+
+function applyZoom() {
+  const z = $("zoom").value;
+  const w = Number($("result").dataset.width || 0);
+  $("compare").style.width = z === "fit" ? "100%" : `${w * Number(z)}px`;
+}
+
+async function cancel() {
+  const me = current;
+  if (!me) return;
+  me.stopped = true;
+  if (me.xhr) me.xhr.abort();
+  if (me.id) await fetch(`/v1/jobs/${me.id}`, { method: "DELETE", headers: keyHeader() });
+  $("progress-box").hidden = true;
+  $("go").disabled = false;
+  $("cancel").hidden = true;
+}
+
+async function loadModels() {
+  try {
+    const r = await fetch("/v1/models");
+    if (!r.ok) return;
+    const body = await r.json();
+    for (const m of body.data) {
+      const o = document.createElement("option");
+      o.value = m.name;
+      o.textContent = `${m.name} (×${m.native_scale}, ${m.backend})${m.name === body.default ? " *" : ""}`;
+      $("model").append(o);
+    }
+  } catch (_) { /* the page still works with the default model */ }
+}
+
+function init() {
+  const drop = $("drop");
+  $("file").addEventListener("change", () => pickFile($("file").files[0]));
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); pickFile(e.dataTransfer.files[0]); });
+  $("size-mode").addEventListener("change", () => { $("form").dataset.mode = $("size-mode").value; });
+  $("slider").addEventListener("input", () => $("compare").style.setProperty("--split", `${$("slider").value}%`));
+  $("zoom").addEventListener("change", applyZoom);
+  $("form").addEventListener("submit", run);
+  $("cancel").addEventListener("click", cancel);
+  $("api-key").value = sessionStorage.getItem("gendr-api-key") || "";
+  $("api-key").addEventListener("change", () => sessionStorage.setItem("gendr-api-key", $("api-key").value));
+  loadModels();
+}
+
+document.addEventListener("DOMContentLoaded", init);

@@ -1,0 +1,153 @@
+"""The web page at `/` in a real browser: Debian's headless Chromium driven by Selenium and chromedriver.
+
+A real photo goes through the page against a real gendr-serve (fake backend, engine gated by the test),
+so the progress bar is seen at "Tiles 1 of N" before the result appears. Skipped without Chromium
+(fails under CI=true: .ci/install-system-packages.sh installs it). GENDR_WEB_SCREENSHOT=path keeps
+the screenshot (docs/web-page.png was made so).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from http_helpers import encode, small
+from PIL import Image
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+def _missing(what: str) -> None:
+    msg = f"{what} is missing (apt-get install chromium chromium-driver; .ci/install-system-packages.sh)"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(msg, pytrace=False)
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    for p in (CHROMIUM, CHROMEDRIVER):
+        if not p.exists():
+            _missing(str(p))
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # selenium-manager must never download a browser
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        "--window-size=1200,1100",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+    ):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    from live_server import live_server
+
+    with live_server(tmp_path_factory.mktemp("web"), GENDR_MAX_BATCH="1") as srv:
+        yield srv
+
+
+def _wait(driver: object, pred: object, timeout: float = 30) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, timeout, poll_frequency=0.02).until(pred)
+
+
+def test_upload_a_photo_see_progress_and_compare(browser: object, server: object, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    d, srv = browser, server
+    photo = tmp_path / "astronaut.png"
+    photo.write_bytes(encode(small("astronaut.png", 160)))
+    d.get(srv.url + "/")  # type: ignore[attr-defined]
+    assert d.title.startswith("gendr-serve")  # type: ignore[attr-defined]
+    _wait(d, lambda d: len(Select(d.find_element(By.ID, "model")).options) == 2)  # /v1/models loaded
+    d.find_element(By.ID, "file").send_keys(str(photo))  # type: ignore[attr-defined]
+    Select(d.find_element(By.ID, "size-mode")).select_by_value("scale")  # type: ignore[attr-defined]
+    scale = d.find_element(By.ID, "scale")  # type: ignore[attr-defined]
+    scale.clear()
+    scale.send_keys("2")
+
+    srv.hold(allow=1)  # type: ignore[attr-defined]
+    d.find_element(By.ID, "go").click()  # type: ignore[attr-defined]
+    status = d.find_element(By.ID, "status")  # type: ignore[attr-defined]
+    _wait(d, lambda _: status.text.startswith("Tiles 1 of "))
+    bar = float(d.find_element(By.ID, "progress").get_attribute("value"))  # type: ignore[attr-defined]
+    assert 0.1 < bar < 0.95
+    srv.release()  # type: ignore[attr-defined]
+    _wait(d, lambda _: status.text.startswith("Done"))
+
+    after = d.find_element(By.ID, "after")  # type: ignore[attr-defined]
+    _wait(d, lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", after))
+    size = d.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", after)  # type: ignore[attr-defined]
+    assert size == [320, 320]
+    assert d.find_element(By.ID, "result-size").text == "320 × 320"  # type: ignore[attr-defined]
+    assert not d.find_element(By.ID, "error").is_displayed()  # type: ignore[attr-defined]
+
+    d.execute_script(  # type: ignore[attr-defined]
+        "const s = document.getElementById('slider'); s.value = 30; s.dispatchEvent(new Event('input'))"
+    )
+    clip = d.execute_script("return getComputedStyle(document.getElementById('before')).clipPath")  # type: ignore[attr-defined]
+    assert "70%" in clip  # the input covers the left 30 %: the result shows on the right
+
+    shot = Image.open(io.BytesIO(d.get_screenshot_as_png()))  # type: ignore[attr-defined]
+    px = np.asarray(shot.convert("RGB"), dtype=np.float32)
+    assert shot.width >= 1000 and px.std() > 20  # something rendered, not a blank page
+    box = after.rect
+    crop = px[int(box["y"]) : int(box["y"] + min(box["height"], 200)), int(box["x"]) : int(box["x"] + 200)]
+    assert crop.size and crop.std() > 20  # the photo itself is on screen
+    keep = os.environ.get("GENDR_WEB_SCREENSHOT")
+    if keep:
+        shot.save(keep, optimize=True)
+
+
+def test_errors_show_the_json_message(browser: object, server: object, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    d, srv = browser, server
+    bad = tmp_path / "not-a-photo.png"
+    bad.write_bytes(b"this is text, not an image")
+    srv.release()  # type: ignore[attr-defined]
+    d.get(srv.url + "/")  # type: ignore[attr-defined]
+    d.find_element(By.ID, "file").send_keys(str(bad))  # type: ignore[attr-defined]
+    d.find_element(By.ID, "go").click()  # type: ignore[attr-defined]
+    err = d.find_element(By.ID, "error")  # type: ignore[attr-defined]
+    _wait(d, lambda _: err.is_displayed() and err.text)
+    assert "(unsupported_media_type)" in err.text
+    assert not d.find_element(By.ID, "result").is_displayed()  # type: ignore[attr-defined]
+
+
+def test_static_files_are_served_without_a_cdn(server: object) -> None:
+    import httpx
+
+    base = server.url  # type: ignore[attr-defined]
+    page = httpx.get(base + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for asset in ("/static/app.js", "/static/style.css"):
+        r = httpx.get(base + asset)
+        assert r.status_code == 200 and "http://" not in r.text and "https://" not in r.text
+    assert "https://" not in page.text and "http://" not in page.text
+    missing = httpx.get(base + "/static/nope.js")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"

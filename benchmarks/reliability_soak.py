@@ -38,6 +38,7 @@ from _common import ROOT, machine
 
 sys.path.insert(0, str(ROOT / "tests" / "reliability"))
 from reliability_helpers import (
+    DEPLOYED_ALLOCATOR,
     encode,
     jpeg_with_size,
     noise,
@@ -50,10 +51,6 @@ from reliability_helpers import (
 TIMEOUT_S = 30.0  # a request slower than this is a hang
 EXPECTED_5XX = {503, 504}
 PNG = {"content-type": "image/png"}
-# What the Dockerfile, docker-compose.yml and k8s/base/deployment.yaml set (tests/reliability checks them).
-DEPLOYED_ALLOCATOR: dict[str, str | None] = {
-    "MALLOC_ARENA_MAX": "2"
-}  # documented: overloaded/draining and deadline_exceeded
 
 
 def _image(rng: random.Random, big: bool) -> bytes:
@@ -328,9 +325,7 @@ def main() -> int:
     ap.add_argument("--fuzz", type=int, default=300, help="schemathesis cases per operation")
     ap.add_argument("--mutations", type=int, default=2000)
     ap.add_argument("--drain-rounds", type=int, default=5)
-    ap.add_argument(
-        "--compare-default-malloc", action="store_true", help="also soak without MALLOC_ARENA_MAX"
-    )
+    ap.add_argument("--compare-default-malloc", action="store_true", help="also soak with glibc's defaults")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "reliability_soak.json")
     ap.add_argument("--max-minutes", type=float, default=30)
     args = ap.parse_args()

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from engine_build.errors import BuildError
 from engine_build.model import GenDR, build_gendr, build_unet, build_vae
 from engine_build.presets import PROMPT_TOKENS
 from service.manifest import PipelineParams
@@ -38,7 +39,7 @@ CONVERT_HINT = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BuildError, ValueError):
     """A checkpoint that is missing parts, unsafe, corrupt or inconsistent with its config."""
 
 

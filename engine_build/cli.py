@@ -11,6 +11,8 @@ import importlib
 import logging
 import sys
 
+from engine_build.errors import BuildError
+
 COMMAND_MODULES = [
     "engine_build.commands.reference",  # make-tiny, upscale
     "engine_build.commands.export",  # export, verify
@@ -43,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
+    except BuildError as e:  # every build error, one line on stderr, exit 2 (commands need not catch)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

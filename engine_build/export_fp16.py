@@ -37,7 +37,7 @@ FP16_OVERFLOW_LIMIT = 8192.0
 
 @dataclass(frozen=True)
 class Fp16Options:
-    """Where the fp16 graph keeps fp32 (DESIGN.md §2: fp16 overflows or loses precision there)."""
+    """Where the fp16 graph keeps fp32: where fp16 overflows or loses precision (docs/architecture.md)."""
 
     norms: Literal["fp32", "fp16"] = "fp32"  # GroupNorm / LayerNorm statistics (sum of squares)
     attention: Literal["fp32", "fp16"] = "fp32"  # Q·Kᵀ and softmax (SD2.1 needs upcast_attention)
@@ -142,6 +142,7 @@ def convert_graph_fp16(
     decoder_fp32: bool,
     external_data: bool | None,
     tile: int,
+    trt_strict: bool = True,
 ) -> tuple[Path, Path | None, dict[str, Any]]:
     """fp32 ONNX file → fp16 ONNX folder (checked like every export) and the conversion report."""
     from engine_build.fp16 import DECODER_SCOPES, convert_to_fp16, fp32_nodes
@@ -161,7 +162,7 @@ def convert_graph_fp16(
         raw = tmp / GRAPH_FILE
         save_onnx(model, raw, _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD)
         del model
-        graph, data = finalize_onnx(raw, dst_dir, tile_out, external_data, (tile, tile, 3))
+        graph, data = finalize_onnx(raw, dst_dir, tile_out, external_data, (tile, tile, 3), trt_strict)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return graph, data, {"fp32_node_patterns": patterns, **rep.as_dict()}

@@ -10,6 +10,7 @@ import logging
 import shutil
 import subprocess
 
+from engine_build.errors import BuildError
 from service.hardware import GpuInfo, gpu_info, import_cudart
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
 }
 
 
-class TrtBuildError(RuntimeError):
+class TrtBuildError(BuildError, RuntimeError):
     """A build that cannot run here (no TensorRT, no GPU, wrong GPU) or failed; one-line message."""
 
 

@@ -1,4 +1,4 @@
-"""GenDR in PyTorch, built from diffusers classes (DESIGN.md §1).
+"""GenDR in PyTorch, built from diffusers classes (docs/model.md).
 
 `GenDR` holds the VAE, the UNet, the fixed prompt embeddings and the pipeline parameters; it runs
 the one-step pipeline on a [-1, 1] image. `TileGraph` wraps any image-to-image network as the

@@ -1,7 +1,7 @@
 """Architecture presets for GenDR (diffusers configs) and the pipeline metadata defaults.
 
 `gendr` is the published architecture (SD2.1 UNet with 16 latent channels + the 16-channel f8 VAE,
-DESIGN.md §1). `tiny` uses the same classes at a few MB so tests and demos run on a laptop CPU.
+docs/model.md). `tiny` uses the same classes at a few MB so tests and demos run on a laptop CPU.
 """
 
 from __future__ import annotations

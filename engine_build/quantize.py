@@ -1,4 +1,5 @@
-"""Post-training quantization (int8 / fp8) of the tile graph with NVIDIA ModelOpt: explicit Q/DQ ONNX.
+"""Post-training quantization (int8 / fp8) of the tile graph: explicit Q/DQ ONNX, from NVIDIA ModelOpt
+(TensorRT's form, fp8) or ONNX Runtime's quantizer (the CPU int8 graph: engine_build/quantize_ort.py).
 
 TensorRT 10/11 networks are strongly typed: precision comes from the ONNX, so int8 and fp8 engines are
 built from graphs that carry QuantizeLinear/DequantizeLinear pairs with calibrated scales. This step
@@ -13,7 +14,8 @@ writes them into the repository as `onnx/int8/` and `onnx/fp8/`.
 - Excluded from quantization (regexes over ONNX node names; configurable): conv_in, conv_out, the
   time embedding, norm_out and proj_out — first/last layers and the conditioning path, where int8
   error is known to hurt diffusion models most.
-- int8 graphs use only standard ONNX ops and run in ONNX Runtime CPU (verify measures them). fp8
+- int8 graphs use only standard ONNX ops and run in ONNX Runtime CPU; each gets a parity figure (PSNR
+  vs fp32 on held-out real-photo tiles) that `auto` on onnxruntime-cpu checks against 40 dB. fp8
   graphs use FLOAT8E4M3FN Q/DQ (opset 19), the form TensorRT consumes; fp8 engines need compute
   capability ≥ 8.9 (L20, H100), so targeting an A10 is refused here already.
 """
@@ -64,6 +66,9 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
 QUANT_PRECISIONS = ("int8", "fp8")
 FP8_MIN_CC = (8, 9)
 QUANTIZE_FORMAT = 1
+QUANT_TOOLS = ("auto", "ort", "modelopt")
+#: Held-out parity tiles are cut with this seed offset, never the calibration crops.
+PARITY_SEED_OFFSET = 1000
 
 
 class QuantizeError(RuntimeError):
@@ -157,8 +162,16 @@ def quantize_model(
     force: bool = False,
     calib_batch: int = 1,
     calib_ep: str = "cpu",
+    tool: str = "auto",
+    parity_tiles: int = 8,
+    parity_photos: str | Path | None = "builtin",
 ) -> QuantizeResult:
-    """Write onnx/<precision>/ (Q/DQ) from the repository's fp16 (or fp32) graph; idempotent."""
+    """Write onnx/<precision>/ (Q/DQ) from the repository's fp16 (or fp32) graph; idempotent.
+
+    tool: `ort` (ONNX Runtime's quantize_static, the CPU int8 path), `modelopt` (TensorRT's form, and
+    the only fp8 path) or `auto` (ort for int8 from the fp32 graph, else modelopt). int8 graphs get a
+    parity figure against fp32 on held-out real-photo tiles, which `auto` on onnxruntime-cpu reads.
+    """
     model_dir = Path(model_dir)
     if precision not in QUANT_PRECISIONS:
         raise QuantizeError(f"precision must be one of {QUANT_PRECISIONS}, got {precision!r}")
@@ -174,8 +187,12 @@ def quantize_model(
         raise QuantizeError(
             f"--tiles {n_tiles} must be a positive multiple of the calibration batch {calib_batch}"
         )
+    if tool == "auto":
+        tool = "ort" if precision == "int8" and base == "fp32" else "modelopt"
+    if tool not in QUANT_TOOLS or (tool == "ort" and precision != "int8"):
+        raise QuantizeError(f"tool must be one of {QUANT_TOOLS} (ort: int8 only), got {tool!r}")
     if method == "auto":
-        method = "entropy" if precision == "int8" else "max"
+        method = "minmax" if tool == "ort" else "entropy" if precision == "int8" else "max"
     base_v = manifest.onnx[base]
     tiles = calibration_tiles(manifest, calib, n_tiles, seed)
     calib_digest = hashlib.sha256(tiles.tobytes()).hexdigest()
@@ -189,6 +206,9 @@ def quantize_model(
         "excludes": list(excludes),
         "method": method,
         "calib_batch": calib_batch,
+        "tool": tool,
+        "parity_tiles": parity_tiles if precision == "int8" else 0,
+        "parity_photos": str(parity_photos),
         "versions": _modelopt_versions(),
     }
     key = hash_inputs("quantize", options)
@@ -196,37 +216,30 @@ def quantize_model(
     if not force and _variant_ok(model_dir, manifest.onnx.get(precision), key):
         log.info("onnx %s: up to date (key %s…), skipped", precision, key[:12])
         return QuantizeResult(model_dir, manifest, precision, True, time.perf_counter() - t0, n_tiles)
-    quantize = _import_modelopt()
     src = model_dir / base_v.graph.path
     tmp = _tmp_dir(model_dir / ONNX_DIR, precision)
     t = manifest.tile.tile
+    tool_info: dict[str, Any] = {}
     try:
         raw = tmp / "raw"
         raw.mkdir()
         log.info(
-            "quantize %s: ModelOpt %s calibration (%s) on %d real-photo tiles from the %s graph",
+            "quantize %s: %s %s calibration (%s) on %d real-photo tiles from the %s graph",
             precision,
+            tool,
             precision,
             method,
             n_tiles,
             base,
         )
-        try:
-            quantize(
-                onnx_path=str(src),
-                quantize_mode=precision,
-                calibration_data={base_v.input_name: tiles},
-                calibration_method=method,
-                calibration_shapes=f"{base_v.input_name}:{calib_batch}x{t}x{t}x3",
-                calibration_eps=[calib_ep],
-                nodes_to_exclude=list(excludes) or None,
-                use_external_data_format=base_v.external_data is not None,
-                output_path=str(raw / GRAPH_FILE),
-                high_precision_dtype="fp32",  # keep the base graph's dtypes (see the module docstring)
-                log_level="WARNING",
+        if tool == "ort":
+            tool_info = _ort_quantize(
+                src, raw / GRAPH_FILE, base_v.input_name, tiles, excludes, method, calib_batch
             )
-        except Exception as e:  # ModelOpt raises many types
-            raise QuantizeError(f"ModelOpt {precision} quantization failed: {type(e).__name__}: {e}") from e
+        else:
+            _modelopt_quantize(
+                src, raw / GRAPH_FILE, base_v, tiles, precision, method, excludes, calib_batch, calib_ep, t
+            )
         final = tmp / "final"
         try:
             data_path = finalize_onnx(raw / GRAPH_FILE, final, manifest.tile.out_tile, None, (t, t, 3))[1]
@@ -238,11 +251,20 @@ def quantize_model(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     n_qdq = _count_qdq(target / GRAPH_FILE)
-    seconds = time.perf_counter() - t0
     quant_info: dict[str, Any] = {k: v for k, v in options.items() if k != "versions"}
     quant_info.update(
-        {"quantize_linear_nodes": n_qdq, "tool": "nvidia-modelopt", "versions": options["versions"]}
+        {
+            "quantize_linear_nodes": n_qdq,
+            "tool": "onnxruntime.quantization" if tool == "ort" else "nvidia-modelopt",
+            "versions": options["versions"],
+            **tool_info,
+        }
     )
+    if precision == "int8" and parity_tiles > 0:
+        quant_info["parity"] = _int8_parity(
+            model_dir, manifest, base_v, target / GRAPH_FILE, parity_photos, parity_tiles, seed
+        )
+    seconds = time.perf_counter() - t0
     if target_note:
         quant_info["target"] = target_note
     variant = OnnxVariant(
@@ -265,6 +287,93 @@ def quantize_model(
     write_manifest(model_dir, manifest)
     log.info("onnx %s: %d Q/DQ pairs, %.1f s", precision, n_qdq, seconds)
     return QuantizeResult(model_dir, manifest, precision, False, seconds, n_tiles)
+
+
+def _modelopt_quantize(
+    src: Path,
+    dst: Path,
+    base_v: OnnxVariant,
+    tiles: np.ndarray,
+    precision: str,
+    method: str,
+    excludes: Sequence[str],
+    calib_batch: int,
+    calib_ep: str,
+    t: int,
+) -> None:
+    quantize = _import_modelopt()
+    try:
+        quantize(
+            onnx_path=str(src),
+            quantize_mode=precision,
+            calibration_data={base_v.input_name: tiles},
+            calibration_method=method,
+            calibration_shapes=f"{base_v.input_name}:{calib_batch}x{t}x{t}x3",
+            calibration_eps=[calib_ep],
+            nodes_to_exclude=list(excludes) or None,
+            use_external_data_format=base_v.external_data is not None,
+            output_path=str(dst),
+            high_precision_dtype="fp32",  # keep the base graph's dtypes (see the module docstring)
+            log_level="WARNING",
+        )
+    except Exception as e:  # ModelOpt raises many types
+        raise QuantizeError(f"ModelOpt {precision} quantization failed: {type(e).__name__}: {e}") from e
+
+
+def _ort_quantize(
+    src: Path,
+    dst: Path,
+    input_name: str,
+    tiles: np.ndarray,
+    excludes: Sequence[str],
+    method: str,
+    calib_batch: int,
+) -> dict[str, Any]:
+    from engine_build.quantize_ort import OrtQuantizeError, quantize_static_int8, select_nodes
+
+    try:
+        return quantize_static_int8(
+            src,
+            dst,
+            input_name,
+            tiles,
+            exclude_nodes=select_nodes(src, excludes),
+            method=method,
+            batch=calib_batch,
+        )
+    except OrtQuantizeError as e:
+        raise QuantizeError(str(e)) from e
+
+
+def _int8_parity(
+    model_dir: Path,
+    manifest: Manifest,
+    base_v: OnnxVariant,
+    graph: Path,
+    photos: str | Path | None,
+    n: int,
+    seed: int,
+) -> dict[str, Any]:
+    """PSNR of the int8 graph vs the fp32 one (else the base) on real-photo tiles not used to calibrate
+    (scikit-image's photos by default: a fixed reference set, whatever the calibration folder held)."""
+    from engine_build.quantize_ort import parity_vs_fp32
+    from service.backends.onnxruntime import INT8_MIN_PSNR_DB
+
+    ref_v = manifest.onnx.get("fp32", base_v)
+    tiles = calibration_tiles(manifest, photos, n, seed + PARITY_SEED_OFFSET)
+    t0 = time.perf_counter()
+    p = parity_vs_fp32(model_dir / ref_v.graph.path, graph, base_v.input_name, tiles)
+    p.update(
+        {
+            "reference": ref_v.precision,
+            "photos": "builtin" if photos in (None, "builtin") else Path(photos).name,
+            "bound_db": INT8_MIN_PSNR_DB,
+            "passes": p["psnr_db"] >= INT8_MIN_PSNR_DB,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+    )
+    log.info("int8 parity vs %s: %.2f dB on %d held-out tiles", ref_v.precision, p["psnr_db"], n)
+    return p
 
 
 def _count_qdq(path: Path) -> int:

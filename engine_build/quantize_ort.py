@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import re
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,36 @@ def quantize_static_int8(
 
     Returns the options used (for the manifest). `tiles` are uint8 graph inputs cut from real photos.
     """
+    # A fresh interpreter: NVIDIA ModelOpt, once imported, patches ONNX Runtime's calibrators process-wide
+    # (modelopt.onnx.quantization.ort_patching), which breaks quantize_static's MinMax calibration.
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        job = pool.submit(
+            _quantize_in_this_process,
+            src,
+            dst,
+            input_name,
+            tiles,
+            exclude_nodes=list(exclude_nodes),
+            method=method,
+            batch=batch,
+            op_types=list(op_types),
+        )
+        return job.result()
+
+
+def _quantize_in_this_process(
+    src: Path,
+    dst: Path,
+    input_name: str,
+    tiles: np.ndarray,
+    *,
+    exclude_nodes: Sequence[str] = (),
+    method: str = "minmax",
+    batch: int = 1,
+    op_types: Sequence[str] = ORT_OP_TYPES,
+) -> dict[str, Any]:
+    """The quantization itself (run in a fresh process by quantize_static_int8)."""
     try:
         from onnxruntime.quantization import (
             CalibrationMethod,
@@ -102,7 +134,9 @@ def quantize_static_int8(
     }
     if method not in calib:
         raise OrtQuantizeError(f"ORT calibration method must be one of {ORT_METHODS}, got {method!r}")
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # ORT's pre-process nag
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))  # ORT logs a "consider pre-processing" nag on the root logger
     try:
         quantize_static(
             str(src),
@@ -115,10 +149,17 @@ def quantize_static_int8(
             op_types_to_quantize=list(op_types),
             nodes_to_exclude=list(exclude_nodes),
             calibrate_method=calib[method],
-            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+            extra_options={
+                "ActivationSymmetric": False,
+                "WeightSymmetric": True,
+                # int32 bias into DequantizeLinear breaks a TensorRT rule (trt_rules: DQ takes 8-bit types)
+                "QuantizeBias": False,
+            },
         )
     except Exception as e:  # the quantizer raises many types
         raise OrtQuantizeError(f"ONNX Runtime static quantization failed: {type(e).__name__}: {e}") from e
+    finally:
+        root.setLevel(level)
     return {
         "format": "QDQ",
         "activations": "int8 per-tensor (asymmetric)",

@@ -25,7 +25,7 @@ def gendr_geometry(model: GenDR, tile: int = DEFAULT_TILE, overlap: int = DEFAUL
 
 @torch.inference_mode()
 def upscale_untiled(model: GenDR, image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """DESIGN.md §1 on the whole image at once (reflect-padded to the size multiple): the ground truth
+    """docs/model.md on the whole image at once (reflect-padded to the size multiple): the ground truth
     that tiled output is compared against. Memory grows with the image: tests and small images only."""
     from service.imageops import resize_rgb
 

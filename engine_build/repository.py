@@ -24,7 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from service.manifest import MANIFEST_FILE, Artifact, Manifest, ManifestError, read_manifest, verify_artifact
+from service.manifest import (
+    MANIFEST_FILE,
+    Artifact,
+    Manifest,
+    ManifestError,
+    OnnxVariant,
+    read_manifest,
+    verify_artifact,
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,3 +145,8 @@ def drop_stale(
             log.warning("TensorRT %s engine for sm_%s removed: %s", e.precision, e.compute_capability, reason)
             (model_dir / e.plan.path).unlink(missing_ok=True)
     return manifest.model_copy(update={"onnx": onnx_map, "engines": engines})
+
+
+def variant_ok(model_dir: Path, v: OnnxVariant | None, key: str) -> bool:
+    """The manifest holds this ONNX variant with this key, and its files match."""
+    return v is not None and v.key == key and artifacts_ok(model_dir, [v.graph, v.external_data])

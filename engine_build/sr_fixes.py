@@ -9,6 +9,10 @@ anything the trace freezes besides the tile shape is a bug in the served graph:
   functions are swapped for ones that let the batch axis be ``-1``.
 * **Adaptive pooling to a size computed from the input shape** (SAFMN) is a traced value ONNX cannot
   take; with a static tile it is plain pooling (kernel = stride = input / output).
+* **``torch.sort(..., stable=False)``** (ATD sorts tokens by category) has no ONNX export through
+  the ``stable`` overload; a full-length ``topk`` is the same sort and exports as ONNX TopK. Its
+  ``index_reverse`` inverts the permutation with a Python loop over the batch; a ``scatter`` does
+  the same for any batch.
 * **Mixture-of-experts routing in Python** (SeemoRe picks its experts with a list comprehension over
   ``topk`` indices of a batch of one) becomes dense gating: every expert runs, weighted by the top-k
   softmax weights scattered into a zero vector — the same sum, as tensor ops, for any batch.
@@ -77,9 +81,37 @@ def _static_pool(orig: Callable[..., Any], pool: Callable[..., Any]) -> Callable
     return adaptive
 
 
+def _topk_sort(orig: Callable[..., Any]) -> Callable[..., Any]:
+    def sort(
+        x: torch.Tensor, dim: int = -1, descending: bool = False, stable: bool | None = None, **kw: Any
+    ) -> Any:
+        if kw:
+            return orig(x, dim=dim, descending=descending, stable=stable, **kw)
+        n = x.shape[dim]
+        key = x.float()
+        if not x.is_floating_point():  # ties broken by position: the stable order PyTorch's CPU sort gives
+            pos = torch.arange(n, device=x.device, dtype=torch.float32)
+            shape = [1] * x.dim()
+            shape[dim] = -1
+            key = key * n + (-pos if descending else pos).reshape(shape)
+        _, indices = torch.topk(key, n, dim=dim, largest=descending, sorted=True)
+        return torch.return_types.sort((torch.gather(x, dim, indices), indices))
+
+    return sort
+
+
+def _index_reverse(orig: Callable[..., Any]) -> Callable[..., Any]:
+    def index_reverse(index: torch.Tensor) -> torch.Tensor:
+        ind = torch.arange(index.shape[-1], device=index.device).expand_as(index)
+        return torch.zeros_like(index).scatter(-1, index, ind)
+
+    return index_reverse
+
+
 _SWAPS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
     "window_reverse": _window_reverse,
     "windows2img": _windows2img,
+    "index_reverse": _index_reverse,
 }
 
 
@@ -98,6 +130,9 @@ def tracing_fixes(arch: str) -> Iterator[None]:
                 if callable(orig):
                     saved.append((mod, fn, orig))
                     setattr(mod, fn, make(orig))
+    if arch == "ATD":
+        saved.append((torch, "sort", torch.sort))
+        torch.sort = _topk_sort(torch.sort)  # type: ignore[assignment]
     saved += [
         (F, "adaptive_max_pool2d", F.adaptive_max_pool2d),
         (F, "adaptive_avg_pool2d", F.adaptive_avg_pool2d),

@@ -38,6 +38,19 @@ REFUSED: dict[str, str] = {
     "GFPGAN": "face restoration: it restores one aligned 512×512 face crop, not a photo tile by tile",
     "RestoreFormer": "face restoration: it restores one aligned 512×512 face crop, not a photo tile by tile",
     "LaMa": "inpainting: it needs a mask input besides the image; the service maps one image to one image",
+    # Measured by the zoo harness (benchmarks/sr_zoo.py, docs/models.md): what keeps each from being
+    # served correctly tile by tile today. Each is one fix away; remove the line with the fix.
+    "AuraSR": "its convolution kernels are computed at run time, which the ONNX exporter cannot trace",
+    "ATD": "its token sorting exports with only 47.5–48 dB parity against PyTorch (the bound is 50 dB)",
+    "CRAFT": "its output depends on the whole image (tiled vs whole-image forward: 22–23 dB; seams show)",
+    "DITN": "its ONNX graph keeps the trace's batch size in a Reshape, so batches of another size fail",
+    "FBCNN": "it estimates JPEG quality from the whole image, so tiles disagree (35 dB vs whole-image)",
+    "FFTformer": "it uses a 2-D FFT (aten::fft_rfft2), which has no ONNX export at opset 18",
+    "GRL": "its global attention needs over 12 GB of memory to export even at the smallest size",
+    "HVICIDNet": "its ONNX graph keeps the trace's batch size in a ScatterND: other batch sizes fail",
+    "IPT": "its multi-task patch wrapper feeds the wrong channel count when traced (export fails)",
+    "SCUNet": "its output depends on the whole image (tiled vs whole-image forward: 24 dB; seams show)",
+    "Uformer": "its output depends on the whole image (tiled vs whole-image forward: 30 dB; seams show)",
 }
 
 

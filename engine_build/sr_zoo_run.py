@@ -236,14 +236,23 @@ def run_entry(
         try:
             res = import_sr(ckpt, out_dir, name=name, precisions=precisions, stream=io.StringIO())
         except CommandError as e:
-            r.status, r.reason = "failed", str(e).replace(f"{out_dir}: ", "")
-            _fill_geometry(r, out_dir)
-            return r
+            if precisions == ("fp32",):
+                r.status, r.reason = "failed", str(e).replace(f"{out_dir}: ", "")
+                _fill_geometry(r, out_dir)
+                return r
+            # fp16 is a GPU extra: a graph that only fails in fp16 still serves fp32
+            try:
+                res = import_sr(ckpt, out_dir, name=name, precisions=("fp32",), stream=io.StringIO())
+            except CommandError as e32:
+                r.status, r.reason = "failed", str(e32).replace(f"{out_dir}: ", "")
+                _fill_geometry(r, out_dir)
+                return r
+            r.fp16_db = f"fp16 export failed: {str(e).replace(f'{out_dir}: ', '')[:120]}"
         r.parity_db = res.parity_db
         _fill_geometry(r, out_dir)
         r.ms_per_tile = _ms_per_tile(out_dir)
         net_call = SpandrelCall(desc).eval()
-        if "fp16" in precisions:
+        if "fp16" in precisions and r.fp16_db is None:
             r.fp16_db = _fp16_parity(out_dir, net_call)
         dbs = serve_and_compare(desc, repo / "models", name, sizes)
         r.served_db = min(dbs)

@@ -177,8 +177,10 @@ class TorchBackend:
                 return load_checkpoint(self.model_dir / root)
             from engine_build.model import UnitRangeAdapter
             from engine_build.sr_models import load_sr_safetensors
+            from engine_build.sr_support import SpandrelCall
 
-            return UnitRangeAdapter(load_sr_safetensors(self.model_dir / root).model)
+            # the network called exactly as the export traced it (noise maps, trace fixes, clamp)
+            return UnitRangeAdapter(SpandrelCall(load_sr_safetensors(self.model_dir / root)).eval())
         except ImportError as e:
             raise BackendUnavailable(
                 f"torch backend needs the build extra (pip install 'gendr-serve[build]'): {e}"

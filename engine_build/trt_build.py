@@ -42,6 +42,7 @@ from engine_build.gpu_targets import (
     parse_cc,
 )
 from engine_build.repository import run_step
+from engine_build.trt_rules import TrtGraphError, require_trt_compatible
 from engine_build.trt_tools import (
     ENGINES_DIR,
     import_tensorrt,
@@ -142,6 +143,17 @@ def build_engine(
         )
     if not batch_sizes or min(batch_sizes) < 1:
         raise TrtBuildError("batch sizes must be positive integers")
+    variant = manifest.onnx[precision]
+    for art in (variant.graph, variant.external_data):
+        if art is not None:
+            verify_artifact(model_dir, art)  # a damaged graph is an error; a damaged engine is rebuilt
+    try:  # e.g. a community SR network exported for ONNX Runtime only
+        require_trt_compatible(model_dir / variant.graph.path, tile=g.tile, out_tile=g.out_tile)
+    except TrtGraphError as e:
+        raise TrtBuildError(
+            f"{manifest.name}: the {precision} graph breaks TensorRT's rules, so no engine can be built "
+            f"(ONNX Runtime still serves it): {e}"
+        ) from e
     prof = _profiles(batch_sizes, profile_mode, profiles, opt_batch)
     gpu = detect_gpu(device_id)
     if gpu is None:
@@ -157,10 +169,6 @@ def build_engine(
         set_cuda_device(device_id)  # the builder works on the current device: the one probed above
     except RuntimeError as err:
         raise TrtBuildError(f"cannot select CUDA device {device_id}: {err}") from err
-    variant = manifest.onnx[precision]
-    for art in (variant.graph, variant.external_data):
-        if art is not None:
-            verify_artifact(model_dir, art)  # a damaged graph is an error; a damaged engine is rebuilt
     options = {
         "format": BUILD_FORMAT,
         "onnx_sha256": variant.graph.sha256,

@@ -26,6 +26,7 @@ import onnx
 import onnx.inliner
 from onnx import TensorProto
 
+from engine_build.errors import BuildError
 from engine_build.trt_ops import MATRIX_VERSION, OPSET_MAX, OPSET_MIN, SUPPORTED, UNSUPPORTED
 
 #: ONNX element type → the token onnx-tensorrt's matrix uses; absent types TensorRT cannot hold at all.
@@ -47,7 +48,7 @@ UINT8_NEIGHBOURS = ("Cast", "Identity")
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
-class TrtGraphError(RuntimeError):
+class TrtGraphError(BuildError, RuntimeError):
     """The graph would not parse or build in TensorRT; the message lists every problem, one per line."""
 
 

@@ -9,7 +9,7 @@ PyTorch `TileGraph` (fp32) on the same inputs:
   through the full request pipeline (pre-resize → tiles → graph → stitch) with each backend.
 
 Metrics are on the uint8 outputs: max abs error, mean abs error and PSNR (peak 255). The photos are
-scikit-image's bundled images (no download, DESIGN.md §5) unless a folder is given.
+scikit-image's bundled images (no download, docs/architecture.md, test data) unless a folder is given.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from engine_build.errors import BuildError
 from engine_build.runners import onnx_runner, torch_runner
 from service.manifest import Manifest, ManifestError, TileGeometry, read_manifest
 
@@ -32,13 +33,13 @@ __all__ = ["onnx_runner", "torch_runner"]  # the tile functions verify runs, for
 
 log = logging.getLogger(__name__)
 
-#: scikit-image's bundled colour photos (inside the wheel, DESIGN.md §5).
+#: scikit-image's bundled colour photos (inside the wheel, docs/architecture.md, test data).
 BUILTIN_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 TileFn = Callable[[np.ndarray], np.ndarray]
 
 
-class VerifyError(RuntimeError):
+class VerifyError(BuildError, RuntimeError):
     pass
 
 
@@ -139,7 +140,9 @@ def reference_net(model_dir: Path, manifest: Manifest, checkpoint: str | Path | 
     desc = load_sr_safetensors(files[0])
     if int(desc.scale) != manifest.native_scale:
         raise VerifyError(f"{files[0]}: network scale {desc.scale} != manifest {manifest.native_scale}")
-    return UnitRangeAdapter(desc.model)
+    from engine_build.sr_support import SpandrelCall
+
+    return UnitRangeAdapter(SpandrelCall(desc).eval())  # called as the export traced it
 
 
 # ---------------------------------------------------------------------------------------------

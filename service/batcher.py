@@ -18,151 +18,25 @@ one lock; engine calls run outside it and release the GIL.
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import logging
-import math
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 
 import numpy as np
 
 from service.backends.base import Backend, check_output
 from service.errors import DeadlineExceeded as DeadlineExceededError
 from service.errors import Draining, EngineFailure, NotReady, Overloaded, ServiceError
-from service.metrics import Metrics
+from service.metrics import BusyMeter, Metrics
+from service.tickets import Reservation, Sink, Ticket, TicketResult, TicketState
 from service.tiling import TilePlan
 
 log = logging.getLogger(__name__)
-
-Sink = Callable[[Sequence[int], np.ndarray], None]
-
-
-class _State(Enum):
-    ACTIVE = "active"
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-@dataclass(frozen=True)
-class TicketResult:
-    tiles: int
-    started: float  # monotonic time the first tile's batch was formed
-    compute_s: float  # this request's share of the engine time of the batches it was in
-
-
-@dataclass(eq=False)
-class Ticket:
-    """One request's tiles in the queue. The runtime awaits `future` and cancels through the batcher."""
-
-    id: int
-    source: np.ndarray  # reflect-padded input, HWC uint8
-    positions: tuple[tuple[int, int], ...]  # (y, x) of each tile in `source`
-    tile: int
-    deadline: float
-    admitted: float
-    sink: Sink
-    submitted: float = field(default_factory=time.monotonic)
-    future: concurrent.futures.Future[TicketResult] = field(default_factory=concurrent.futures.Future)
-    state: _State = _State.ACTIVE
-    next: int = 0  # first tile not yet handed to a batch
-    done: int = 0
-    started: float | None = None
-    compute_s: float = 0.0
-    sink_lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def n_tiles(self) -> int:
-        return len(self.positions)
-
-    @property
-    def unqueued(self) -> int:
-        return self.n_tiles - self.next
-
-
-class Reservation:
-    """Admitted tiles of one request. release() is idempotent and thread-safe."""
-
-    def __init__(self, batcher: TileBatcher, tiles: int) -> None:
-        self._batcher = batcher
-        self.tiles = tiles
-        self.created = time.monotonic()
-        self._released = False
-        self._lock = threading.Lock()
-
-    @property
-    def released(self) -> bool:
-        return self._released
-
-    @property
-    def owner(self) -> TileBatcher:
-        return self._batcher
-
-    def grow(self, extra: int) -> None:
-        """Admit `extra` more tiles (the decoded image needed more than its header promised)."""
-        if extra <= 0:
-            return
-        with self._lock:
-            if self._released:
-                raise RuntimeError("reservation already released")
-            self._batcher._admit(extra, new_request=False)
-            self.tiles += extra
-
-    def release(self) -> None:
-        with self._lock:
-            if self._released:
-                return
-            self._released = True
-        self._batcher._release(self.tiles)
-
-
-class BusyMeter:
-    """Seconds an instance spent in engine calls, per wall-clock second, over a sliding window."""
-
-    def __init__(self, window_s: float = 10.0) -> None:
-        self.window = int(window_s)
-        self._buckets: dict[int, float] = {}
-        self._since: float | None = None
-        self._lock = threading.Lock()
-
-    def start(self, t: float) -> None:
-        with self._lock:
-            self._since = t
-
-    def stop(self, t: float) -> None:
-        with self._lock:
-            if self._since is not None:
-                self._add(self._since, t)
-            self._since = None
-
-    def _add(self, a: float, b: float) -> None:
-        a = max(a, b - self.window - 1)
-        while a < b:
-            sec = math.floor(a)
-            end = min(b, sec + 1)
-            self._buckets[sec] = self._buckets.get(sec, 0.0) + (end - a)
-            a = end
-        lo = math.floor(b) - self.window - 1
-        for k in [k for k in self._buckets if k < lo]:
-            del self._buckets[k]
-
-    def ratio(self, now: float | None = None) -> float:
-        now = time.monotonic() if now is None else now
-        lo = now - self.window
-        with self._lock:
-            busy = sum(v for k, v in self._buckets.items() if k >= math.floor(lo))
-            # the oldest bucket may start before the window: count only its share inside it
-            first = self._buckets.get(math.floor(lo), 0.0)
-            busy -= first * (lo - math.floor(lo))
-            if self._since is not None:
-                busy += now - max(self._since, lo)
-        return max(0.0, min(1.0, busy / self.window))
 
 
 @dataclass(eq=False)
@@ -193,6 +67,7 @@ class TileBatcher:
         stuck_after_s: float = 600.0,
         completion_threads: int | None = None,
         max_retry_after_s: float = 600.0,
+        retry_after_s: float = 5.0,
     ) -> None:
         info = backend.info
         self.backend = backend
@@ -203,6 +78,7 @@ class TileBatcher:
         self.max_queue_delay_s = max_queue_delay_s
         # Admitted work ends by its deadline at the latest: a longer Retry-After is never true.
         self.max_retry_after_s = max_retry_after_s
+        self.retry_after_s = retry_after_s  # 503s with no estimate (draining, no healthy instance)
         self.capacity_tiles = capacity_tiles
         self.unhealthy_after = unhealthy_after
         self.stuck_after_s = stuck_after_s
@@ -241,7 +117,9 @@ class TileBatcher:
     def _use_batch_sizes(self, offered: tuple[int, ...]) -> None:
         if not offered:
             raise ValueError(f"{self.model}: the backend offers no batch size")
-        self.batch_sizes = tuple(sorted(b for b in offered if b <= self._max_batch_setting)) or (min(offered),)
+        self.batch_sizes = tuple(sorted(b for b in offered if b <= self._max_batch_setting)) or (
+            min(offered),
+        )
         self.max_batch = self.batch_sizes[-1]
 
     def start(self, warmup_timings: dict[int, float] | None = None) -> None:
@@ -314,14 +192,24 @@ class TileBatcher:
         self._admit(tiles, new_request=True)
         return Reservation(self, tiles)
 
+    def admit_more(self, tiles: int) -> None:
+        """A reserved request needs more tiles than its header promised (Reservation.grow)."""
+        self._admit(tiles, new_request=False)
+
+    def give_back(self, tiles: int) -> None:
+        """A request's reservation ends (Reservation.release, exactly once)."""
+        self._release(tiles)
+
     def _admit(self, tiles: int, *, new_request: bool) -> None:
         with self._lock:
             if self._closing:
-                raise Draining("the service is shutting down", retry_after_s=1.0)
+                raise Draining("the service is shutting down", retry_after_s=self.retry_after_s)
             if self._draining and new_request:
-                raise Draining("the service is draining; retry on another replica", retry_after_s=1.0)
+                raise Draining(
+                    "the service is draining; retry on another replica", retry_after_s=self.retry_after_s
+                )
             if not any(i.healthy for i in self._instances):
-                raise NotReady("no healthy engine instance", retry_after_s=5.0)
+                raise NotReady("no healthy engine instance", retry_after_s=self.retry_after_s)
             # A request bigger than the whole capacity is admitted only into an empty queue.
             if self._reserved_tiles and self._reserved_tiles + tiles > self.capacity_tiles:
                 need = (
@@ -393,9 +281,9 @@ class TileBatcher:
     def cancel(self, ticket: Ticket) -> None:
         """Drop the request's unrun tiles; outputs of tiles already running are discarded."""
         with self._lock:
-            if ticket.state is not _State.ACTIVE:
+            if ticket.state is not TicketState.ACTIVE:
                 return
-            ticket.state = _State.CANCELLED
+            ticket.state = TicketState.CANCELLED
             self._unlink(ticket)
         ticket.future.cancel()
 
@@ -411,8 +299,8 @@ class TileBatcher:
         failed = []
         with self._lock:
             for t in tickets:
-                if t.state is _State.ACTIVE:
-                    t.state = _State.FAILED
+                if t.state is TicketState.ACTIVE:
+                    t.state = TicketState.FAILED
                     self._unlink(t)
                     failed.append(t)
         for t in failed:
@@ -487,7 +375,7 @@ class TileBatcher:
     def _expire(self, now: float) -> list[Ticket]:
         dead = [t for t in self._queue if t.deadline <= now]
         for t in dead:
-            t.state = _State.FAILED
+            t.state = TicketState.FAILED
             self._unlink(t)
         return dead
 
@@ -623,7 +511,7 @@ class TileBatcher:
 
     def _deliver(self, t: Ticket, idx: list[int], tiles: np.ndarray, compute_s: float) -> None:
         with t.sink_lock:
-            if t.state is not _State.ACTIVE:
+            if t.state is not TicketState.ACTIVE:
                 return  # cancelled, expired or failed meanwhile: discard
             try:
                 t.sink(idx, tiles)
@@ -636,8 +524,8 @@ class TileBatcher:
         with self._lock:
             t.done += len(idx)
             t.compute_s += compute_s
-            if t.done == t.n_tiles and t.state is _State.ACTIVE:
-                t.state = _State.DONE
+            if t.done == t.n_tiles and t.state is TicketState.ACTIVE:
+                t.state = TicketState.DONE
                 self._active.discard(t)
                 finished = True
         if finished:

@@ -1,7 +1,8 @@
 """`gendr-serve`: run the HTTP service with uvicorn.
 
 Host and port are flags, never settings: Kubernetes injects `<SERVICE>_PORT` variables, so a
-`GENDR_PORT` setting would break as soon as the Service is called `gendr` (DESIGN.md §7).
+`GENDR_PORT` setting would break as soon as the Service is called `gendr` (docs/architecture.md,
+known pitfalls).
 
 SIGTERM / SIGINT → graceful drain: /readyz turns 503, new /upscale requests get 503 `draining` with
 Retry-After, admitted work finishes, then the server stops listening and exits — all within
@@ -30,7 +31,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service import __version__
-from service.httpserver import protocol_class
+from service.http.httpserver import protocol_class
 from service.manifest import ManifestError
 from service.settings import CONFIG_FILE_ENV, Settings
 
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     level = args.log_level or settings.log_level
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from service.app import create_app  # after logging is configured: the runtime logs while loading
+    from service.http.app import create_app  # after logging is configured: the runtime logs while loading
 
     try:
         app = create_app(settings)

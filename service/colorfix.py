@@ -1,7 +1,7 @@
 """Colour correction of the restored image against the bicubic input (AdaIN or wavelet).
 
 Done once per request after stitching: per-tile statistics would differ between tiles and show
-as seams, which is also why tiled VAEs need it (DESIGN.md §7).
+as seams, which is also why tiled VAEs need it (docs/architecture.md, known pitfalls).
 """
 
 from __future__ import annotations

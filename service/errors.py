@@ -1,6 +1,6 @@
 """Every error a client can see: a stable code, an HTTP status and a human message.
 
-The HTTP layer maps `ServiceError` to a JSON response in one place (`service/app.py`); anything
+The HTTP layer maps `ServiceError` to a JSON response in one place (`service/http/app.py`); anything
 else is a 500 with no internals leaked. Runtime code raises these directly so the mapping never has
 to guess. Codes are part of the API (docs/http.md lists them): add new ones, never rename.
 """

@@ -17,7 +17,7 @@ import json
 import os
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -27,6 +27,7 @@ SCHEMA_VERSION = 1
 ModelKind = Literal["gendr", "single"]
 Precision = Literal["fp32", "fp16", "bf16", "int8", "fp8"]
 ColorFix = Literal["none", "adain", "wavelet"]
+COLOR_FIXES: tuple[str, ...] = get_args(ColorFix)  # the one list of colour-fix names
 
 
 class ManifestError(ValueError):

@@ -6,6 +6,9 @@ Each app gets its own CollectorRegistry so tests can build many apps in one proc
 from __future__ import annotations
 
 import logging
+import math
+import threading
+import time
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -120,3 +123,46 @@ class Metrics:
         for index, used, total in self._nvml.memory():
             self.gpu_memory_used.labels(gpu=str(index)).set(used)
             self.gpu_memory_total.labels(gpu=str(index)).set(total)
+
+
+class BusyMeter:
+    """Seconds an instance spent in engine calls, per wall-clock second, over a sliding window."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window = int(window_s)
+        self._buckets: dict[int, float] = {}
+        self._since: float | None = None
+        self._lock = threading.Lock()
+
+    def start(self, t: float) -> None:
+        with self._lock:
+            self._since = t
+
+    def stop(self, t: float) -> None:
+        with self._lock:
+            if self._since is not None:
+                self._add(self._since, t)
+            self._since = None
+
+    def _add(self, a: float, b: float) -> None:
+        a = max(a, b - self.window - 1)
+        while a < b:
+            sec = math.floor(a)
+            end = min(b, sec + 1)
+            self._buckets[sec] = self._buckets.get(sec, 0.0) + (end - a)
+            a = end
+        lo = math.floor(b) - self.window - 1
+        for k in [k for k in self._buckets if k < lo]:
+            del self._buckets[k]
+
+    def ratio(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        lo = now - self.window
+        with self._lock:
+            busy = sum(v for k, v in self._buckets.items() if k >= math.floor(lo))
+            # the oldest bucket may start before the window: count only its share inside it
+            first = self._buckets.get(math.floor(lo), 0.0)
+            busy -= first * (lo - math.floor(lo))
+            if self._since is not None:
+                busy += now - max(self._since, lo)
+        return max(0.0, min(1.0, busy / self.window))

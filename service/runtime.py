@@ -21,20 +21,20 @@ import numpy as np
 
 from service import __version__
 from service.backends.base import Backend, BackendInfo
-from service.batcher import Reservation, Ticket, TicketResult, TileBatcher
+from service.batcher import TileBatcher
 from service.errors import BadRequest, DeadlineExceeded, ImageTooLarge, ModelNotFound, NotReady
 from service.hardware import available_cpus
-from service.manifest import Manifest, ManifestError, list_models, read_manifest
+from service.manifest import COLOR_FIXES, Manifest, ManifestError, list_models, read_manifest
 from service.metrics import Metrics
 from service.pipeline import RequestPlan, finish, make_plan, prepare_input
 from service.settings import Settings
+from service.tickets import Reservation, Ticket, TicketResult
 from service.tiling import Stitcher
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ModelRuntime", "Reservation", "Runtime", "UpscaleJob", "UpscaleOutcome"]
 
-COLOR_FIXES = ("none", "adain", "wavelet")
 
 BackendFactory = Callable[[Manifest, Path, Settings], tuple[Backend, str]]
 
@@ -116,6 +116,7 @@ class ModelRuntime:
             capacity_tiles=s.queue_capacity_tiles,
             unhealthy_after=s.unhealthy_after_failures,
             max_retry_after_s=s.max_deadline_s,
+            retry_after_s=s.retry_after_s,
         )
 
     def _load_backend(self) -> dict[int, float]:
@@ -191,7 +192,7 @@ class ModelRuntime:
 
     def reserve(self, tiles: int) -> Reservation:
         if not self._ready or self._closed:
-            raise NotReady(f"model {self.name} is still loading", retry_after_s=5.0)
+            raise NotReady(f"model {self.name} is still loading", retry_after_s=self.settings.retry_after_s)
         return self.batcher.reserve(tiles)
 
     async def upscale(self, job: UpscaleJob, reservation: Reservation) -> UpscaleOutcome:

@@ -22,7 +22,14 @@ from pydantic_settings import (
 )
 
 BackendName = Literal[
-    "auto", "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt", "torch", "fake"
+    "auto",
+    "onnxruntime-cpu",
+    "onnxruntime-cuda",
+    "onnxruntime-trt",
+    "openvino-cpu",
+    "tensorrt",
+    "torch",
+    "fake",
 ]
 PrecisionName = Literal["auto", "fp32", "fp16", "bf16", "int8", "fp8"]
 

@@ -34,6 +34,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _auto_backend_without_openvino(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`auto` ignores OpenVINO in tests: it wins on bf16 CPUs where it is installed, which would make the
+    suite's backend expectations depend on the machine (test_openvino_cpu.py re-enables it)."""
+    try:
+        from service.backends import select
+    except ImportError:
+        return
+    monkeypatch.setattr(select, "openvino_candidate", lambda *_a, **_k: None)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("torch")
@@ -44,7 +55,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def photos() -> dict[str, np.ndarray]:
-    """Real photos that ship inside scikit-image (DESIGN.md §5), as HWC uint8 RGB."""
+    """Real photos that ship inside scikit-image (docs/architecture.md, test data), as HWC uint8 RGB."""
     from skimage import data
 
     return {

@@ -1,4 +1,5 @@
-"""`gendr-build quantize`: int8 / fp8 Q/DQ ONNX with NVIDIA ModelOpt, calibrated on real photo tiles."""
+"""`gendr-build quantize`: int8 / fp8 Q/DQ ONNX (ONNX Runtime's quantizer or NVIDIA ModelOpt), calibrated on
+real photo tiles."""
 
 from __future__ import annotations
 
@@ -32,9 +33,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--method",
-        choices=["auto", "entropy", "max"],
+        choices=["auto", "entropy", "max", "minmax", "percentile"],
         default="auto",
-        help="activation calibration (auto: entropy for int8, max for fp8)",
+        help="activation calibration (auto: minmax with --tool ort; entropy for ModelOpt int8, max for fp8)",
+    )
+    p.add_argument(
+        "--tool",
+        choices=["auto", "ort", "modelopt"],
+        default="auto",
+        help="quantizer: ort = ONNX Runtime's quantize_static (the CPU int8 path), modelopt = NVIDIA "
+        "ModelOpt (TensorRT's form; fp8); auto = ort for int8 from the fp32 graph, else modelopt",
+    )
+    p.add_argument(
+        "--parity-tiles",
+        type=int,
+        default=8,
+        help="held-out real-photo tiles for the int8-vs-fp32 parity figure that `auto` on "
+        "onnxruntime-cpu checks (≥ 40 dB); 0 skips it (default 8)",
+    )
+    p.add_argument(
+        "--parity-photos",
+        default="builtin",
+        help="folder of real photos for the parity figure (default 'builtin': scikit-image's photos)",
     )
     p.add_argument(
         "--exclude",
@@ -84,6 +104,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             force=args.force,
             calib_batch=args.calib_batch,
             calib_ep=args.calib_ep,
+            tool=args.tool,
+            parity_tiles=args.parity_tiles,
+            parity_photos=args.parity_photos,
         )
     except (QuantizeError, ManifestError, VerifyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -92,6 +115,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     state = "up to date (skipped)" if res.skipped else f"written in {res.seconds:.1f} s"
     print(
         f"{res.precision}: {v.graph.path} {state}; {v.quantization.get('quantize_linear_nodes')} Q/DQ pairs, "
-        f"calibrated on {res.n_tiles} tiles from the {v.quantization.get('base')} graph"
+        f"calibrated on {res.n_tiles} tiles from the {v.quantization.get('base')} graph "
+        f"({v.quantization.get('tool')})"
     )
+    parity = v.quantization.get("parity")
+    if isinstance(parity, dict):
+        verdict = "passes" if parity.get("passes") else "FAILS"
+        print(
+            f"parity vs {parity.get('reference')}: {parity.get('psnr_db')} dB PSNR on "
+            f"{parity.get('n_tiles')} "
+            f"held-out photo tiles (worst tile {parity.get('worst_tile_psnr_db')} dB) — {verdict} the "
+            f"{parity.get('bound_db')} dB bound; `auto` on onnxruntime-cpu "
+            f"{'serves' if parity.get('passes') else 'skips'} int8"
+        )
     return 0

@@ -12,6 +12,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from service.backends.base import BackendUnavailable
+from service.manifest import COLOR_FIXES
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 FORMATS = {"png": ("PNG", ".png"), "jpeg": ("JPEG", ".jpg"), "webp": ("WEBP", ".webp")}
@@ -43,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--overlap", type=int, help="tile overlap in network-input pixels (default: 64 GenDR, 16 SR)"
     )
     p.add_argument("--batch", type=int, default=1, help="tiles per forward pass")
-    p.add_argument("--color-fix", default="default", choices=["default", "none", "adain", "wavelet"])
+    p.add_argument("--color-fix", default="default", choices=["default", *COLOR_FIXES])
     p.add_argument("--format", default="same", choices=["same", *FORMATS], help="output format")
     p.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality 1-100")
     p.set_defaults(func=cmd_upscale)
@@ -98,9 +99,10 @@ def _load_runner(args: argparse.Namespace):
     if ck.is_file() and ck.suffix == ".safetensors":
         from engine_build.model import UnitRangeAdapter
         from engine_build.sr_models import load_sr_safetensors
+        from engine_build.sr_support import SpandrelCall
 
         desc = load_sr_safetensors(ck)
-        net = UnitRangeAdapter(desc.model.eval())
+        net = UnitRangeAdapter(SpandrelCall(desc).eval())  # called as the export traced it
         tile, overlap = args.tile or 128, 16 if args.overlap is None else args.overlap
         geo = TileGeometry(tile=tile, overlap=overlap, graph_scale=int(desc.scale), size_multiple=1)
         return torch_runner(net, args.device, args.dtype, geo, args.batch), geo, "none", int(desc.scale)

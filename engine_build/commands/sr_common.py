@@ -168,7 +168,8 @@ def parity_batch(tile: int) -> np.ndarray:
 
 def one_line(e: BaseException, limit: int = 300) -> str:
     """The first line of an exception, for `error:` lines (tracer messages run to pages)."""
-    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+    text = lines[0] if not lines[0].endswith(":") or len(lines) < 2 else f"{lines[0]} {lines[1]}"
     text = f"{type(e).__name__}: {text}" if not isinstance(e, ValueError | RuntimeError) else text
     return text if len(text) <= limit else text[: limit - 1] + "…"
 

@@ -44,12 +44,31 @@ _PROVIDER = {
     "cuda": "CUDAExecutionProvider",
     "trt": "TensorrtExecutionProvider",
 }
-# Precision preference when `auto`: fp32 on CPU (MLAS has no fast fp16 path), fp16 on GPUs.
+# Precision preference when `auto`: on CPU int8 first — but only a graph whose recorded parity passes
+# (int8_passes) — then fp32 (MLAS has no fast fp16 path); fp16 on GPUs.
 _AUTO_ORDER: dict[Provider, tuple[str, ...]] = {
-    "cpu": ("fp32", "int8", "fp16", "bf16"),
+    "cpu": ("int8", "fp32", "fp16", "bf16"),
     "cuda": ("fp16", "fp32", "bf16", "int8"),
     "trt": ("fp16", "int8", "fp32", "fp8", "bf16"),
 }
+#: The quality bound an int8 graph must meet for `auto` on CPU: PSNR against the fp32 graph's output on
+#: real-photo tiles, measured by `gendr-build quantize` and recorded in the manifest (quantization.parity).
+INT8_MIN_PSNR_DB = 40.0
+
+
+def int8_passes(variant: OnnxVariant) -> tuple[bool, str]:
+    """Whether `auto` may serve this int8 graph on CPU, and why: its recorded parity figure passes the bound
+    and it was quantized from the fp32 graph (an fp16-based one runs its float part in fp16, slow on CPU)."""
+    q = variant.quantization or {}
+    parity = q.get("parity")
+    if not isinstance(parity, dict) or not isinstance(parity.get("psnr_db"), int | float):
+        return False, "int8 graph has no recorded parity figure (re-run gendr-build quantize)"
+    psnr = float(parity["psnr_db"])
+    if psnr < INT8_MIN_PSNR_DB:
+        return False, f"int8 parity {psnr:.1f} dB vs fp32 is below the {INT8_MIN_PSNR_DB:.0f} dB bound"
+    if q.get("base") not in (None, "fp32"):
+        return False, f"int8 graph was quantized from the {q.get('base')} graph, not fp32"
+    return True, f"int8 parity {psnr:.1f} dB vs fp32 ≥ {INT8_MIN_PSNR_DB:.0f} dB"
 
 
 def pick_variant(manifest: Manifest, provider: Provider, precision: str) -> OnnxVariant:
@@ -62,8 +81,14 @@ def pick_variant(manifest: Manifest, provider: Provider, precision: str) -> Onnx
             )
         return manifest.onnx[precision]
     for p in _AUTO_ORDER[provider]:
-        if p in manifest.onnx:
-            return manifest.onnx[p]
+        if p not in manifest.onnx:
+            continue
+        if provider == "cpu" and p == "int8":
+            ok, why = int8_passes(manifest.onnx[p])
+            log.info("%s: auto precision on CPU: %s", manifest.name, why)
+            if not ok:
+                continue
+        return manifest.onnx[p]
     return next(iter(manifest.onnx.values()))
 
 

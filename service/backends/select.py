@@ -34,6 +34,7 @@ REGISTRY: dict[str, str] = {
     "onnxruntime-cpu": "service.backends.onnxruntime:OnnxRuntimeBackend",
     "onnxruntime-cuda": "service.backends.onnxruntime:OnnxRuntimeBackend",
     "onnxruntime-trt": "service.backends.onnxruntime:OnnxRuntimeBackend",
+    "openvino-cpu": "service.backends.openvino:OpenVinoBackend",
     "tensorrt": "service.backends.tensorrt:TensorRTBackend",
     "torch": "engine_build.torch_backend:TorchBackend",  # the build extra; never imported by service/
     "fake": "service.backends.fake:FakeBackend",
@@ -84,6 +85,23 @@ def find_engine(
     return ok[0] if ok else None
 
 
+def openvino_candidate(manifest: Manifest, settings: Settings) -> str | None:
+    """Why OpenVINO bf16 should serve on this CPU (it measured several times ONNX Runtime's CPU speed on
+    bf16 matrix units, docs/benchmarks.md), or None: not installed, no bf16 unit, no fp32 graph, or not
+    a `single` network (GenDR's bf16 quality is unmeasured: GENDR_BACKEND=openvino-cpu opts in)."""
+    from service.backends.openvino import bf16_flags
+
+    if (
+        settings.precision not in ("auto", "bf16")
+        or "fp32" not in manifest.onnx
+        or manifest.kind != "single"
+        or not has_package("openvino")
+    ):
+        return None
+    flags = bf16_flags()
+    return f"auto: OpenVINO bf16 on the CPU ({', '.join(flags)})" if flags else None
+
+
 def candidates(manifest: Manifest, settings: Settings) -> list[Candidate]:
     """Backends that could serve `manifest` here, best first; raises when none can."""
     if settings.backend != "auto":
@@ -118,6 +136,9 @@ def candidates(manifest: Manifest, settings: Settings) -> list[Candidate]:
             )
         elif gpu is not None:
             why.append("onnxruntime has no CUDA provider (onnxruntime-gpu not installed)")
+        ov = openvino_candidate(manifest, settings)
+        if ov is not None:
+            out.append(Candidate("openvino-cpu", f"{ov} ({'; '.join(why)})"))
         if "CPUExecutionProvider" in providers:
             out.append(Candidate("onnxruntime-cpu", f"auto: ONNX Runtime CPU ({'; '.join(why)})"))
         else:

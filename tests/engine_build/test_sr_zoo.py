@@ -91,5 +91,5 @@ def test_stored_results_cover_every_entry_with_an_outcome() -> None:
             assert r["served_db"] == "inf" or (
                 r["served_db"] >= SERVED_MIN_DB and not math.isnan(r["served_db"])
             )
-        if e.refuse:
+        if e.expect_refusal:
             assert r["status"] == "refused", f"{e.key} must be refused at import"

@@ -278,3 +278,47 @@ def test_build_records_the_engine_and_skips_a_second_time(
     assert again.skipped and builds == [1] and again.engine == e
     (repo / e.plan.path).write_bytes(b"damaged")  # a damaged plan fails its sha256: rebuilt
     assert not build_engine(repo, "fp16", batch_sizes=[1, 2, 4], progress=False).skipped and builds == [1, 1]
+
+
+def _permute_first_graph(tile: int) -> object:
+    """uint8 → Transpose → Cast: what format-1 exports were, and what TensorRT refuses."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Transpose", ["lr_tile"], ["t"], perm=[0, 3, 1, 2]),
+        helper.make_node("Cast", ["t"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Transpose", ["f"], ["o"], perm=[0, 2, 3, 1]),
+        helper.make_node("Cast", ["o"], ["sr_tile"], to=TensorProto.UINT8),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "bad",
+        [helper.make_tensor_value_info("lr_tile", TensorProto.UINT8, ["batch", tile, tile, 3])],
+        [helper.make_tensor_value_info("sr_tile", TensorProto.UINT8, ["batch", tile, tile, 3])],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_a_graph_that_breaks_tensorrts_rules_is_refused_before_any_gpu_work(
+    repo_copy: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import onnx
+
+    from engine_build.onnx_graph import ExportError, check_io
+    from service.manifest import make_artifact, write_manifest
+
+    m = read_manifest(repo_copy)
+    path = repo_copy / m.onnx["fp16"].graph.path
+    onnx.save_model(_permute_first_graph(m.tile.tile), str(path))
+    v = m.onnx["fp16"].model_copy(update={"graph": make_artifact(repo_copy, path), "external_data": None})
+    write_manifest(repo_copy, m.model_copy(update={"onnx": {**m.onnx, "fp16": v}}))
+    monkeypatch.setattr(tb, "detect_gpu", lambda device_id=0: pytest.fail("probed the GPU"))
+    with pytest.raises(
+        TrtBuildError, match=r"breaks TensorRT's rules.*feeds Transpose|breaks TensorRT's rules"
+    ):
+        build_engine(repo_copy, "fp16")
+    # the export: GenDR graphs must pass; a community network only warns (ONNX Runtime serves it)
+    with pytest.raises(ExportError, match="breaks TensorRT's rules"):
+        check_io(path, m.tile.out_tile)
+    check_io(path, m.tile.out_tile, trt_strict=False)
+    assert "TensorRT cannot build this graph" in caplog.text

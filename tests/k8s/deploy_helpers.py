@@ -24,7 +24,7 @@ SCHEMAS = Path(__file__).resolve().parent / "schemas"
 OVERLAYS = ("a10", "l20")
 INSTALL_HINT = "run `bash .ci/install-deploy-tools.sh`"
 
-# What each GPU pool can run (DESIGN.md: fp8 needs Ada or Hopper) and how nodes are labelled.
+# What each GPU pool can run (docs/export.md: fp8 needs Ada or Hopper) and how nodes are labelled.
 POOLS: dict[str, dict[str, Any]] = {
     "a10": {"precisions": {"fp16", "int8"}, "gpu_product": "NVIDIA-A10", "target_gpu": "a10"},
     "l20": {"precisions": {"fp16", "int8", "fp8"}, "gpu_product": "NVIDIA-L20", "target_gpu": "l20"},

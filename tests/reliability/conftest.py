@@ -22,7 +22,7 @@ def make_app(fake_repo: Path) -> Iterator[Callable[..., Any]]:
     """A started TestClient around create_app(Settings(backend="fake", ...)); `.app.state.gendr` is live."""
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.http.app import create_app
     from service.settings import Settings
 
     clients: list[TestClient] = []

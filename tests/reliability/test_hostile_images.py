@@ -19,8 +19,8 @@ from reliability_helpers import (
     png_with_chunks,
 )
 
-from service import images
 from service.errors import ImageTooLarge, UndecodableImage
+from service.http import images
 
 FORMATS = ["JPEG", "PNG", "WEBP"]
 LIMIT = 16_777_216

@@ -103,8 +103,8 @@ def test_any_options_get_the_image_or_a_documented_4xx(client, params: dict[str,
     assert r.status_code in DOCUMENTED, (params, r.status_code, r.text)
     code = r.json()["error"]["code"]
     assert code == DOCUMENTED[r.status_code], (params, r.text)
-    if r.status_code == 504:  # only a deadline the client made tiny
-        assert int(str(params.get("deadline_ms"))) < 1000
+    if r.status_code == 504:  # only with a deadline the client set (the default is minutes)
+        assert "deadline_ms" in params, params
     if isinstance(params.get("scale"), float) and math.isfinite(params["scale"]):  # type: ignore[arg-type]
         if params["scale"] > MAX_SCALE and len(params) == 1:  # type: ignore[operator]
             assert r.status_code == 400

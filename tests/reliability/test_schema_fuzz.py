@@ -14,14 +14,14 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from reliability_helpers import write_fake_repo
 
-from service.app import create_app
 from service.errors import ServiceError
+from service.http.app import create_app
 from service.settings import Settings
 
 
 def _error_codes() -> dict[int, set[str]]:
     """(status → codes) of every ServiceError subclass: the API's codes (service/errors.py, docs/http.md)."""
-    import service.app  # noqa: F401  (imports every module that defines errors)
+    import service.http.app  # noqa: F401  (imports every module that defines errors)
 
     out: dict[int, set[str]] = {}
     todo = [ServiceError]

@@ -1,4 +1,5 @@
-"""Runtime test fixtures: a tiny GenDR model repository (a real ONNX export) and its PyTorch twin.
+"""Runtime test fixtures: a tiny model repository written without torch (tiny_onnx.py), and — for the
+few tests about GenDR itself — the tiny GenDR in PyTorch (skipped where torch is not installed).
 
 Helpers shared by the runtime tests live in runtime_helpers.py (a uniquely named module, importable).
 """
@@ -16,18 +17,19 @@ TINY_OVERLAP = 16
 
 
 @pytest.fixture(scope="session")
-def tiny_repo(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
-    """models/ with `tiny`: the tiny random GenDR exported by engine_build.export (fp32 ONNX + checkpoint)."""
-    from engine_build.export import export_gendr
+def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """models/ with `tiny`: a tiny local SR graph written with onnx.helper (tests/service/tiny_onnx.py),
+    no torch: the runtime's tests also run where only the `serve` extra is installed."""
+    from tiny_onnx import write_repo
 
     repo = tmp_path_factory.mktemp("models")
-    export_gendr(tiny_checkpoint, repo / "tiny", tile=TINY_TILE, overlap=TINY_OVERLAP, precisions=("fp32",))
+    write_repo(repo, "tiny")
     return repo
 
 
 @pytest.fixture(scope="session")
 def tiny_net(tiny_checkpoint: Path):
-    """The same tiny GenDR in PyTorch (the reference)."""
+    """The tiny GenDR in PyTorch, for the tests about GenDR itself (tiling seams); needs torch."""
     from engine_build.checkpoint import load_checkpoint
 
     return load_checkpoint(tiny_checkpoint)

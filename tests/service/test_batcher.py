@@ -12,9 +12,10 @@ import pytest
 from runtime_helpers import fake_manifest, nearest
 
 from service.backends.fake import FakeBackend, FakeBehaviour
-from service.batcher import BusyMeter, Ticket, TileBatcher
+from service.batcher import TileBatcher
 from service.errors import DeadlineExceeded, Draining, EngineFailure, NotReady, Overloaded
-from service.metrics import Metrics
+from service.metrics import BusyMeter, Metrics
+from service.tickets import Ticket
 from service.tiling import Stitcher, pad_image, plan_tiles
 
 TILE, OVERLAP = 32, 8

@@ -89,15 +89,15 @@ REQUESTS = [  # (photo, crop h, crop w, out h, out w): mixed sizes, scales and a
 
 
 def test_concurrent_mixed_requests_get_exactly_their_own_pixels(
-    tiny_repo: Path, tiny_net, torch_one_thread, photos: dict[str, np.ndarray]
+    tiny_repo: Path, photos: dict[str, np.ndarray]
 ) -> None:
-    """Tiny GenDR through ONNX Runtime CPU, 2 instances, tiles of all requests batched together.
+    """The tiny model through ONNX Runtime CPU, 2 instances, tiles of all requests batched together.
 
     Against run_sync with the same ONNX Runtime session, one request at a time: identical (ORT's kernels are
-    batch-invariant, checked in test_backends). Against the PyTorch TileGraph reference: ≤ 1 LSB (fp32 vs fp32
+    batch-invariant, checked in test_backends). Against the same network in numpy: ≤ 1 LSB (fp32 vs fp32
     rounding flips, see test_backends), which blending cannot grow (a convex combination, rounded once).
     """
-    from engine_build.runners import torch_runner
+    from tiny_onnx import reference
 
     s = Settings(model_repository=tiny_repo, instances_per_device=2, intra_op_threads=1, max_batch=4)
 
@@ -119,7 +119,6 @@ def test_concurrent_mixed_requests_get_exactly_their_own_pixels(
     m = rt.get("tiny")
     assert m.metrics.tiles.labels("tiny")._value.get() == sum(o.tiles for o in outs)
     assert m.metrics.batch_size.labels("tiny")._sum.get() == sum(o.tiles for o in outs)
-    torch_run = torch_runner(tiny_net)
     for k, out in enumerate(outs):
         n, h, w, oh, ow = REQUESTS[k // 2]
         img = photos[n][:h, :w]
@@ -133,7 +132,7 @@ def test_concurrent_mixed_requests_get_exactly_their_own_pixels(
         same = run_sync(img, oh, ow, m.manifest.tile, lambda b: m.backend.infer(0, b), batch=1, color_fix=cf)
         np.testing.assert_array_equal(out.image, same, err_msg=f"request {k}")
         if cf == "none":
-            ref = run_sync(img, oh, ow, m.manifest.tile, torch_run, batch=4)
+            ref = run_sync(img, oh, ow, m.manifest.tile, reference, batch=4)
             d = np.abs(out.image.astype(np.int16) - ref)
             assert d.max() <= 1 and (d > 0).mean() < 5e-3, f"request {k}: {d.max()} {(d > 0).mean()}"
     assert_no_leak(m)
@@ -410,6 +409,6 @@ def test_a_backend_that_fails_to_load_falls_back_to_the_next_and_says_why(tmp_pa
     m.close()
     # with nothing left to try, the load error is the model's error
     m2 = ModelRuntime("fake", repo / "fake", man, _BrokenLoad(man, repo / "fake"), s, Metrics(), host)
-    with pytest.raises(RuntimeError, match="TensorRT 10.9.0"):
+    with pytest.raises(RuntimeError, match=r"TensorRT 10\.9\.0"):
         m2.load()
     host.shutdown()

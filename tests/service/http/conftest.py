@@ -20,7 +20,7 @@ def make_client() -> Iterator[Callable[..., Any]]:
     """Build a TestClient around create_app(settings, runtime); waits until /readyz unless told not to."""
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.http.app import create_app
     from service.settings import Settings
 
     clients: list[TestClient] = []

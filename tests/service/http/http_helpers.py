@@ -29,7 +29,7 @@ from service.pipeline import RequestPlan, make_plan
 SKIMAGE_DATA = Path(skimage.__file__).parent / "data"
 
 
-# --- real photos (DESIGN.md §5) -------------------------------------------------------------
+# --- real photos (docs/architecture.md, test data) -----------------------------------------------
 
 
 def photo(name: str) -> Image.Image:

@@ -20,8 +20,8 @@ import numpy as np
 from http_helpers import encode, small
 from PIL import Image
 
-from service.app import create_app
 from service.backends.fake import FakeBackend, FakeBehaviour
+from service.http.app import create_app
 from service.metrics import Metrics
 from service.runtime import Runtime
 from service.settings import Settings

@@ -19,7 +19,7 @@ from http_helpers import FakeModelRuntime, FakeRuntime, decode, encode, photo, s
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import create_app
+from service.http.app import create_app
 from service.settings import Settings
 
 PNG = encode(small("astronaut.png", 64))  # 64×64 real photo with an ICC profile

@@ -1,4 +1,4 @@
-"""service/images.py on real photos: header probe, limits, normalisation, orientation, 16-bit, encode."""
+"""service/http/images.py on real photos: header probe, limits, normalisation, orientation, 16-bit, encode."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from http_helpers import decode, encode, photo, same_colour, small
 from PIL import Image, ImageOps
 
-from service import images
 from service.errors import ImageTooLarge, UndecodableImage, UnsupportedMediaType
+from service.http import images
 from service.imageops import resize_rgb
 
 FORMATS = ["JPEG", "PNG", "WEBP"]

@@ -29,6 +29,7 @@ KEY = "test-key-7f3a"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 DRAIN_TIMEOUT_S = 20.0
 MAX_BODY = 2 * 1024 * 1024
+FAKE_PER_TILE_S = 0.05  # fake engine: 20 tiles/s, whatever the machine
 
 
 @dataclass
@@ -71,10 +72,8 @@ def _command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "service.cli"]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def _serve(tiny_repo: Path, log: Path, **extra: str) -> Iterator[Server]:
     port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "gendr-serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("GENDR_")}
     env.update(
         {
@@ -88,6 +87,7 @@ def server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             "GENDR_MAX_INPUT_PIXELS": "1000000",
             "GENDR_PORT": "tcp://10.0.0.1:8000",  # what Kubernetes injects for a Service named gendr
             "PYTHONUNBUFFERED": "1",
+            **extra,
         }
     )
     with open(log, "wb") as out:
@@ -118,6 +118,23 @@ def server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The tiny model on ONNX Runtime CPU: what a deployment runs."""
+    yield from _serve(tiny_repo, tmp_path_factory.mktemp("server") / "gendr-serve.log")
+
+
+@pytest.fixture(scope="module")
+def fake_server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The same server with the fake engine at FAKE_PER_TILE_S per tile: timing owned by the test."""
+    yield from _serve(
+        tiny_repo,
+        tmp_path_factory.mktemp("fake-server") / "gendr-serve.log",
+        GENDR_BACKEND="fake",
+        GENDR_FAKE_PER_TILE_S=str(FAKE_PER_TILE_S),
+    )
 
 
 def _raw(
@@ -237,20 +254,17 @@ def test_oversized_chunked_body_is_refused_while_reading(server: Server) -> None
     assert closed and sent < 4 * MAX_BODY  # stopped long before the client was done
 
 
-def test_client_disconnect_cancels_the_work(server: Server) -> None:
-    from service.manifest import TileGeometry
+def test_client_disconnect_cancels_the_work(fake_server: Server, tiny_repo: Path) -> None:
+    from service.manifest import read_manifest
     from service.pipeline import make_plan
 
+    server = fake_server
     before = server.metric("gendr_requests_total", model="tiny", status="499")
     tiles_before = server.metric("gendr_tiles_total", model="tiny")
-    src = small("coffee.png", 160)  # ×4 → 640×424: >100 tiles, seconds of CPU work
-    n_tiles = make_plan(
-        src.height,
-        src.width,
-        src.height * 4,
-        src.width * 4,
-        TileGeometry(tile=64, overlap=16, graph_scale=1, size_multiple=16),
-    ).n_tiles
+    src = small("coffee.png", 160)  # ×4 → 640×424: >100 tiles, seconds of fake engine time
+    geometry = read_manifest(tiny_repo / "tiny", verify=False).tile
+    n_tiles = make_plan(src.height, src.width, src.height * 4, src.width * 4, geometry).n_tiles
+    assert n_tiles * FAKE_PER_TILE_S > 2
     body = encode(src)
     head = (
         f"POST /upscale?scale=4 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
@@ -284,9 +298,10 @@ def test_runtime_start_failure_exits_non_zero(tiny_repo: Path, tmp_path: Path) -
 # --- last: SIGTERM drain (stops the module's server) ---------------------------------------------
 
 
-def test_sigterm_drains_admitted_requests_then_exits(server: Server) -> None:
+def test_sigterm_drains_admitted_requests_then_exits(fake_server: Server) -> None:
+    server = fake_server
     n = 4
-    body = encode(small("astronaut.png", 64))  # ×3 → 192²: 16 tiles each, ~0.5 s alone
+    body = encode(small("astronaut.png", 64))  # ×3 → 192²: 16 tiles each, 0.8 s of fake engine time
     results: list[int] = []
 
     def call() -> None:

@@ -136,5 +136,5 @@ def test_gpu_memory_gauges_from_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_http_layer_never_imports_torch() -> None:
-    code = "import sys, service.app, service.cli, service.images; sys.exit('torch' in sys.modules)"
+    code = "import sys, service.http.app, service.cli, service.http.images; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

@@ -1,6 +1,6 @@
-"""HTTP routes of the job API (/v1/jobs, docs/jobs.md) and the web page at `/` (service/static/).
+"""HTTP routes of the job API (/v1/jobs, docs/jobs.md) and the web page at `/` (service/http/static/).
 
-POST /v1/jobs runs POST /upscale's own handler (service.upscale.handle_upscale) with a hand-off: every
+POST /v1/jobs runs POST /upscale's own handler (service.http.upscale.handle_upscale) with a hand-off: every
 check, the admission (same 503 + Retry-After) and the decode are shared; once admitted, the job store
 takes the reservation and the pixels and answers 202 at once.
 """
@@ -15,9 +15,9 @@ from fastapi import Path as PathParam
 from fastapi.staticfiles import StaticFiles
 from starlette.responses import FileResponse, JSONResponse, Response
 
-from service import images
-from service.jobs import JobExpired, JobStore, owner_of
-from service.upscale import Admitted, Context, UpscaleParams, handle_upscale
+from service.http import images
+from service.http.jobs import JobExpired, JobStore, owner_of
+from service.http.upscale import Admitted, Context, UpscaleParams, handle_upscale
 
 STATIC_DIR = Path(__file__).parent / "static"
 JobId = Annotated[
@@ -39,7 +39,7 @@ _BODY = {
 
 
 def _state(request: Request) -> Any:
-    return request.app.state.gendr  # service.app.GendrState
+    return request.app.state.gendr  # service.http.app.GendrState
 
 
 def job_store(request: Request) -> JobStore:

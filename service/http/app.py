@@ -2,9 +2,10 @@
 
 - `create_app()` builds everything from `Settings`; nothing reads the environment elsewhere.
 - The runtime loads and warms up in the background, so the process answers /healthz (live) at once
-  and /readyz turns 200 only when every engine is warm (DESIGN.md §6: liveness ≠ readiness).
-- `GendrState.drain()` is the graceful stop: not ready, stop admitting (503 draining), wait for
-  in-flight requests. The CLI calls it on SIGTERM; the lifespan calls it on any other shutdown.
+  and /readyz turns 200 only when every engine is warm (docs/architecture.md: liveness ≠ readiness).
+- `GendrState.drain()` (service/http/lifecycle.py) is the graceful stop: not ready, stop admitting (503
+  draining), wait for in-flight requests, then `cut_off()` answers what is left. The CLI calls it on
+  SIGTERM; the lifespan calls it on any other shutdown.
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from service import __version__, images
-from service.auth import ApiKeys
+from service import __version__
 from service.errors import (
     BadRequest,
     MethodNotAllowed,
@@ -34,12 +34,15 @@ from service.errors import (
     NotReady,
     ServiceError,
 )
-from service.jobs_routes import add_routes
-from service.lifecycle import UPSCALE_PATH, GendrState, RequestContext
+from service.http import images
+from service.http.auth import ApiKeys
+from service.http.jobs_routes import add_routes
+from service.http.lifecycle import UPSCALE_PATH, GendrState, RequestContext
+from service.http.upscale import Context, UpscaleParams, handle_upscale, validation_message
 from service.metrics import Metrics
 from service.runtime import Runtime
+from service.runtime_api import RuntimeClient
 from service.settings import Settings
-from service.upscale import Context, UpscaleParams, handle_upscale, validation_message
 
 log = logging.getLogger("gendr.http")
 
@@ -115,9 +118,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(
-    settings: Settings | None = None, runtime: Any = None, metrics: Metrics | None = None
+    settings: Settings | None = None, runtime: RuntimeClient | None = None, metrics: Metrics | None = None
 ) -> FastAPI:
-    """Build the app. `runtime`: a `service.runtime.Runtime` (built from settings when None)."""
+    """Build the app. `runtime`: anything with the runtime contract (service/runtime_api.py); built
+    from settings (`service.runtime.Runtime`) when None."""
     settings = settings or Settings()
     if metrics is None:
         metrics = getattr(runtime, "metrics", None) or Metrics()
@@ -177,9 +181,10 @@ def create_app(
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "DELETE"],  # DELETE: cancelling a job
             allow_headers=["Authorization", "Content-Type", "X-Deadline-Ms", "X-Request-Id"],
             expose_headers=[
+                "Location",  # POST /v1/jobs
                 "Server-Timing",
                 "X-Model",
                 "X-Backend",
@@ -276,5 +281,5 @@ def create_app(
         await asyncio.to_thread(st.metrics.refresh_gpu_memory)
         return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    add_routes(app)  # /v1/jobs and the web page at / (service/jobs_routes.py)
+    add_routes(app)  # /v1/jobs and the web page at / (service/http/jobs_routes.py)
     return app

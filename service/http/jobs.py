@@ -28,10 +28,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from service import images
 from service.errors import ImageTooLarge, NotFound, Overloaded, ServiceError
+from service.http import images
+from service.http.upscale import DEADLINE_HEADER, Admitted
+from service.runtime_api import RuntimeClient
 from service.settings import Settings
-from service.upscale import DEADLINE_HEADER, Admitted
 
 log = logging.getLogger("gendr.jobs")
 
@@ -363,7 +364,7 @@ class JobStore:
         self._jobs.pop(job.id, None)
         self._remove_files(job, record=True)
 
-    def describe(self, job: Job, runtime: Any) -> dict[str, Any]:
+    def describe(self, job: Job, runtime: RuntimeClient) -> dict[str, Any]:
         """The job as GET /v1/jobs/{id} returns it: state, progress, queue position, ETA."""
         state = job.state
         out: dict[str, Any] = {
@@ -388,7 +389,7 @@ class JobStore:
             out["eta_s"] = self._eta(job, ahead, runtime)
         return out
 
-    def _eta(self, job: Job, ahead: list[Job], runtime: Any) -> float | None:
+    def _eta(self, job: Job, ahead: list[Job], runtime: RuntimeClient) -> float | None:
         """Remaining tiles (own, plus those of jobs ahead) over measured throughput (tiles per second)."""
         rate = None
         measured = job.tiles_done - job.first_batch

@@ -21,8 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service import images
-from service.body import read_upload
 from service.errors import (
     BadRequest,
     ClientClosedRequest,
@@ -31,10 +29,14 @@ from service.errors import (
     EngineFailure,
     ImageTooLarge,
 )
+from service.http import images
+from service.http.body import read_upload
 from service.imageops import target_size
 from service.metrics import Metrics
 from service.runtime import UpscaleJob
+from service.runtime_api import ModelClient, RuntimeClient
 from service.settings import Settings
+from service.tickets import Reservation
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -119,11 +121,11 @@ class Context:
     """What the handler needs from the app (kept explicit so the handler is testable alone)."""
 
     settings: Settings
-    runtime: Any  # service.runtime.Runtime (docs/runtime-api.md)
+    runtime: RuntimeClient  # docs/runtime-api.md
     metrics: Metrics
     pool: Executor
     is_draining: Callable[[], bool]
-    # POST /v1/jobs (service/jobs_routes.py): gets the admitted, decoded request and answers instead
+    # POST /v1/jobs (service/http/jobs_routes.py): gets the admitted, decoded request and answers instead
     hand_off: Callable[[Admitted], Awaitable[Response]] | None = None
 
 
@@ -134,8 +136,8 @@ class Admitted:
     request: Request
     params: UpscaleParams
     job: UpscaleJob
-    reservation: Any  # service.runtime.Reservation
-    model: Any  # service.runtime.ModelRuntime
+    reservation: Reservation
+    model: ModelClient
     decoded: images.Decoded
     fmt: str
     quality: int

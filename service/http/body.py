@@ -1,9 +1,10 @@
 """Request body reading with a hard size cap enforced while the bytes arrive.
 
 uvicorn has no body limit and Starlette's `request.form()` spools file parts to disk with no cap
-(DESIGN.md §7), so /upscale never uses them: it streams the body itself, stops at the limit (413 and
-`Connection: close`, the rest is never read — with or without Content-Length), and feeds multipart
-bodies to python-multipart's streaming parser chunk by chunk, so only the image part is kept.
+(docs/architecture.md, known pitfalls), so /upscale never uses them: it streams the body itself,
+stops at the limit (413 and `Connection: close`, the rest is never read — with or without
+Content-Length), and feeds multipart bodies to python-multipart's streaming parser chunk by chunk,
+so only the image part is kept.
 """
 
 from __future__ import annotations

@@ -18,12 +18,12 @@ Decisions (also in docs/http.md):
 - EXIF orientation is applied (same mapping as `ImageOps.exif_transpose`); EXIF itself is not copied
   to the output (it may hold GPS data and its thumbnail/orientation would be stale). PNG eXIf chunks
   after the image data are ignored (the orientation must be known before decoding).
-- ICC profile: validated by LittleCMS and *rebuilt* (colorimetric tags only, `service/icc.py`) when
+- ICC profile: validated by LittleCMS and *rebuilt* (colorimetric tags only, `service/http/icc.py`) when
   its colour space matches the output's (RGB or gray), else dropped; client bytes are never copied
   into the output, and no other metadata block (EXIF, XMP, text, comments) is written. CMYK is
   converted to sRGB through its embedded profile (LittleCMS) and tagged sRGB; without a profile
   Pillow's plain conversion is used and the output is untagged.
-- Work per byte is bounded before admission (`service/imagecheck.py`): data too short for the
+- Work per byte is bounded before admission (`service/http/imagecheck.py`): data too short for the
   declared image is 422, more than `max_pixels_per_byte` is 413.
 - Grayscale in → grayscale out (the model runs on three equal channels, its output is converted back
   to luma), so a gray photo never picks up a colour cast and stays a 1-channel file. WebP has no gray
@@ -51,12 +51,12 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageCms, UnidentifiedImageError
 
-from service import icc as icc_profiles
 from service.errors import ImageTooLarge, UndecodableImage, UnsupportedMediaType
-from service.imagecheck import check_work
-from service.png16 import low_bytes
-from service.png16 import read_png16 as read_png16  # re-exported: tests and tools
-from service.png16 import write_png16 as write_png16
+from service.http import icc as icc_profiles
+from service.http.imagecheck import check_work
+from service.http.png16 import low_bytes
+from service.http.png16 import read_png16 as read_png16  # re-exported: tests and tools
+from service.http.png16 import write_png16 as write_png16
 
 log = logging.getLogger(__name__)
 

@@ -19,15 +19,15 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.auth import ApiKeys
 from service.errors import Draining
+from service.http.auth import ApiKeys
 from service.manifest import ManifestError
 from service.metrics import Metrics
+from service.runtime_api import RuntimeClient
 from service.settings import Settings
 
 log = logging.getLogger("gendr.http")
@@ -40,7 +40,7 @@ class GendrState:
     """Process-wide state of one app: runtime, pool, readiness, in-flight accounting."""
 
     settings: Settings
-    runtime: Any
+    runtime: RuntimeClient
     metrics: Metrics
     pool: ThreadPoolExecutor
     keys: ApiKeys

@@ -29,7 +29,8 @@ META_FILE = "gendr.json"
 EMBEDS_FILE = "prompt_embeds.safetensors"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 FORMAT = "gendr-checkpoint"
-PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin"}
+#: Python pickle containers (can run code when loaded): refused everywhere, never opened.
+PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin", ".tar", ".zip"})
 
 CONVERT_HINT = (
     "pickle-based weights are never loaded (they can run arbitrary code). Convert them once, in a "

@@ -32,6 +32,7 @@ import spandrel
 import torch
 from spandrel import ImageModelDescriptor, ModelLoader, UnsupportedModelError
 
+from engine_build.checkpoint import PICKLE_SUFFIXES
 from engine_build.sr_errors import NcnnConversionError, SRModelError
 from engine_build.sr_ncnn import NcnnLayer, parse_ncnn_param
 from engine_build.sr_ncnn_rrdb import (
@@ -93,7 +94,6 @@ NCNN_PACKAGE_ATTRIBUTION: dict[str, str] = {
 }
 
 CHECKPOINT_FORMAT = "gendr-sr-checkpoint/1"
-_PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin", ".tar", ".zip")
 
 
 # --------------------------------------------------------------------------- locating the ncnn files
@@ -204,7 +204,7 @@ def load_sr_safetensors(path: str | os.PathLike[str], *, probe: bool = True) -> 
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix in _PICKLE_SUFFIXES:
+    if suffix in PICKLE_SUFFIXES:
         raise SRModelError(
             f"{path}: {suffix} checkpoints are Python pickles and are never loaded here (unpickling can run "
             "arbitrary code). Convert it to safetensors once, in an environment you trust, e.g.\n"

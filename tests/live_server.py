@@ -59,24 +59,16 @@ def free_port() -> int:
 
 
 @dataclass
-class LiveServer:
+class ServerProcess:
+    """A real `gendr-serve` process on 127.0.0.1, and how tests read it (its metrics, its log)."""
+
     proc: subprocess.Popen[bytes]
     port: int
     log: Path
-    gate: Path
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    def hold(self, allow: int = 0) -> None:
-        """From now on engine calls wait (tiles stay queued), except `allow` more, until `release()`."""
-        tmp = self.gate.with_suffix(".tmp")
-        tmp.write_text(str(allow))
-        os.replace(tmp, self.gate)
-
-    def release(self) -> None:
-        self.gate.unlink(missing_ok=True)
 
     def metric(self, name: str, **labels: str) -> float:
         import httpx
@@ -89,6 +81,29 @@ class LiveServer:
             for s in fam.samples
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
         )
+
+    def wait_metric(self, name: str, pred: object, timeout: float = 20, **labels: str) -> float:
+        end = time.monotonic() + timeout
+        while True:
+            v = self.metric(name, **labels)
+            if pred(v):  # type: ignore[operator]
+                return v
+            assert time.monotonic() < end, f"{name}{labels} stuck at {v}"
+            time.sleep(0.02)
+
+
+@dataclass
+class LiveServer(ServerProcess):
+    gate: Path
+
+    def hold(self, allow: int = 0) -> None:
+        """From now on engine calls wait (tiles stay queued), except `allow` more, until `release()`."""
+        tmp = self.gate.with_suffix(".tmp")
+        tmp.write_text(str(allow))
+        os.replace(tmp, self.gate)
+
+    def release(self) -> None:
+        self.gate.unlink(missing_ok=True)
 
     def wait_for(self, pred: object, what: str, timeout: float = 30) -> None:
         end = time.monotonic() + timeout

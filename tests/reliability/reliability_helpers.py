@@ -19,10 +19,13 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from live_server import ServerProcess as BaseServer
+from live_server import free_port
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from service.manifest import Manifest, TileGeometry, write_manifest
+
+__all__ = ["free_port"]  # re-exported for the reliability tests
 
 # glibc malloc settings of the Dockerfile, docker-compose.yml and k8s (test_allocator_env checks them).
 DEPLOYED_ALLOCATOR = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "1048576"}
@@ -45,42 +48,11 @@ def write_fake_repo(root: Path, name: str = "fake", tile: int = 32, overlap: int
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
-class ServerProcess:
+class ServerProcess(BaseServer):
     """A real `gendr-serve` process on 127.0.0.1 (GENDR_BACKEND=fake, engine delay set by the caller)."""
 
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Path
     env: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def metric(self, name: str, **labels: str) -> float:
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        return sum(
-            s.value
-            for fam in text_string_to_metric_families(text)
-            for s in fam.samples
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-        )
-
-    def wait_metric(self, name: str, pred: object, timeout: float = 20, **labels: str) -> float:
-        end = time.monotonic() + timeout
-        while True:
-            v = self.metric(name, **labels)
-            if pred(v):  # type: ignore[operator]
-                return v
-            assert time.monotonic() < end, f"{name}{labels} stuck at {v}"
-            time.sleep(0.02)
 
     def rss_bytes(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():

@@ -16,13 +16,12 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 from http_helpers import decode, encode, small
-from prometheus_client.parser import text_string_to_metric_families
+from live_server import ServerProcess, free_port
 from test_images import bomb_png
 
 KEY = "test-key-7f3a"
@@ -32,39 +31,7 @@ MAX_BODY = 2 * 1024 * 1024
 FAKE_PER_TILE_S = 0.05  # fake engine: 20 tiles/s, whatever the machine
 
 
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def metric(self, name: str, **labels: str) -> float:
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        return sum(
-            s.value
-            for fam in text_string_to_metric_families(text)
-            for s in fam.samples
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-        )
-
-    def wait_metric(self, name: str, pred: object, timeout: float = 10, **labels: str) -> float:
-        end = time.monotonic() + timeout
-        while True:
-            v = self.metric(name, **labels)
-            if pred(v):  # type: ignore[operator]
-                return v
-            assert time.monotonic() < end, f"{name}{labels} stuck at {v}"
-            time.sleep(0.02)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+Server = ServerProcess  # a real gendr-serve process (tests/live_server.py)
 
 
 def _command() -> list[str]:
@@ -73,7 +40,7 @@ def _command() -> list[str]:
 
 
 def _serve(tiny_repo: Path, log: Path, **extra: str) -> Iterator[Server]:
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GENDR_")}
     env.update(
         {
@@ -289,7 +256,7 @@ def test_runtime_start_failure_exits_non_zero(tiny_repo: Path, tmp_path: Path) -
     env = {k: v for k, v in os.environ.items() if not k.startswith("GENDR_")}
     env.update({"GENDR_MODEL_REPOSITORY": str(repo), "GENDR_BACKEND": "onnxruntime-cpu"})
     r = subprocess.run(
-        [*_command(), "--port", str(_free_port())], env=env, capture_output=True, text=True, timeout=60
+        [*_command(), "--port", str(free_port())], env=env, capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 1, r.stderr
     assert "sha256" in r.stderr and "runtime start failed" in r.stderr

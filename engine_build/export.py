@@ -61,6 +61,7 @@ from engine_build.onnx_graph import (
     save_onnx,
     trace_to_onnx,
 )
+from engine_build.presets import GENDR_OVERLAP, GENDR_TILE
 from engine_build.repository import (
     CHECKPOINT_DIR,
     ONNX_DIR,
@@ -108,10 +109,6 @@ __all__ = [
     "trace_to_onnx",
 ]
 
-#: GenDR defaults: 512-px tiles = the 512² training crops and SD2.1's native 64×64 latent;
-#: 64-px overlap = 8 latent pixels of context/blending on each side.
-GENDR_TILE = 512
-GENDR_OVERLAP = 64
 
 ExportPrecision = Literal["fp32", "fp16"]
 

@@ -8,6 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
+# Tiling defaults, the one place they are set (export, the reference CLI, import-sr and default read them).
+#: GenDR: 512-px tiles = the 512² training crops and SD2.1's native 64×64 latent; 64-px overlap = 8
+#: latent pixels of context/blending on each side (docs/model.md).
+GENDR_TILE = 512
+GENDR_OVERLAP = 64
+#: Single SR networks: 96 px costs the least CPU time per output megapixel for Real-ESRGAN ×4plus on
+#: 2 cores once overlap and padding waste are counted (docs/default-model.md, "Tile size on CPU");
+#: overlap 16 ≥ Real-ESRGAN's own tile_pad of 10. import-sr raises both for wider receptive fields.
+SR_TILE = 96
+SR_OVERLAP = 16
+
 GENDR_UNET: dict[str, Any] = {
     "sample_size": 64,
     "in_channels": 16,

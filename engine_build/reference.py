@@ -11,12 +11,10 @@ import numpy as np
 import torch
 
 from engine_build.model import GenDR
+from engine_build.presets import GENDR_OVERLAP, GENDR_TILE
 from service.manifest import TileGeometry
 
-# Default GenDR tiling: 512 px tiles are GenDR's training crop (paper §4.1) and SD2.1's 64×64 latent;
-# 64 px overlap = 8 latent pixels, enough for feathered blending to hide per-tile GroupNorm shifts.
-DEFAULT_TILE = 512
-DEFAULT_OVERLAP = 64
+DEFAULT_TILE, DEFAULT_OVERLAP = GENDR_TILE, GENDR_OVERLAP  # engine_build/presets.py
 
 
 def gendr_geometry(model: GenDR, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP) -> TileGeometry:

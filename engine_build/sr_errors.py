@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from engine_build.errors import BuildError
+
 __all__ = ["NcnnConversionError", "SRModelError"]
 
 
-class SRModelError(ValueError):
+class SRModelError(BuildError, ValueError):
     """An SR checkpoint that cannot be used: wrong format, unsupported architecture, bad scale."""
 
 

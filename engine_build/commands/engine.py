@@ -35,16 +35,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-sizes", type=_ints, default=[1, 2, 4, 8], help="comma list (default 1,2,4,8)")
     p.add_argument("--tile", type=int, help="tile edge; must equal the exported graph's (checked)")
     p.add_argument(
-        "--profile-mode",
-        choices=["shared", "per-batch"],
-        default="shared",
-        help="shared: N identical [min..max] profiles, one per engine instance (the runtime's "
-        "expectation); per-batch: one static profile per batch size",
+        "--profiles",
+        type=int,
+        default=1,
+        help="identical [min..max] optimisation profiles (default 1: TensorRT 10/11 contexts share one)",
     )
     p.add_argument(
-        "--profiles", type=int, default=1, help="shared mode: number of profiles (= engine instances)"
+        "--opt-batch", type=int, help="batch size the profiles are tuned for (default: the largest)"
     )
-    p.add_argument("--opt-batch", type=int, help="shared mode: batch size to tune for (default: the largest)")
     p.add_argument("--workspace-gb", type=float, help="builder workspace limit (default: TensorRT's)")
     p.add_argument("--opt-level", type=int, default=3, choices=range(0, 6), help="builder optimisation level")
     p.add_argument(
@@ -57,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_engine(args: argparse.Namespace) -> int:
-    from engine_build.trt_build import TrtBuildError, build_engine
+    from engine_build.trt_build import build_engine
     from service.manifest import ManifestError
 
     try:
@@ -67,7 +65,6 @@ def cmd_engine(args: argparse.Namespace) -> int:
             target_gpu=args.target_gpu,
             batch_sizes=args.batch_sizes,
             tile=args.tile,
-            profile_mode=args.profile_mode,
             profiles=args.profiles,
             opt_batch=args.opt_batch,
             workspace_gb=args.workspace_gb,
@@ -77,7 +74,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             device_id=args.device,
         )
-    except (TrtBuildError, ManifestError) as e:
+    except ManifestError as e:  # build errors: engine_build.cli maps every BuildError to exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
     e = res.engine

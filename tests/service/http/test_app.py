@@ -261,6 +261,16 @@ def test_unsupported_and_undecodable_images(make_client: Any) -> None:
     assert r.status_code == 400
 
 
+def _png(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 120, 150)).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def test_pixel_limits_are_413_before_decoding(make_client: Any) -> None:
     from test_images import bomb_png
 
@@ -271,8 +281,13 @@ def test_pixel_limits_are_413_before_decoding(make_client: Any) -> None:
     assert r.status_code == 200
     r = c.post("/upscale?scale=4", content=PNG)  # output 256² > 50 000
     assert r.status_code == 413 and "output" in r.json()["error"]["message"]
-    r = c.post("/upscale?width=16384&height=2&format=webp", content=PNG)
-    assert r.status_code in (400, 413)
+    r = c.post("/upscale?width=16384&height=2&format=webp", content=PNG)  # ×256: over GENDR_MAX_SCALE
+    assert (
+        r.status_code == 400 and err(r) == "bad_request" and "the limit is ×8" in r.json()["error"]["message"]
+    )
+    wide = make_client(max_output_pixels=1 << 22)
+    r = wide.post("/upscale?width=16384&height=16&format=webp", content=_png(2048, 2))  # ×8, WebP max 16383
+    assert r.status_code == 413 and err(r) == "image_too_large" and "16383" in r.json()["error"]["message"]
 
 
 def test_body_limit_with_content_length_is_413(make_client: Any) -> None:

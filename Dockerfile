@@ -3,7 +3,7 @@
 # gendr-serve images. Targets:
 #   gpu    (default) the serving image: CUDA runtime + cuDNN, TensorRT runtime, ONNX Runtime GPU.
 #          No torch, no compiler. Runs `gendr-serve`.
-#   cpu    the serving image for machines without a GPU: ONNX Runtime CPU only.
+#   cpu    the serving image for machines without a GPU: ONNX Runtime CPU, or OpenVINO bf16 (auto).
 #   build  the export toolchain (torch, diffusers, ModelOpt, ONNX, TensorRT builder): runs
 #          `gendr-build` (export, quantize, engine). Build engines with it *on the GPU they will
 #          run on*, with the same TENSORRT_VERSION as the gpu image.
@@ -72,7 +72,7 @@ COPY pyproject.toml README.md ./
 COPY service/ service/
 COPY engine_build/ engine_build/
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install ".[serve]" \
+    && /opt/venv/bin/pip install ".[serve,openvino]" \
     && /opt/venv/bin/python -c "import service, onnxruntime" \
     && if /opt/venv/bin/python -c "import torch" 2>/dev/null; then echo "torch must not be in the serving image" >&2; exit 1; fi
 
@@ -123,7 +123,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH \
     HOME=/tmp \
     GENDR_MODEL_REPOSITORY=/models \
-    GENDR_BACKEND=onnxruntime-cpu \
+    GENDR_BACKEND=auto \
     MALLOC_ARENA_MAX=2 \
     MALLOC_MMAP_THRESHOLD_=1048576
 COPY --from=cpu-venv /opt/venv /opt/venv

@@ -107,8 +107,9 @@ def run_step(step: str, work: Path, tile: int) -> dict:
         ref = np.load(ref_file)
         out["vs_torch_fp32"] = compare(y, ref)
     elif step == "stages":
+        from export_stages import measure_stages
+
         from engine_build.checkpoint import load_checkpoint
-        from engine_build.stages import measure_stages
         from service.manifest import read_manifest
 
         manifest = read_manifest(model_dir, verify=False)

@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/venv.sh
-ensure_venv "serve,build,dev,client"
+ensure_venv "serve,build,dev,client,openvino"
 if [ -f .ci/install-deploy-tools.sh ]; then
   bash .ci/install-deploy-tools.sh
 fi

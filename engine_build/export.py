@@ -68,8 +68,6 @@ from engine_build.repository import (
     StepResult,
     existing_manifest,
     replace_dir,
-    tmp_dir,
-    variant_ok,
 )
 from service.manifest import (
     Artifact,
@@ -81,9 +79,6 @@ from service.manifest import (
 )
 
 log = logging.getLogger(__name__)
-
-# Old names some build modules still import (they move to engine_build.repository)
-_tmp_dir, _variant_ok = tmp_dir, variant_ok
 
 __all__ = [
     "DATA_FILE",

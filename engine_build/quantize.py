@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,16 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from engine_build.export import (
-    DATA_FILE,
-    GRAPH_FILE,
-    ONNX_DIR,
-    ExportError,
-    _tmp_dir,
-    _variant_ok,
-    finalize_onnx,
-    replace_dir,
-)
+from engine_build.onnx_graph import DATA_FILE, GRAPH_FILE, ExportError, finalize_onnx
+from engine_build.repository import ONNX_DIR, replace_dir, run_step
 from engine_build.trt_build import TARGET_GPUS, describe_gpu, detect_gpu, parse_cc
 from service.manifest import (
     Manifest,
@@ -213,14 +204,11 @@ def quantize_model(
     }
     key = hash_inputs("quantize", options)
     t0 = time.perf_counter()
-    if not force and _variant_ok(model_dir, manifest.onnx.get(precision), key):
-        log.info("onnx %s: up to date (key %s…), skipped", precision, key[:12])
-        return QuantizeResult(model_dir, manifest, precision, True, time.perf_counter() - t0, n_tiles)
+    current = manifest.onnx.get(precision)
     src = model_dir / base_v.graph.path
-    tmp = _tmp_dir(model_dir / ONNX_DIR, precision)
     t = manifest.tile.tile
-    tool_info: dict[str, Any] = {}
-    try:
+
+    def produce(tmp: Path) -> dict[str, Any]:
         raw = tmp / "raw"
         raw.mkdir()
         log.info(
@@ -233,60 +221,74 @@ def quantize_model(
             base,
         )
         if tool == "ort":
-            tool_info = _ort_quantize(
+            info = _ort_quantize(
                 src, raw / GRAPH_FILE, base_v.input_name, tiles, excludes, method, calib_batch
             )
         else:
+            info = {}
             _modelopt_quantize(
                 src, raw / GRAPH_FILE, base_v, tiles, precision, method, excludes, calib_batch, calib_ep, t
             )
-        final = tmp / "final"
         try:
-            data_path = finalize_onnx(raw / GRAPH_FILE, final, manifest.tile.out_tile, None, (t, t, 3))[1]
+            finalize_onnx(raw / GRAPH_FILE, tmp / "final", manifest.tile.out_tile, None, (t, t, 3))
         except ExportError as e:
             raise QuantizeError(str(e)) from e
-        shutil.rmtree(raw)
+        return info
+
+    def install(tmp: Path, tool_info: dict[str, Any]) -> str:
+        nonlocal manifest
         target = model_dir / ONNX_DIR / precision
-        replace_dir(final, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    n_qdq = _count_qdq(target / GRAPH_FILE)
-    quant_info: dict[str, Any] = {k: v for k, v in options.items() if k != "versions"}
-    quant_info.update(
-        {
-            "quantize_linear_nodes": n_qdq,
-            "tool": "onnxruntime.quantization" if tool == "ort" else "nvidia-modelopt",
-            "versions": options["versions"],
-            **tool_info,
-        }
-    )
-    if precision == "int8" and parity_tiles > 0:
-        quant_info["parity"] = _int8_parity(
-            model_dir, manifest, base_v, target / GRAPH_FILE, parity_photos, parity_tiles, seed
+        replace_dir(tmp / "final", target)
+        n_qdq = _count_qdq(target / GRAPH_FILE)
+        quant_info: dict[str, Any] = {k: v for k, v in options.items() if k != "versions"}
+        quant_info.update(
+            {
+                "quantize_linear_nodes": n_qdq,
+                "tool": "onnxruntime.quantization" if tool == "ort" else "nvidia-modelopt",
+                "versions": options["versions"],
+                **tool_info,
+            }
         )
-    seconds = time.perf_counter() - t0
-    if target_note:
-        quant_info["target"] = target_note
-    variant = OnnxVariant(
-        precision=precision,
-        graph=make_artifact(model_dir, target / GRAPH_FILE),
-        external_data=make_artifact(model_dir, target / DATA_FILE) if data_path else None,
-        input_name=base_v.input_name,
-        output_name=base_v.output_name,
-        opset=_opset(target / GRAPH_FILE),
-        key=key,
-        quantization=quant_info,
-        options={"seconds": round(seconds, 2)},
+        if precision == "int8" and parity_tiles > 0:
+            quant_info["parity"] = _int8_parity(
+                model_dir, manifest, base_v, target / GRAPH_FILE, parity_photos, parity_tiles, seed
+            )
+        if target_note:
+            quant_info["target"] = target_note
+        data = target / DATA_FILE
+        variant = OnnxVariant(
+            precision=precision,  # type: ignore[arg-type]
+            graph=make_artifact(model_dir, target / GRAPH_FILE),
+            external_data=make_artifact(model_dir, data) if data.is_file() else None,
+            input_name=base_v.input_name,
+            output_name=base_v.output_name,
+            opset=_opset(target / GRAPH_FILE),
+            key=key,
+            quantization=quant_info,
+            options={"seconds": round(time.perf_counter() - t0, 2)},
+        )
+        engines = [e for e in manifest.engines if e.precision != precision]
+        if len(engines) != len(manifest.engines):
+            log.warning(
+                "dropping TensorRT %s engine(s) built from the previous %s graph", precision, precision
+            )
+        manifest = manifest.model_copy(
+            update={"onnx": {**manifest.onnx, precision: variant}, "engines": engines}
+        )
+        write_manifest(model_dir, manifest)
+        return f"{n_qdq} Q/DQ pairs"
+
+    skipped, _ = run_step(
+        model_dir,
+        f"onnx {precision}",
+        key,
+        (current.key, [current.graph, current.external_data]) if current else None,
+        produce,
+        install,
+        force=force,
+        parent=model_dir / ONNX_DIR,
     )
-    onnx_map = dict(manifest.onnx)
-    onnx_map[precision] = variant
-    engines = [e for e in manifest.engines if e.precision != precision]
-    if len(engines) != len(manifest.engines):
-        log.warning("dropping TensorRT %s engine(s) built from the previous %s graph", precision, precision)
-    manifest = manifest.model_copy(update={"onnx": onnx_map, "engines": engines})
-    write_manifest(model_dir, manifest)
-    log.info("onnx %s: %d Q/DQ pairs, %.1f s", precision, n_qdq, seconds)
-    return QuantizeResult(model_dir, manifest, precision, False, seconds, n_tiles)
+    return QuantizeResult(model_dir, manifest, precision, skipped, time.perf_counter() - t0, n_tiles)
 
 
 def _modelopt_quantize(

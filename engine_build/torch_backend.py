@@ -255,6 +255,9 @@ class TorchBackend:
     def _graph_device(self) -> Any:
         return next(self._graph.parameters()).device
 
+    def input_buffer(self, instance: int, n: int) -> np.ndarray | None:
+        return None  # the batcher's own buffer will do: infer() takes any host array
+
     def healthy(self) -> bool:
         return self._healthy
 

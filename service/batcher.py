@@ -402,9 +402,9 @@ class TileBatcher:
     # ------------------------------------------------------------------ workers
 
     def _buffer(self, inst: _Instance, bs: int) -> np.ndarray:
-        get = getattr(self.backend, "input_buffer", None)
-        if get is not None:
-            return get(inst.index, bs)
+        own = self.backend.input_buffer(inst.index, bs)
+        if own is not None:
+            return own
         buf = self._bufs.get(inst.index)
         if buf is None:
             buf = self._bufs[inst.index] = np.empty((self.max_batch, self.tile, self.tile, 3), np.uint8)

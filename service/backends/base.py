@@ -62,14 +62,14 @@ class Backend(Protocol):
         The result must be an array the caller owns (not a buffer the next call overwrites).
         """
 
+    def input_buffer(self, instance: int, n: int) -> np.ndarray | None:
+        """A writable uint8 [n, t, t, 3] host buffer the batcher gathers tiles into before infer()
+        (TensorRT: its pinned input, so the copy into it is the only one), or None: the batcher then
+        uses a buffer of its own. A backend recognises its own buffer in infer() and skips a copy."""
+
     def healthy(self) -> bool: ...
 
     def close(self) -> None: ...
-
-
-# Optional extension: a backend may expose `input_buffer(instance, n) -> np.ndarray` returning a
-# writable uint8 [n, t, t, 3] host buffer (e.g. pinned memory) that the batcher gathers tiles into
-# and then passes to infer(); a backend recognises its own buffer and skips a copy.
 
 
 def tile_shapes(manifest: Manifest) -> tuple[int, int]:

@@ -270,6 +270,9 @@ class OnnxRuntimeBackend:
         s = self._sessions[instance if self.session_per_instance else 0]
         return s.run([self.variant.output_name], {self.variant.input_name: batch})[0]  # type: ignore[attr-defined]
 
+    def input_buffer(self, instance: int, n: int) -> np.ndarray | None:
+        return None  # the batcher's own buffer will do: infer() takes any host array
+
     def healthy(self) -> bool:
         return self._healthy
 

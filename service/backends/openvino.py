@@ -190,6 +190,9 @@ class OpenVinoBackend:
         req.infer({0: np.ascontiguousarray(batch)})
         return np.array(req.get_output_tensor(0).data, copy=True)  # the request reuses its buffer
 
+    def input_buffer(self, instance: int, n: int) -> np.ndarray | None:
+        return None  # the batcher's own buffer will do: infer() takes any host array
+
     def healthy(self) -> bool:
         return self._healthy
 

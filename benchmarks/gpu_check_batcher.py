@@ -48,7 +48,7 @@ async def one_round(m: Any, images: list[np.ndarray], scale: int) -> tuple[float
     async def one(im: np.ndarray) -> float:
         t0 = time.perf_counter()
         oh, ow = im.shape[0] * scale, im.shape[1] * scale
-        r = m.reserve(m.plan(im.shape[0], im.shape[1], oh, ow).n_tiles)
+        r = m.reserve(m.plan(im.shape[0], im.shape[1], oh, ow))
         await m.upscale(UpscaleJob(im, oh, ow, "none", time.monotonic() + 3600, "gpu-check"), r)
         return time.perf_counter() - t0
 

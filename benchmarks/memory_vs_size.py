@@ -87,7 +87,7 @@ def child(backend: str, mp: float, color_fix: str, tile: int) -> dict[str, Any]:
     plan = rt.plan(img.shape[0], img.shape[1], oh, ow)
 
     async def one() -> float:
-        r = rt.reserve(plan.n_tiles)
+        r = rt.reserve(plan)
         t0 = time.perf_counter()
         out = await rt.upscale(UpscaleJob(img, oh, ow, color_fix, time.monotonic() + 3600, "m"), r)
         dt = time.perf_counter() - t0

@@ -176,7 +176,7 @@ def e2e(be: Backend, reqs: list[tuple[np.ndarray, Any]], max_batch: int) -> floa
         t0 = time.perf_counter()
         jobs = []
         for im in imgs:
-            r = m.reserve(m.plan(*im.shape[:2], *im.shape[:2]).n_tiles)
+            r = m.reserve(m.plan(*im.shape[:2], *im.shape[:2]))
             jobs.append(
                 m.upscale(UpscaleJob(im, im.shape[0], im.shape[1], "adain", time.monotonic() + 3600, "b"), r)
             )

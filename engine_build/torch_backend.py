@@ -24,7 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from service.backends.base import BackendInfo, BackendUnavailable, timed_warmup
+from service.backends.base import (
+    BackendInfo,
+    BackendUnavailable,
+    Timings,
+    dynamic_sample_shapes,
+    timed_warmup,
+)
 from service.manifest import Manifest, TileGeometry, verify_artifact
 from service.settings import Settings
 
@@ -66,11 +72,12 @@ class TorchBackend:
         max_batch: int = 4,
         compile: bool = False,
         intra_op_threads: int = 0,
-        selection_reason: str = "",
         module: Any = None,
         decoder_fp32: bool | None = None,
+        max_call_pixels: int = 0,
     ) -> None:
         self.manifest = manifest
+        self.max_call_pixels = max_call_pixels  # > 0: whole images on a `single` CNN (eager only)
         self.model_dir = Path(model_dir)
         self.device_id = device_id
         self._device = device  # None → cuda if available else cpu, resolved at load()
@@ -79,7 +86,6 @@ class TorchBackend:
         self.max_batch = max_batch
         self.compile = compile
         self.threads = intra_op_threads
-        self._reason = selection_reason
         self._module = module  # an nn.Module mapping [-1,1] NCHW → [-1,1] NCHW (tests, GPU check)
         fp16 = manifest.onnx.get("fp16")
         self.decoder_fp32 = (
@@ -124,7 +130,7 @@ class TorchBackend:
 
     @classmethod
     def from_settings(
-        cls, name: str, manifest: Manifest, model_dir: Path, settings: Settings, reason: str = ""
+        cls, name: str, manifest: Manifest, model_dir: Path, settings: Settings
     ) -> TorchBackend:
         return cls(
             manifest,
@@ -135,7 +141,7 @@ class TorchBackend:
             max_batch=settings.max_batch,
             compile=settings.torch_compile,
             intra_op_threads=settings.intra_op_threads,
-            selection_reason=reason,
+            max_call_pixels=settings.whole_image_max_pixels,
         )
 
     @property
@@ -149,9 +155,15 @@ class TorchBackend:
             engine_key=hashlib.sha256(key.encode()).hexdigest()[:16],
             batch_sizes=tuple(range(1, self.max_batch + 1)),
             instances=self.instances,
-            selection_reason=self._reason,
+            tiles=self.manifest.tiles("fp32"),
+            dynamic=self.dynamic,
             extra={"compile": str(self.compile)},
         )
+
+    @property
+    def dynamic(self) -> bool:
+        """Eager PyTorch runs a CNN on any size; compiled graphs are static (one compile per shape)."""
+        return self.manifest.kind == "single" and not self.compile and self.max_call_pixels > 0
 
     def _resolved_precision(self) -> str:
         return self._precision or ("fp32" if self._device == "cpu" else "auto")
@@ -232,8 +244,9 @@ class TorchBackend:
         self._streams = [torch.cuda.Stream(dev) for _ in range(self.instances)] if dev.type == "cuda" else []
         self._healthy = True
 
-    def warmup(self) -> dict[int, float]:
-        return timed_warmup(self, self.instances, self.info.batch_sizes)
+    def warmup(self) -> Timings:
+        dyn = dynamic_sample_shapes(self.manifest, self.max_call_pixels) if self.dynamic else ()
+        return timed_warmup(self, self.instances, self.info.batch_sizes, self.manifest.tiles("fp32"), dyn)
 
     def infer(self, instance: int, batch: np.ndarray) -> np.ndarray:
         import torch
@@ -255,7 +268,7 @@ class TorchBackend:
     def _graph_device(self) -> Any:
         return next(self._graph.parameters()).device
 
-    def input_buffer(self, instance: int, n: int) -> np.ndarray | None:
+    def input_buffer(self, instance: int, n: int, tile: int) -> np.ndarray | None:
         return None  # the batcher's own buffer will do: infer() takes any host array
 
     def healthy(self) -> bool:

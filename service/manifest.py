@@ -28,6 +28,8 @@ ModelKind = Literal["gendr", "single"]
 Precision = Literal["fp32", "fp16", "bf16", "int8", "fp8"]
 ColorFix = Literal["none", "adain", "wavelet"]
 COLOR_FIXES: tuple[str, ...] = get_args(ColorFix)  # the one list of colour-fix names
+PRECISIONS: tuple[str, ...] = get_args(Precision)  # the one list of precisions
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"  # model folder names (URLs, metric labels, paths)
 
 
 class ManifestError(ValueError):
@@ -94,8 +96,25 @@ class Artifact(_Strict):
     _path = field_validator("path")(classmethod(lambda cls, v: _check_rel_path(v)))
 
 
+class ShapeGraph(_Strict):
+    """The same network at the same precision for another input shape (a shape bucket).
+
+    Engine calls stay static-shape: a small image runs on the smallest tile that holds it instead of
+    being padded up to the primary tile; a dynamic graph runs a whole image in one call (CNNs, whose
+    cost is about linear in pixels; never GenDR, whose traced UNet freezes its sizes).
+    """
+
+    tile: int | None = Field(
+        ..., ge=8, le=4096, description="Static square input tile edge; None: dynamic height and width."
+    )
+    graph: Artifact
+    external_data: Artifact | None = None
+    key: str = Field(..., description="Hash of every input of the step that produced it (idempotency).")
+    options: dict[str, object] = Field(default_factory=dict, description="Parity, timings (informational).")
+
+
 class OnnxVariant(_Strict):
-    """One ONNX graph of the tile pipeline at one precision."""
+    """One ONNX graph of the tile pipeline at one precision (+ the same network at other shapes)."""
 
     precision: Precision
     graph: Artifact
@@ -111,6 +130,16 @@ class OnnxVariant(_Strict):
         default_factory=dict,
         description="How the step ran: fp16 islands, activation scan, timings (informational).",
     )
+    shapes: list[ShapeGraph] = Field(
+        default_factory=list, description="Shape buckets: the same network at other tile sizes / dynamic."
+    )
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> OnnxVariant:
+        seen = [s.tile for s in self.shapes]
+        if len(set(seen)) != len(seen):
+            raise ValueError(f"{self.precision}: a shape appears twice in {seen}")
+        return self
 
 
 class EngineProfile(_Strict):
@@ -150,7 +179,7 @@ class Source(_Strict):
 
 class Manifest(_Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
-    name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    name: str = Field(..., pattern=MODEL_NAME_PATTERN)
     kind: ModelKind
     native_scale: int = Field(..., ge=1, le=8)
     tile: TileGeometry
@@ -175,7 +204,45 @@ class Manifest(_Strict):
         for k, v in self.onnx.items():
             if k != v.precision:
                 raise ValueError(f"onnx[{k!r}] holds a {v.precision} graph")
+            for sg in v.shapes:
+                if sg.tile is None:
+                    continue
+                if sg.tile == self.tile.tile:
+                    raise ValueError(f"onnx[{k!r}]: shape {sg.tile} is the primary tile")
+                if sg.tile % self.tile.size_multiple:
+                    m = self.tile.size_multiple
+                    raise ValueError(f"onnx[{k!r}]: shape {sg.tile} is not a multiple of {m}")
+        if self.kind == "gendr" and any(sg.tile is None for v in self.onnx.values() for sg in v.shapes):
+            raise ValueError("a gendr model cannot have a dynamic-shape graph (its traced UNet is static)")
         return self
+
+    def tiles(self, precision: str) -> tuple[int, ...]:
+        """Static input tile edges the `precision` graphs cover (the primary tile and every bucket)."""
+        v = self.onnx.get(precision)
+        extra = [s.tile for s in v.shapes if s.tile is not None] if v is not None else []
+        return tuple(sorted({self.tile.tile, *extra}))
+
+    def shape_graph(self, precision: str, tile: int | None) -> ShapeGraph | None:
+        """The bucket graph for `tile` (None: the dynamic one); the primary tile is `onnx[p].graph`."""
+        v = self.onnx.get(precision)
+        if v is None:
+            return None
+        return next((s for s in v.shapes if s.tile == tile), None)
+
+    def engine_for(
+        self, precision: str, compute_capability: str, tensorrt_version: str, tile: int | None = None
+    ) -> Engine | None:
+        """The TensorRT plan built for this GPU generation, TensorRT version and tile (default: primary)."""
+        want = self.tile.tile if tile is None else tile
+        for e in self.engines:
+            if (
+                e.precision == precision
+                and e.compute_capability == compute_capability
+                and e.tensorrt_version == tensorrt_version
+                and e.profile.tile == want
+            ):
+                return e
+        return None
 
     def artifacts(self) -> list[Artifact]:
         out: list[Artifact] = list(self.checkpoint)
@@ -185,6 +252,10 @@ class Manifest(_Strict):
             out.append(v.graph)
             if v.external_data:
                 out.append(v.external_data)
+            for sg in v.shapes:
+                out.append(sg.graph)
+                if sg.external_data:
+                    out.append(sg.external_data)
         out.extend(e.plan for e in self.engines)
         return out
 

@@ -79,6 +79,18 @@ class Metrics:
             "gendr_output_megapixels", "Output megapixels produced (rate() = MP/s).", ["model"], registry=r
         )
         self.tiles = Counter("gendr_tiles", "Tiles computed.", ["model"], registry=r)
+        self.call_cost = Gauge(
+            "gendr_engine_call_seconds",
+            "Measured seconds per engine call by input shape and batch size (the planner's cost table).",
+            ["model", "shape", "batch"],
+            registry=r,
+        )
+        self.plan_shape = Counter(
+            "gendr_plan_shape",
+            "Requests by the engine input shape the planner chose (HxW; 'dynamic' for whole images).",
+            ["model", "shape"],
+            registry=r,
+        )
         self.instance_busy = Gauge(
             "gendr_instance_busy_ratio",
             "Share of the last window an engine instance was computing.",

@@ -18,6 +18,7 @@ from service.manifest import TileGeometry
 from service.tiling import Stitcher, TilePlan, pad_image, plan_tiles, tiles_of
 
 TileFn = Callable[[np.ndarray], np.ndarray]
+Tiler = Callable[[int, int], TilePlan]  # (graph-input height, width) → where its tiles lie
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class RequestPlan:
     pre_h: int  # size the input is resized to before tiling (graph input space)
     pre_w: int
     tiles: TilePlan
+    units: int = 0  # admission cost in primary-tile units (computed pixels / primary tile area)
 
     @property
     def n_tiles(self) -> int:
@@ -44,7 +46,13 @@ class RequestPlan:
 
 
 def make_plan(
-    in_h: int, in_w: int, out_h: int, out_w: int, geometry: TileGeometry, max_stitch_pixels: int | None = None
+    in_h: int,
+    in_w: int,
+    out_h: int,
+    out_w: int,
+    geometry: TileGeometry,
+    max_stitch_pixels: int | None = None,
+    tiler: Tiler | None = None,
 ) -> RequestPlan:
     """Decide where resizing happens. Cheap (no pixels touched): admission uses it on header sizes.
 
@@ -65,8 +73,12 @@ def make_plan(
         pre_h, pre_w = in_h, in_w
     else:
         pre_h, pre_w = math.ceil(out_h / g), math.ceil(out_w / g)
-    tiles = plan_tiles(pre_h, pre_w, geometry.tile, geometry.overlap, g)
-    return RequestPlan(in_h, in_w, out_h, out_w, pre_h, pre_w, tiles)
+    if tiler is None:
+        tiles = plan_tiles(pre_h, pre_w, geometry.tile, geometry.overlap, g)
+    else:
+        tiles = tiler(pre_h, pre_w)
+    units = max(1, -(-tiles.computed_pixels // (geometry.tile * geometry.tile)))
+    return RequestPlan(in_h, in_w, out_h, out_w, pre_h, pre_w, tiles, units)
 
 
 def prepare_input(image: np.ndarray, plan: RequestPlan) -> np.ndarray:

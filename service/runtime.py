@@ -27,9 +27,10 @@ from service.hardware import available_cpus
 from service.manifest import COLOR_FIXES, Manifest, ManifestError, list_models, read_manifest
 from service.metrics import Metrics
 from service.pipeline import RequestPlan, finish, make_plan, prepare_input
+from service.planner import EngineShapes, choose
 from service.settings import Settings
 from service.tickets import Reservation, Ticket, TicketResult
-from service.tiling import Stitcher
+from service.tiling import Stitcher, TilePlan
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class ModelRuntime:
         self._host = host
         self.batcher = self._make_batcher()
         self.max_request_tiles = self._max_request_tiles()
+        self._shapes: EngineShapes | None = None  # known once loaded: the planner's view of the engine
         self._ready = False
         self._closed = False
 
@@ -141,10 +143,24 @@ class ModelRuntime:
                 self.selection_reason = f"{reason}; fell back after: {'; '.join(failed)}"
 
     def load(self) -> None:
-        """Blocking: load the engine, warm up every batch size, start the instance workers."""
+        """Blocking: load the engine, time every shape and batch size (the cost table), start the workers."""
         t0 = time.monotonic()
         timings = self._load_backend()
         self.batcher.start(timings)
+        b, g = self.batcher, self.manifest.tile
+        self._shapes = EngineShapes(
+            tiles=b.tiles,
+            overlap=g.overlap,
+            scale=g.graph_scale,
+            size_multiple=g.size_multiple,
+            dynamic=b.dynamic,
+            max_call_pixels=self.settings.whole_image_max_pixels if b.dynamic else 0,
+            max_batch=b.max_batch,
+        )
+        if b.costs is not None:
+            for row in b.costs.rows():
+                shape = f"{row['height']}x{row['width']}"
+                self.metrics.call_cost.labels(self.name, shape, str(row["batch"])).set(row["seconds"])
         info = self.info
         self.metrics.build_info.labels(
             self.name, __version__, info.name, info.precision, info.engine_key
@@ -159,7 +175,7 @@ class ModelRuntime:
             info.batch_sizes,
             info.instances,
             time.monotonic() - t0,
-            self.selection_reason or info.selection_reason,
+            self.selection_reason,
         )
 
     # ------------------------------------------------------------------ contract
@@ -176,33 +192,42 @@ class ModelRuntime:
         square = make_plan(math.ceil(side / g), math.ceil(side / g), side, side, self.manifest.tile)
         return 2 * square.n_tiles
 
+    def _tiler(self, h: int, w: int) -> TilePlan:
+        shapes = self._shapes
+        if shapes is None:  # not loaded: the primary tile (the cost is what admission needs then)
+            g = self.manifest.tile
+            shapes = EngineShapes((g.tile,), g.overlap, g.graph_scale, g.size_multiple)
+        return choose(h, w, shapes, self.batcher.costs)
+
     def plan(self, in_h: int, in_w: int, out_h: int, out_w: int) -> RequestPlan:
-        """Cheap (no pixels): the HTTP layer calls it on header sizes to know the cost in tiles."""
+        """Cheap (no pixels): the HTTP layer calls it on header sizes; the cost-aware planner picks the
+        engine input shape, and the plan's tile units are what admission reserves."""
         try:
-            p = make_plan(in_h, in_w, out_h, out_w, self.manifest.tile, self.settings.max_output_pixels)
+            p = make_plan(
+                in_h, in_w, out_h, out_w, self.manifest.tile, self.settings.max_output_pixels, self._tiler
+            )
         except ValueError as e:
             raise BadRequest(str(e)) from e
-        if p.n_tiles > self.max_request_tiles:
+        if p.units > self.max_request_tiles:
             raise ImageTooLarge(
-                f"a {in_w}×{in_h} → {out_w}×{out_h} request needs {p.n_tiles} tiles of "
+                f"a {in_w}×{in_h} → {out_w}×{out_h} request needs {p.units} tiles of "
                 f"{self.manifest.tile.tile} px; the limit per request is {self.max_request_tiles} "
                 "(very thin images waste most of each tile)"
             )
         return p
 
-    def reserve(self, tiles: int) -> Reservation:
+    def reserve(self, plan: RequestPlan) -> Reservation:
+        """Admission for one plan; the reservation carries the plan so it is computed once."""
         if not self._ready or self._closed:
             raise NotReady(f"model {self.name} is still loading", retry_after_s=self.settings.retry_after_s)
-        return self.batcher.reserve(tiles)
+        return self.batcher.reserve(plan.units, plan)
 
     async def upscale(self, job: UpscaleJob, reservation: Reservation) -> UpscaleOutcome:
-        try:
+        with reservation:
             return await self._upscale(job, reservation)
-        finally:
-            reservation.release()
 
     async def _upscale(self, job: UpscaleJob, reservation: Reservation) -> UpscaleOutcome:
-        if reservation.owner is not self.batcher or reservation.released:
+        if reservation.owner is not self.batcher.account or reservation.released:
             raise ValueError("reservation does not belong to this model or was already released")
         img = job.image
         if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
@@ -212,8 +237,12 @@ class ModelRuntime:
             raise BadRequest(f"unknown color_fix {color_fix!r}; use one of {', '.join(COLOR_FIXES)}")
         if time.monotonic() >= job.deadline:
             raise DeadlineExceeded("deadline passed before processing started")
-        plan = self.plan(img.shape[0], img.shape[1], job.out_height, job.out_width)
-        reservation.grow(plan.n_tiles - reservation.tiles)
+        plan = reservation.plan
+        want = (img.shape[0], img.shape[1], job.out_height, job.out_width)
+        if not isinstance(plan, RequestPlan) or (plan.in_h, plan.in_w, plan.out_h, plan.out_w) != want:
+            plan = self.plan(*want)  # the decoded image differs from its header (EXIF rotation, …)
+            reservation.rebind(plan)
+        self.metrics.plan_shape.labels(self.name, _shape_label(plan.tiles, self.batcher.tiles)).inc()
         loop = asyncio.get_running_loop()
 
         padded, stitcher = await loop.run_in_executor(self._host, _prepare, img, plan)
@@ -262,7 +291,7 @@ class ModelRuntime:
             "device": info.device,
             "precision": info.precision,
             "engine_key": info.engine_key,
-            "selection_reason": self.selection_reason or info.selection_reason,
+            "selection_reason": self.selection_reason,
             "tile": {
                 "input": m.tile.tile,
                 "overlap": m.tile.overlap,
@@ -270,6 +299,12 @@ class ModelRuntime:
                 "output": m.tile.out_tile,
             },
             "batch_sizes": list(self.batcher.batch_sizes),
+            "shapes": {
+                "tiles": list(self.batcher.tiles),
+                "dynamic": self.batcher.dynamic,
+                "whole_image_max_pixels": self.settings.whole_image_max_pixels if self.batcher.dynamic else 0,
+            },
+            "cost_table": self.batcher.costs.rows() if self.batcher.costs is not None else [],
             "instances": info.instances,
             "color_fix_default": self.default_color_fix,
             "limits": {
@@ -286,6 +321,11 @@ class ModelRuntime:
         self._closed = True
         self.batcher.close()
         self.backend.close()
+
+
+def _shape_label(tiles: TilePlan, static: tuple[int, ...]) -> str:
+    h, w = tiles.shape
+    return f"{h}x{w}" if h == w and h in static else "dynamic"
 
 
 def _sink(

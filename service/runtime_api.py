@@ -37,8 +37,9 @@ class ModelClient(Protocol):
     def plan(self, in_h: int, in_w: int, out_h: int, out_w: int) -> RequestPlan:
         """Cost in tiles from header sizes alone (BadRequest / ImageTooLarge)."""
 
-    def reserve(self, tiles: int) -> Reservation:
-        """Admission in tiles, before decoding (Overloaded / Draining / NotReady, with Retry-After)."""
+    def reserve(self, plan: RequestPlan) -> Reservation:
+        """Admission of the plan's tile units, before decoding (Overloaded / Draining / NotReady, with
+        Retry-After); the reservation carries the plan, so upscale() does not compute it again."""
 
     async def upscale(self, job: UpscaleJob, reservation: Reservation) -> UpscaleOutcome:
         """Run the job; always releases the reservation."""

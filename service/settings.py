@@ -68,7 +68,17 @@ class Settings(BaseSettings):
         0.0, ge=0, le=600, description="Test backend only (GENDR_BACKEND=fake): seconds per engine call."
     )
     fake_per_tile_s: float = Field(
-        0.0, ge=0, le=60, description="Test backend only (GENDR_BACKEND=fake): extra seconds per tile."
+        0.0,
+        ge=0,
+        le=60,
+        description="Test backend only (GENDR_BACKEND=fake): extra seconds per primary tile's pixels.",
+    )
+    fake_tiles: Annotated[list[int], NoDecode] = Field(
+        default_factory=list,
+        description="Test backend only (GENDR_BACKEND=fake): extra static tile edges (shape buckets).",
+    )
+    fake_dynamic: bool = Field(
+        False, description="Test backend only (GENDR_BACKEND=fake): also run whole images (any shape)."
     )
     torch_compile: bool = Field(
         False, description="torch.compile the reference backend (torch backend only)."
@@ -80,7 +90,14 @@ class Settings(BaseSettings):
         2.0, ge=0, le=1000, description="How long a partial batch waits for more tiles."
     )
     queue_capacity_tiles: int = Field(
-        512, ge=1, description="Admitted but unfinished tiles per model before 503."
+        512,
+        ge=1,
+        description="Backlog (primary-tile units) above which a new request gets a 503, whatever its size.",
+    )
+    whole_image_max_pixels: int = Field(
+        262_144,
+        ge=0,
+        description="Input pixels of one call on a dynamic-shape graph (bounds its memory); 0 = off.",
     )
     unhealthy_after_failures: int = Field(
         3, ge=1, description="Consecutive failed batches before an instance is unhealthy."
@@ -160,7 +177,7 @@ class Settings(BaseSettings):
         "info", description="Log level (`gendr-serve --log-level` overrides it)."
     )
 
-    @field_validator("api_keys", "models", "cors_origins", "image_formats", mode="before")
+    @field_validator("api_keys", "models", "cors_origins", "image_formats", "fake_tiles", mode="before")
     @classmethod
     def _split_list(cls, v: object) -> object:
         # Allow a plain comma-separated list in env files and Kubernetes Secrets, or a JSON list.

@@ -1,5 +1,5 @@
 """A request's life in the batcher: its ticket (tiles, deadline, sink, future) and its reservation
-(the tiles it was admitted for, given back exactly once)."""
+(the tile units it was admitted for, bound to its plan, given back exactly once)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from types import TracebackType
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from service.pipeline import RequestPlan
 
 Sink = Callable[[Sequence[int], np.ndarray], None]
 
@@ -37,7 +41,7 @@ class Ticket:
     id: int
     source: np.ndarray  # reflect-padded input, HWC uint8
     positions: tuple[tuple[int, int], ...]  # (y, x) of each tile in `source`
-    tile: int
+    shape: tuple[int, int]  # (height, width) of every tile: the engine input shape (its queue lane)
     deadline: float
     admitted: float
     sink: Sink
@@ -48,6 +52,7 @@ class Ticket:
     done: int = 0
     started: float | None = None
     compute_s: float = 0.0
+    tile_cost_s: float = 0.0  # estimated engine seconds per tile at its shape (scheduling)
     sink_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -57,6 +62,11 @@ class Ticket:
     @property
     def unqueued(self) -> int:
         return self.n_tiles - self.next
+
+    @property
+    def whole(self) -> bool:
+        """One tile covering the whole padded source: the engine can read the source itself."""
+        return self.n_tiles == 1 and self.source.shape[:2] == self.shape
 
 
 class Admission(Protocol):
@@ -68,14 +78,32 @@ class Admission(Protocol):
 
 
 class Reservation:
-    """Admitted tiles of one request. release() is idempotent and thread-safe."""
+    """Admitted tile units of one request, bound to the plan they were computed from (so the plan is
+    computed once). release() is idempotent and thread-safe; as a context manager it releases on exit
+    unless `hand_over()` passed it to a new owner (a background job), which then releases it."""
 
-    def __init__(self, batcher: Admission, tiles: int) -> None:
+    def __init__(self, batcher: Admission, tiles: int, plan: RequestPlan | None = None) -> None:
         self._batcher = batcher
         self.tiles = tiles
+        self.plan = plan
         self.created = time.monotonic()
         self._released = False
+        self._handed = False
         self._lock = threading.Lock()
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self._handed:
+            self.release()
+
+    def hand_over(self) -> Reservation:
+        """The caller's `with` block no longer releases it; the new owner must."""
+        self._handed = True
+        return self
 
     @property
     def released(self) -> bool:
@@ -86,7 +114,7 @@ class Reservation:
         return self._batcher
 
     def grow(self, extra: int) -> None:
-        """Admit `extra` more tiles (the decoded image needed more than its header promised)."""
+        """Admit `extra` more units (the decoded image needed more than its header promised)."""
         if extra <= 0:
             return
         with self._lock:
@@ -94,6 +122,11 @@ class Reservation:
                 raise RuntimeError("reservation already released")
             self._batcher.admit_more(extra)
             self.tiles += extra
+
+    def rebind(self, plan: RequestPlan) -> None:
+        """The decoded image's plan replaces the header's (admitting the difference first)."""
+        self.grow(plan.units - self.tiles)
+        self.plan = plan
 
     def release(self) -> None:
         with self._lock:

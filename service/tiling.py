@@ -1,8 +1,9 @@
 """Tile planner and stitcher: any image size becomes fixed-shape overlapping tiles and back.
 
 The image is first reflect-padded by `margin` on every side (so tiles touching the border still see
-context instead of the network's zero padding), and to at least one tile. Tiles sit on a grid whose
-positions are spread evenly so neighbours overlap by at least `overlap`. Blending weights are
+context instead of the network's zero padding), and to at least one tile; an axis that fits one tile
+keeps one tile (its margin shrinks), so an image that fits a tile costs one tile run. Tiles sit on a
+grid whose positions are spread evenly so neighbours overlap by at least `overlap`. Blending weights are
 separable ramps across each overlap; because the tiles form a grid, the normaliser is separable too,
 so no whole-image weight canvas is needed.
 """
@@ -84,18 +85,35 @@ def _int_weights(
 
 @dataclass(frozen=True)
 class TilePlan:
-    """Where the tiles of one image lie, in input pixels of the reflect-padded image."""
+    """Where the tiles of one image lie, in input pixels of the reflect-padded image.
+
+    Tiles are `tile_h × tile_w` (square for static tile graphs; a whole image on a dynamic graph is
+    one rectangular tile). The margin is per axis: an axis that fits one tile keeps one tile.
+    """
 
     height: int
     width: int
-    tile: int
+    tile_h: int
+    tile_w: int
     overlap: int
     scale: int
-    margin: int
+    margin_y: int
+    margin_x: int
     padded_h: int
     padded_w: int
     ys: tuple[int, ...]
     xs: tuple[int, ...]
+
+    @property
+    def tile(self) -> int:
+        """The square tile edge (static tile graphs); a rectangular plan has no single edge."""
+        if self.tile_h != self.tile_w:
+            raise ValueError(f"a {self.tile_w}×{self.tile_h} plan has no square tile edge")
+        return self.tile_h
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.tile_h, self.tile_w
 
     @property
     def n_tiles(self) -> int:
@@ -106,9 +124,14 @@ class TilePlan:
         return self.height * self.scale, self.width * self.scale
 
     @property
+    def computed_pixels(self) -> int:
+        """Input pixels the engine computes for this plan (overlap and padding included)."""
+        return self.n_tiles * self.tile_h * self.tile_w
+
+    @property
     def occupancy(self) -> float:
         """Share of computed tile pixels that are real image pixels (the rest is padding/overlap)."""
-        return (self.height * self.width) / (self.n_tiles * self.tile * self.tile)
+        return (self.height * self.width) / self.computed_pixels
 
     def positions(self) -> Iterator[tuple[int, int, int]]:
         i = 0
@@ -118,46 +141,64 @@ class TilePlan:
                 i += 1
 
 
+def _axis(length: int, tile: int, margin: int) -> tuple[int, int]:
+    """(margin, padded length) of one axis: an axis that fits a tile keeps one tile (the margin
+    shrinks to what the tile has room for), a longer one is reflect-padded by the full margin."""
+    if length <= tile:
+        return min(margin, (tile - length) // 2), tile
+    return margin, length + 2 * margin
+
+
 def plan_tiles(
-    height: int, width: int, tile: int, overlap: int, scale: int = 1, margin: int | None = None
+    height: int,
+    width: int,
+    tile: int | tuple[int, int],
+    overlap: int,
+    scale: int = 1,
+    margin: int | None = None,
 ) -> TilePlan:
     if height < 1 or width < 1:
         raise ValueError(f"image must be at least 1×1, got {width}×{height}")
-    if not 0 <= 2 * overlap < tile:
-        raise ValueError(f"overlap {overlap} must be in [0, tile/2) for tile {tile}")
+    th, tw = (tile, tile) if isinstance(tile, int) else tile
+    if not 0 <= 2 * overlap < min(th, tw) and (height > th or width > tw):
+        raise ValueError(f"overlap {overlap} must be in [0, tile/2) for tile {th}×{tw}")
     m = overlap // 2 if margin is None else margin
-    ph = max(height + 2 * m, tile)
-    pw = max(width + 2 * m, tile)
+    my, ph = _axis(height, th, m)
+    mx, pw = _axis(width, tw, m)
     return TilePlan(
         height=height,
         width=width,
-        tile=tile,
+        tile_h=th,
+        tile_w=tw,
         overlap=overlap,
         scale=scale,
-        margin=m,
+        margin_y=my,
+        margin_x=mx,
         padded_h=ph,
         padded_w=pw,
-        ys=tuple(_positions(ph, tile, overlap)),
-        xs=tuple(_positions(pw, tile, overlap)),
+        ys=tuple(_positions(ph, th, overlap)),
+        xs=tuple(_positions(pw, tw, overlap)),
     )
 
 
 def pad_image(image: np.ndarray, plan: TilePlan) -> np.ndarray:
-    """Reflect-pad an HWC image to the plan's padded size (image sits at (margin, margin))."""
+    """Reflect-pad an HWC image to the plan's padded size (image sits at (margin_y, margin_x))."""
     h, w = image.shape[:2]
     if (h, w) != (plan.height, plan.width):
         raise ValueError(f"image is {w}×{h}, plan is for {plan.width}×{plan.height}")
-    m = plan.margin
-    pad = ((m, plan.padded_h - h - m), (m, plan.padded_w - w - m), (0, 0))
+    my, mx = plan.margin_y, plan.margin_x
+    pad = ((my, plan.padded_h - h - my), (mx, plan.padded_w - w - mx), (0, 0))
+    if not any(a or b for a, b in pad):
+        return image
     # numpy's reflect needs ≥2 pixels; a 1-pixel axis can only be repeated.
     mode = "reflect" if min(h, w) > 1 else "edge"
     return np.pad(image, pad, mode=mode)
 
 
 def tiles_of(padded: np.ndarray, plan: TilePlan) -> Iterator[np.ndarray]:
-    t = plan.tile
+    th, tw = plan.shape
     for _, y, x in plan.positions():
-        yield padded[y : y + t, x : x + t]
+        yield padded[y : y + th, x : x + tw]
 
 
 @dataclass
@@ -184,42 +225,49 @@ class Stitcher:
 
     def __post_init__(self) -> None:
         p, s = self.plan, self.plan.scale
-        ot = p.tile * s
+        oth, otw = p.tile_h * s, p.tile_w * s
         ramp = p.overlap * s
         ys, xs = [y * s for y in p.ys], [x * s for x in p.xs]
-        self._wy = _int_weights(ys, _ramp_weights(ys, ot, p.padded_h * s, ramp), p.padded_h * s)
-        self._wx = _int_weights(xs, _ramp_weights(xs, ot, p.padded_w * s, ramp), p.padded_w * s)
         oh, ow = p.out_size
         self._out = np.empty((oh, ow, self.channels), dtype=np.uint8)
         self._bands: dict[int, np.ndarray] = {}
         self._done = np.zeros(p.n_tiles, dtype=bool)
         self._row_left = [len(p.xs)] * len(p.ys)
-        m = p.margin * s
-        # output rows [0, final_after[r]) are final once tile rows 0..r are complete
-        self._final_after = [min(oh, max(0, p.ys[r + 1] * s - m)) for r in range(len(p.ys) - 1)] + [oh]
         self._rows_complete = 0
         self._flushed = 0
+        if p.n_tiles == 1:  # one tile: its crop is the result, no weights or accumulator
+            return
+        self._wy = _int_weights(ys, _ramp_weights(ys, oth, p.padded_h * s, ramp), p.padded_h * s)
+        self._wx = _int_weights(xs, _ramp_weights(xs, otw, p.padded_w * s, ramp), p.padded_w * s)
+        m = p.margin_y * s
+        # output rows [0, final_after[r]) are final once tile rows 0..r are complete
+        self._final_after = [min(oh, max(0, p.ys[r + 1] * s - m)) for r in range(len(p.ys) - 1)] + [oh]
 
     def add(self, index: int, tile_out: np.ndarray) -> None:
         p, s = self.plan, self.plan.scale
-        ot = p.tile * s
-        if tile_out.shape[:2] != (ot, ot):
-            raise ValueError(f"tile {index}: output {tile_out.shape[:2]} but expected {(ot, ot)}")
+        oth, otw = p.tile_h * s, p.tile_w * s
+        if tile_out.shape[:2] != (oth, otw):
+            raise ValueError(f"tile {index}: output {tile_out.shape[:2]} but expected {(oth, otw)}")
         if self._done[index]:
             raise ValueError(f"tile {index} added twice")
+        my, mx = p.margin_y * s, p.margin_x * s
+        oh, ow = p.out_size
+        if p.n_tiles == 1:
+            self._out[:] = tile_out[my : my + oh, mx : mx + ow]
+            self._done[index] = True
+            self._flushed = oh
+            return
         row, col = divmod(index, len(p.xs))
         y0, x0 = p.ys[row] * s, p.xs[col] * s
-        m = p.margin * s
-        oh, ow = p.out_size
         # intersect the tile with the un-padded output region
-        cy0, cy1 = max(y0, m), min(y0 + ot, m + oh)
-        cx0, cx1 = max(x0, m), min(x0 + ot, m + ow)
+        cy0, cy1 = max(y0, my), min(y0 + oth, my + oh)
+        cx0, cx1 = max(x0, mx), min(x0 + otw, mx + ow)
         if cy0 < cy1 and cx0 < cx1:
             wy = self._wy[row][cy0 - y0 : cy1 - y0, None, None]
             wx = self._wx[col][None, cx0 - x0 : cx1 - x0, None]
             block = tile_out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0].astype(np.int32)
             block *= wy * wx
-            self._accumulate(cy0 - m, cy1 - m, cx0 - m, cx1 - m, block)
+            self._accumulate(cy0 - my, cy1 - my, cx0 - mx, cx1 - mx, block)
         self._done[index] = True
         self._row_left[row] -= 1
         while self._rows_complete < len(p.ys) and self._row_left[self._rows_complete] == 0:

@@ -8,6 +8,7 @@ same instance at once.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +34,14 @@ class BackendInfo:
     engine_key: str  # sha256 of the graph/plan being run (first 16 hex chars are enough to show)
     batch_sizes: tuple[int, ...]  # batch sizes the engine runs; the batcher pads up to the next one
     instances: int
-    selection_reason: str = ""  # why `auto` chose this backend
+    tiles: tuple[int, ...] = ()  # static square input tile edges served (shape buckets); () = the primary
+    dynamic: bool = False  # also runs any H×W (multiples of the graph's size_multiple) at batch 1
     extra: dict[str, str] = field(default_factory=dict)
+
+
+#: Measured seconds per engine call, keyed by (height, width, batch) of the input: the cost table the
+#: planner chooses shapes with (service/costs.py).
+Timings = dict[tuple[int, int, int], float]
 
 
 @runtime_checkable
@@ -49,21 +56,22 @@ class Backend(Protocol):
     def load(self) -> None:
         """Read and verify artifacts, create engine instances. Blocking; run off the event loop."""
 
-    def warmup(self) -> dict[int, float]:
-        """Run every batch size on every instance once so the first request pays no compile cost.
+    def warmup(self) -> Timings:
+        """Run every shape and batch size on every instance so the first request pays no compile cost.
 
-        Returns seconds per call for each batch size (last instance), which seeds the batcher's
-        throughput estimate before real traffic has been measured.
+        Returns seconds per call for every (height, width, batch) served — the measured cost table
+        the planner picks tile shapes by and the batcher's throughput estimate starts from.
         """
 
     def infer(self, instance: int, batch: np.ndarray) -> np.ndarray:
-        """uint8 [B, t, t, 3] → uint8 [B, t·s, t·s, 3], B in info.batch_sizes; one caller per instance.
+        """uint8 [B, h, w, 3] → uint8 [B, h·s, w·s, 3]; one caller per instance. Either h == w in
+        info.tiles and B in info.batch_sizes, or info.dynamic and B == 1 (a whole image).
 
         The result must be an array the caller owns (not a buffer the next call overwrites).
         """
 
-    def input_buffer(self, instance: int, n: int) -> np.ndarray | None:
-        """A writable uint8 [n, t, t, 3] host buffer the batcher gathers tiles into before infer()
+    def input_buffer(self, instance: int, n: int, tile: int) -> np.ndarray | None:
+        """A writable uint8 [n, tile, tile, 3] host buffer the batcher gathers tiles into before infer()
         (TensorRT: its pinned input, so the copy into it is the only one), or None: the batcher then
         uses a buffer of its own. A backend recognises its own buffer in infer() and skips a copy."""
 
@@ -77,26 +85,46 @@ def tile_shapes(manifest: Manifest) -> tuple[int, int]:
     return manifest.tile.tile, manifest.tile.out_tile
 
 
-def timed_warmup(backend: Backend, instances: int, batch_sizes: tuple[int, ...]) -> dict[int, float]:
-    """Run each batch size once per instance with a mid-grey batch; seconds of the last call per size."""
-    t, _ = tile_shapes(backend.manifest)
-    timings: dict[int, float] = {}
-    for inst in range(instances):
-        for b in batch_sizes:
-            x = np.full((b, t, t, 3), 128, dtype=np.uint8)
-            t0 = time.perf_counter()
-            y = backend.infer(inst, x)
-            timings[b] = time.perf_counter() - t0
-            check_output(backend.manifest, x, y)
+def served_tiles(info: BackendInfo, manifest: Manifest) -> tuple[int, ...]:
+    """The static tile edges a backend serves, smallest first (the primary tile when it names none)."""
+    return tuple(sorted(info.tiles)) if info.tiles else (manifest.tile.tile,)
+
+
+def dynamic_sample_shapes(manifest: Manifest, max_pixels: int) -> tuple[tuple[int, int], ...]:
+    """Whole-image sizes to time a dynamic graph at: two squares, so a line a + b·pixels fits them."""
+    m, t = manifest.tile.size_multiple, manifest.tile.tile
+    big = max(t, min(2 * t, math.isqrt(max(max_pixels, t * t))) // m * m)
+    return ((t, t), (big, big)) if big > t else ((t, t),)
+
+
+def timed_warmup(
+    backend: Backend,
+    instances: int,
+    batch_sizes: tuple[int, ...],
+    tiles: tuple[int, ...] | None = None,
+    dynamic_shapes: tuple[tuple[int, int], ...] = (),
+) -> Timings:
+    """Run every (tile, batch) — and every dynamic shape at batch 1 — on every instance with a mid-grey
+    batch, then time one more call of each on instance 0 (first calls pay allocations and compiles)."""
+    shapes = [(t, t, b) for t in tiles or (backend.manifest.tile.tile,) for b in batch_sizes]
+    shapes += [(h, w, 1) for h, w in dynamic_shapes]
+    timings: Timings = {}
+    for h, w, b in shapes:
+        x = np.full((b, h, w, 3), 128, dtype=np.uint8)
+        for inst in range(instances):
+            check_output(backend.manifest, x, backend.infer(inst, x))
+        t0 = time.perf_counter()
+        backend.infer(0, x)
+        timings[(h, w, b)] = time.perf_counter() - t0
     return timings
 
 
 def check_output(manifest: Manifest, batch: np.ndarray, out: object) -> np.ndarray:
     """Outputs must match inputs in count and shape: a wrong engine or a bug must not reach a user."""
-    _, ot = tile_shapes(manifest)
+    g = manifest.tile.graph_scale
     if not isinstance(out, np.ndarray):
         raise RuntimeError(f"engine returned {type(out).__name__}, expected a numpy array")
-    expected = (batch.shape[0], ot, ot, 3)
+    expected = (batch.shape[0], batch.shape[1] * g, batch.shape[2] * g, 3)
     if out.shape != expected:
         raise RuntimeError(
             f"engine returned shape {tuple(out.shape)} for a batch of {batch.shape[0]}, expected {expected}"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.backends.base import BackendInfo
+from service.backends.base import BackendInfo, Timings, dynamic_sample_shapes
 from service.manifest import Manifest
 from service.settings import Settings
 
@@ -28,7 +28,7 @@ class FakeEngineError(RuntimeError):
 @dataclass
 class FakeBehaviour:
     delay_s: float = 0.0  # per call
-    per_tile_s: float = 0.0  # added per tile in the batch
+    per_tile_s: float = 0.0  # added per primary tile's worth of pixels in the batch (a + b·n cost model)
     fail_if: Callable[[int, np.ndarray], bool] | None = None  # (instance, batch) → raise FakeEngineError
     fail_instances: set[int] = field(default_factory=set)  # these instances always fail
     fail_next: int = 0  # the next N calls (any instance) fail
@@ -48,8 +48,10 @@ class FakeBackend:
         batch_sizes: tuple[int, ...] | None = None,
         scale: int | None = None,
         behaviour: FakeBehaviour | None = None,
-        selection_reason: str = "configured: fake",
         loaded_batch_sizes: tuple[int, ...] | None = None,
+        tiles: tuple[int, ...] = (),
+        dynamic: bool = False,
+        max_call_pixels: int = 262_144,
     ) -> None:
         self.manifest = manifest
         self.model_dir = Path(model_dir)
@@ -61,20 +63,21 @@ class FakeBackend:
         self.instances = instances
         self.batch_sizes = tuple(sorted(batch_sizes)) if batch_sizes else tuple(range(1, max_batch + 1))
         self.behaviour = behaviour or FakeBehaviour()
+        self.tiles = tuple(sorted({manifest.tile.tile, *tiles}))
+        self.dynamic = dynamic
+        self.max_call_pixels = max_call_pixels
         self.calls: list[tuple[int, int]] = []  # (instance, batch size), in call order
+        self.shapes: list[tuple[int, int, int]] = []  # (batch, height, width), in call order
         self.max_concurrency = 0
         self._active = 0
         self._lock = threading.Lock()
         self._release = threading.Event()  # set by close(): unblocks hung calls
         self._loaded = False
-        self._reason = selection_reason
         # Like TensorRT: the sizes an engine really serves are known only once it is loaded.
         self._loaded_batch_sizes = tuple(sorted(loaded_batch_sizes)) if loaded_batch_sizes else None
 
     @classmethod
-    def from_settings(
-        cls, name: str, manifest: Manifest, model_dir: Path, settings: Settings, reason: str = ""
-    ) -> FakeBackend:
+    def from_settings(cls, name: str, manifest: Manifest, model_dir: Path, settings: Settings) -> FakeBackend:
         behaviour = FakeBehaviour(delay_s=settings.fake_delay_s, per_tile_s=settings.fake_per_tile_s)
         return cls(
             manifest,
@@ -82,7 +85,9 @@ class FakeBackend:
             instances=settings.instances_per_device,
             max_batch=settings.max_batch,
             behaviour=behaviour,
-            selection_reason=reason,
+            tiles=tuple(settings.fake_tiles),
+            dynamic=settings.fake_dynamic,
+            max_call_pixels=settings.whole_image_max_pixels,
         )
 
     def load(self) -> None:
@@ -99,24 +104,44 @@ class FakeBackend:
             engine_key="fake",
             batch_sizes=self.batch_sizes,
             instances=self.instances,
-            selection_reason=self._reason,
+            tiles=self.tiles,
+            dynamic=self.dynamic,
         )
 
-    def warmup(self) -> dict[int, float]:
-        b = self.behaviour
-        return {n: b.delay_s + n * b.per_tile_s for n in self.batch_sizes}
+    def cost_s(self, batch: int, h: int, w: int) -> float:
+        """The cost model: a + b·(pixels / primary tile area)."""
+        b, t = self.behaviour, self.manifest.tile.tile
+        return b.delay_s + b.per_tile_s * batch * h * w / (t * t)
+
+    def warmup(self) -> Timings:
+        shapes = [(t, t, n) for t in self.tiles for n in self.batch_sizes]
+        if self.dynamic:
+            shapes += [(h, w, 1) for h, w in dynamic_sample_shapes(self.manifest, self.max_call_pixels)]
+        return {(h, w, n): self.cost_s(n, h, w) for h, w, n in shapes}
 
     def infer(self, instance: int, batch: np.ndarray) -> np.ndarray:
         if not self._loaded:
             raise RuntimeError("fake backend used before load()")
         if not 0 <= instance < self.instances:
             raise ValueError(f"no instance {instance}")
-        if batch.shape[0] not in self.batch_sizes:
-            raise ValueError(f"batch of {batch.shape[0]} not in {self.batch_sizes}")
+        n, h, w = batch.shape[:3]
+        if h == w and h in self.tiles:
+            if n not in self.batch_sizes:
+                raise ValueError(f"batch of {n} not in {self.batch_sizes}")
+        elif (
+            not self.dynamic
+            or n != 1
+            or h % self.manifest.tile.size_multiple
+            or w % self.manifest.tile.size_multiple
+        ):
+            raise ValueError(
+                f"a {n}×{h}×{w} batch: this fake runs tiles {self.tiles} (dynamic: {self.dynamic})"
+            )
         with self._lock:
             self._active += 1
             self.max_concurrency = max(self.max_concurrency, self._active)
-            self.calls.append((instance, batch.shape[0]))
+            self.calls.append((instance, n))
+            self.shapes.append((n, h, w))
             b = self.behaviour
             fail = b.fail_next > 0 or instance in b.fail_instances
             if b.fail_next > 0:
@@ -125,7 +150,7 @@ class FakeBackend:
             hang = b.hang
             while hang is not None and hang.is_set() and not self._release.is_set():
                 time.sleep(0.005)
-            wait = b.delay_s + b.per_tile_s * batch.shape[0]
+            wait = self.cost_s(n, h, w)
             if wait > 0:
                 time.sleep(wait)
             if fail or (b.fail_if is not None and b.fail_if(instance, batch)):
@@ -137,7 +162,7 @@ class FakeBackend:
             with self._lock:
                 self._active -= 1
 
-    def input_buffer(self, instance: int, n: int) -> np.ndarray | None:
+    def input_buffer(self, instance: int, n: int, tile: int) -> np.ndarray | None:
         return None  # the batcher's own buffer will do: infer() takes any host array
 
     def healthy(self) -> bool:

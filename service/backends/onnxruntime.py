@@ -1,7 +1,10 @@
 """ONNX Runtime backend: CPU (the embedded default), CUDA EP and TensorRT EP (onnxruntime-gpu).
 
 The exported graph takes uint8 [B, t, t, 3] and returns uint8 [B, t·s, t·s, 3] with a dynamic batch
-axis, so every batch size 1..max_batch runs without padding.
+axis, so every batch size 1..max_batch runs without padding. A repository with shape buckets has one
+graph per tile (and maybe a dynamic-shape one for whole images): each gets its own session(s), so
+every bucket costs one more copy of the weights in memory (small for SR CNNs; GenDR's buckets are
+few). The TensorRT EP serves the primary tile only (its engines are built per static shape).
 
 Sessions per instance:
 - CPU: instances share one InferenceSession (ORT's Run is thread-safe; the weights exist once — 3.7 GB
@@ -28,11 +31,12 @@ import numpy as np
 from service.backends.base import (
     BackendInfo,
     BackendUnavailable,
+    Timings,
     available_cpus,
-    tile_shapes,
+    dynamic_sample_shapes,
     timed_warmup,
 )
-from service.manifest import Manifest, OnnxVariant, verify_artifact
+from service.manifest import Artifact, Manifest, OnnxVariant, verify_artifact
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -105,8 +109,8 @@ class OnnxRuntimeBackend:
         max_batch: int = 4,
         device_id: int = 0,
         session_per_instance: bool | None = None,
-        selection_reason: str = "",
         cache_dir: Path | None = None,
+        max_call_pixels: int = 262_144,
     ) -> None:
         if provider not in _PROVIDER:
             raise ValueError(f"unknown provider {provider!r}")
@@ -124,13 +128,25 @@ class OnnxRuntimeBackend:
             )
         self.session_per_instance = session_per_instance
         self.cache_dir = cache_dir or Path(tempfile.gettempdir()) / "gendr-ort-trt-cache" / manifest.name
-        self._reason = selection_reason
-        self._sessions: list[object] = []
+        # graph per shape: tile edge → (graph, external data); None = the dynamic-shape graph
+        p = self.variant.precision
+        self._graphs: dict[int | None, tuple[Artifact, Artifact | None]] = {
+            manifest.tile.tile: (self.variant.graph, self.variant.external_data)
+        }
+        if provider != "trt":
+            for sg in self.variant.shapes:
+                if sg.tile is not None or max_call_pixels > 0:
+                    self._graphs[sg.tile] = (sg.graph, sg.external_data)
+        self.tiles = tuple(sorted(t for t in self._graphs if t is not None))
+        self.dynamic = None in self._graphs
+        self.max_call_pixels = max_call_pixels
+        self._precision = p
+        self._sessions: dict[int | None, list[object]] = {}
         self._healthy = False
 
     @classmethod
     def from_settings(
-        cls, name: str, manifest: Manifest, model_dir: Path, settings: Settings, reason: str = ""
+        cls, name: str, manifest: Manifest, model_dir: Path, settings: Settings
     ) -> OnnxRuntimeBackend:
         provider: Any = {"onnxruntime-cpu": "cpu", "onnxruntime-cuda": "cuda", "onnxruntime-trt": "trt"}[name]
         cache = settings.ort_trt_cache_dir
@@ -143,8 +159,8 @@ class OnnxRuntimeBackend:
             intra_op_threads=settings.intra_op_threads,
             max_batch=settings.max_batch,
             device_id=settings.device_id,
-            selection_reason=reason,
             cache_dir=cache / manifest.name if cache else None,
+            max_call_pixels=settings.whole_image_max_pixels,
         )
 
     @property
@@ -158,10 +174,11 @@ class OnnxRuntimeBackend:
             engine_key=self.variant.graph.sha256[:16],
             batch_sizes=tuple(range(1, self.max_batch + 1)),
             instances=self.instances,
-            selection_reason=self._reason,
+            tiles=self.tiles,
+            dynamic=self.dynamic,
             extra={
                 "intra_op_threads": str(self.threads) if self.provider == "cpu" else "",
-                "sessions": str(len(self._sessions) or (self.instances if self.session_per_instance else 1)),
+                "sessions": str((self.instances if self.session_per_instance else 1) * len(self._graphs)),
                 "onnx_key": self.variant.key[:16],
             },
         )
@@ -200,41 +217,47 @@ class OnnxRuntimeBackend:
                 f"(available: {', '.join(ort.get_available_providers())}); "
                 "install onnxruntime-gpu for CUDA/TensorRT"
             )
-        graph = verify_artifact(self.model_dir, self.variant.graph)
-        if self.variant.external_data:
-            verify_artifact(self.model_dir, self.variant.external_data)
         n_sessions = self.instances if self.session_per_instance else 1
-        sessions = []
-        for _ in range(n_sessions):
-            so = ort.SessionOptions()
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            so.inter_op_num_threads = 1
-            if self.provider == "cpu":
-                so.intra_op_num_threads = self.threads
-                if n_sessions > 1:
-                    # Spinning pools of sibling sessions would steal each other's cores.
-                    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            s = ort.InferenceSession(str(graph), so, providers=self._providers())
-            if wanted not in s.get_providers():
-                raise BackendUnavailable(
-                    f"{wanted} could not be initialised (session uses {s.get_providers()})"
-                )
-            sessions.append(s)
-        self._check_io(sessions[0])
+        sessions: dict[int | None, list[object]] = {}
+        for tile, (art, data) in self._graphs.items():
+            graph = verify_artifact(self.model_dir, art)
+            if data:
+                verify_artifact(self.model_dir, data)
+            sessions[tile] = [self._session(ort, graph, n_sessions) for _ in range(n_sessions)]
+            self._check_io(sessions[tile][0], tile)
         self._sessions = sessions
         self._healthy = True
         log.info(
-            "%s: loaded %s (%s) with %d session(s) for %d instance(s)",
+            "%s: loaded %s (%s) for tiles %s%s with %d session(s) each for %d instance(s)",
             self.manifest.name,
-            graph.name,
+            self.variant.graph.path,
             self.info.name,
+            self.tiles,
+            " + whole images" if self.dynamic else "",
             n_sessions,
             self.instances,
         )
 
-    def _check_io(self, session: object) -> None:
-        t, ot = tile_shapes(self.manifest)
+    def _session(self, ort: Any, graph: Path, n_sessions: int) -> object:
+        wanted = _PROVIDER[self.provider]
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.inter_op_num_threads = 1
+        if self.provider == "cpu":
+            so.intra_op_num_threads = self.threads
+            if n_sessions > 1:
+                # Spinning pools of sibling sessions would steal each other's cores.
+                so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        s = ort.InferenceSession(str(graph), so, providers=self._providers())
+        if wanted not in s.get_providers():
+            raise BackendUnavailable(f"{wanted} could not be initialised (session uses {s.get_providers()})")
+        return s
+
+    def _check_io(self, session: object, tile: int | None) -> None:
+        g = self.manifest.tile.graph_scale
+        t = tile if tile is not None else -1  # -1: a dynamic axis is expected
+        ot = t * g if tile is not None else -1
         ins = {i.name: i for i in session.get_inputs()}  # type: ignore[attr-defined]
         outs = {o.name: o for o in session.get_outputs()}  # type: ignore[attr-defined]
         iname, oname = self.variant.input_name, self.variant.output_name
@@ -247,10 +270,14 @@ class OnnxRuntimeBackend:
             raise BackendUnavailable(f"{self.manifest.name}: graph must map uint8 tiles to uint8 tiles")
         shape = ins[iname].shape
         if len(shape) != 4 or any(
-            isinstance(d, int) and d != e for d, e in zip(shape[1:], (t, t, 3), strict=True)
+            isinstance(d, int) and e != -1 and d != e for d, e in zip(shape[1:], (t, t, 3), strict=True)
         ):
             raise BackendUnavailable(
                 f"{self.manifest.name}: graph input shape {shape} does not match tile {t}×{t}×3"
+            )
+        if tile is None and len(shape) == 4 and isinstance(shape[1], int):
+            raise BackendUnavailable(
+                f"{self.manifest.name}: the dynamic-shape graph has a static input {shape}"
             )
         b = shape[0]
         if isinstance(b, int) and b > 0 and b < self.max_batch:
@@ -258,24 +285,29 @@ class OnnxRuntimeBackend:
                 f"{self.manifest.name}: graph has a fixed batch of {b}; max_batch is {self.max_batch}"
             )
         oshape = outs[oname].shape
-        if len(oshape) == 4 and isinstance(oshape[1], int) and oshape[1] != ot:
+        if len(oshape) == 4 and isinstance(oshape[1], int) and ot != -1 and oshape[1] != ot:
             raise BackendUnavailable(
                 f"{self.manifest.name}: graph output tile {oshape[1]} but manifest implies {ot}"
             )
 
-    def warmup(self) -> dict[int, float]:
-        return timed_warmup(self, self.instances, self.info.batch_sizes)
+    def warmup(self) -> Timings:
+        dyn = dynamic_sample_shapes(self.manifest, self.max_call_pixels) if self.dynamic else ()
+        return timed_warmup(self, self.instances, self.info.batch_sizes, self.tiles, dyn)
 
     def infer(self, instance: int, batch: np.ndarray) -> np.ndarray:
-        s = self._sessions[instance if self.session_per_instance else 0]
+        h, w = batch.shape[1:3]
+        key: int | None = h if h == w and h in self._sessions else None
+        if key is None and not self.dynamic:
+            raise ValueError(f"no graph for {h}×{w} tiles (tiles {self.tiles})")
+        s = self._sessions[key][instance if self.session_per_instance else 0]
         return s.run([self.variant.output_name], {self.variant.input_name: batch})[0]  # type: ignore[attr-defined]
 
-    def input_buffer(self, instance: int, n: int) -> np.ndarray | None:
+    def input_buffer(self, instance: int, n: int, tile: int) -> np.ndarray | None:
         return None  # the batcher's own buffer will do: infer() takes any host array
 
     def healthy(self) -> bool:
         return self._healthy
 
     def close(self) -> None:
-        self._sessions = []
+        self._sessions = {}
         self._healthy = False

@@ -22,11 +22,11 @@ import numpy as np
 from service.backends.base import (
     BackendInfo,
     BackendUnavailable,
+    Timings,
     available_cpus,
-    tile_shapes,
     timed_warmup,
 )
-from service.manifest import Manifest, OnnxVariant, verify_artifact
+from service.manifest import Artifact, Manifest, OnnxVariant, verify_artifact
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,6 @@ class OpenVinoBackend:
         instances: int = 1,
         intra_op_threads: int = 0,
         max_batch: int = 4,
-        selection_reason: str = "",
     ) -> None:
         self.manifest = manifest
         self.model_dir = Path(model_dir)
@@ -98,14 +97,18 @@ class OpenVinoBackend:
         self.instances = instances
         self.threads = intra_op_threads or max(1, available_cpus() // instances)
         self.max_batch = max_batch
-        self._reason = selection_reason
-        self._requests: list[Any] = []
-        self._compiled: Any = None
+        # tile edge → (graph, external data): the primary tile and every static bucket
+        self._graphs = {manifest.tile.tile: (self.variant.graph, self.variant.external_data)}
+        for sg in self.variant.shapes:
+            if sg.tile is not None:  # a dynamic graph would recompile per shape: left to ONNX Runtime
+                self._graphs[sg.tile] = (sg.graph, sg.external_data)
+        self.tiles = tuple(sorted(self._graphs))
+        self._requests: dict[int, list[Any]] = {}
         self._healthy = False
 
     @classmethod
     def from_settings(
-        cls, name: str, manifest: Manifest, model_dir: Path, settings: Settings, reason: str = ""
+        cls, name: str, manifest: Manifest, model_dir: Path, settings: Settings
     ) -> OpenVinoBackend:
         return cls(
             manifest,
@@ -114,7 +117,6 @@ class OpenVinoBackend:
             instances=settings.instances_per_device,
             intra_op_threads=settings.intra_op_threads,
             max_batch=settings.max_batch,
-            selection_reason=reason,
         )
 
     @property
@@ -126,7 +128,7 @@ class OpenVinoBackend:
             engine_key=self.variant.graph.sha256[:16],
             batch_sizes=tuple(range(1, self.max_batch + 1)),
             instances=self.instances,
-            selection_reason=self._reason,
+            tiles=self.tiles,
             extra={
                 "intra_op_threads": str(self.threads),
                 "streams": str(self.instances),
@@ -140,11 +142,28 @@ class OpenVinoBackend:
             import openvino as ov
         except ImportError as e:
             raise BackendUnavailable("openvino is not installed (pip install 'gendr-serve[openvino]')") from e
-        graph = verify_artifact(self.model_dir, self.variant.graph)
-        if self.variant.external_data:
-            verify_artifact(self.model_dir, self.variant.external_data)
-        t, ot = tile_shapes(self.manifest)
         core = ov.Core()
+        requests = {}
+        for tile, (art, data) in self._graphs.items():
+            compiled = self._compile(ov, core, art, data, tile)
+            requests[tile] = [compiled.create_infer_request() for _ in range(self.instances)]
+        self._requests = requests
+        self._healthy = True
+        log.info(
+            "%s: loaded tiles %s in OpenVINO %s (%s, %d stream(s), %d threads each)",
+            self.manifest.name,
+            self.tiles,
+            ov.__version__,
+            _HINT[self.precision],
+            self.instances,
+            self.threads,
+        )
+
+    def _compile(self, ov: Any, core: Any, art: Artifact, data: Artifact | None, t: int) -> Any:
+        graph = verify_artifact(self.model_dir, art)
+        if data:
+            verify_artifact(self.model_dir, data)
+        ot = t * self.manifest.tile.graph_scale
         model = core.read_model(str(graph))
         if [p.get_any_name() for p in model.inputs] != [self.variant.input_name]:
             raise BackendUnavailable(
@@ -169,34 +188,25 @@ class OpenVinoBackend:
         oshape = out.get_partial_shape()
         if oshape.rank.get_length() != 4 or oshape[1].get_length() != ot:
             raise BackendUnavailable(f"{self.manifest.name}: graph output {oshape} but manifest implies {ot}")
-        self._compiled = compiled
-        self._requests = [compiled.create_infer_request() for _ in range(self.instances)]
-        self._healthy = True
-        log.info(
-            "%s: loaded %s in OpenVINO %s (%s, %d stream(s), %d threads each)",
-            self.manifest.name,
-            graph.name,
-            ov.__version__,
-            _HINT[self.precision],
-            self.instances,
-            self.threads,
-        )
+        return compiled
 
-    def warmup(self) -> dict[int, float]:
-        return timed_warmup(self, self.instances, self.info.batch_sizes)
+    def warmup(self) -> Timings:
+        return timed_warmup(self, self.instances, self.info.batch_sizes, self.tiles)
 
     def infer(self, instance: int, batch: np.ndarray) -> np.ndarray:
-        req = self._requests[instance]
+        h, w = batch.shape[1:3]
+        if h != w or h not in self._requests:
+            raise ValueError(f"no graph for {h}×{w} tiles (tiles {self.tiles})")
+        req = self._requests[h][instance]
         req.infer({0: np.ascontiguousarray(batch)})
         return np.array(req.get_output_tensor(0).data, copy=True)  # the request reuses its buffer
 
-    def input_buffer(self, instance: int, n: int) -> np.ndarray | None:
+    def input_buffer(self, instance: int, n: int, tile: int) -> np.ndarray | None:
         return None  # the batcher's own buffer will do: infer() takes any host array
 
     def healthy(self) -> bool:
         return self._healthy
 
     def close(self) -> None:
-        self._requests = []
-        self._compiled = None
+        self._requests = {}
         self._healthy = False

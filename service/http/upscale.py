@@ -256,7 +256,7 @@ async def handle_upscale(request: Request, params: UpscaleParams, ctx: Context) 
         fmt = params.format or probe.default_output
         images.check_output_size(fmt, out_h, out_w)
         plan = mr.plan(probe.height, probe.width, out_h, out_w)
-        reservation = mr.reserve(plan.n_tiles)  # 503 overloaded / draining / not ready — before decoding
+        reservation = mr.reserve(plan)  # 503 overloaded / draining / not ready — before decoding
         handed = False
         try:
             t = time.monotonic()

@@ -47,7 +47,8 @@ def test_instances_are_independent_streams_with_a_dynamic_batch(photo_repo: Path
     m = read_manifest(photo_repo, verify=True)
     be = OpenVinoBackend(m, photo_repo, precision="fp32", instances=2, intra_op_threads=1, max_batch=3)
     be.load()
-    assert be.warmup().keys() == {1, 2, 3} and be.info.extra["streams"] == "2"
+    t = m.tile.tile
+    assert be.warmup().keys() == {(t, t, 1), (t, t, 2), (t, t, 3)} and be.info.extra["streams"] == "2"
     x = _tiles(small_photos)
     ref = onnx_runner(photo_repo, "fp32")(x)
     got: dict[int, np.ndarray] = {}

@@ -275,17 +275,23 @@ def test_work_spreads_over_instances() -> None:
     b.close()
 
 
-def test_admission_in_tiles_with_retry_after() -> None:
+def test_admission_is_equal_chance_with_retry_after() -> None:
+    """A request is admitted while the backlog is under the capacity, whatever its own size (so at
+    overload large and small requests see the same share of 503s); past it, a 503 with an estimate."""
     b, _be = make(capacity_tiles=10, behaviour=FakeBehaviour(per_tile_s=0.5))
     r1 = b.reserve(6)
-    with pytest.raises(Overloaded) as e:
-        b.reserve(6)
-    # warm-up measured 0.5 s per tile: 2 tiles over capacity → about 1 s
-    assert e.value.retry_after_s == pytest.approx(1.0, rel=0.01)
-    r2 = b.reserve(4)
+    r2 = b.reserve(6)  # 6 < 10 in use when it arrived: admitted, overshooting by itself
+    assert b.stats()["reserved_tiles"] == 12
+    for size in (1, 6):
+        with pytest.raises(Overloaded) as e:
+            b.reserve(size)  # 12 ≥ 10: refused, small or large alike
+        # warm-up measured 0.5 s per tile: the backlog is 2 + min(size, 10) tiles over → that many × 0.5 s
+        assert e.value.retry_after_s == pytest.approx((2 + size) * 0.5, rel=0.01)
     r1.release()
+    small = b.reserve(1)  # 7 in use < 10
     r2.release()
-    big = b.reserve(50)  # bigger than the whole capacity: admitted into an empty queue only
+    small.release()
+    big = b.reserve(50)  # bigger than the whole capacity: admitted into a backlog under it
     with pytest.raises(Overloaded):
         b.reserve(1)
     big.release()
@@ -298,8 +304,9 @@ def test_reservation_can_grow_and_release_is_idempotent() -> None:
     r = b.reserve(3)
     r.grow(2)
     assert b.stats()["reserved_tiles"] == 5 and r.tiles == 5
+    r.grow(20)  # the backlog was under the capacity: the decoded image's extra tiles are admitted
     with pytest.raises(Overloaded):
-        r.grow(20)
+        r.grow(1)  # now it is over
     r.release()
     r.release()
     assert b.stats()["reserved_tiles"] == 0 and b.stats()["reservations"] == 0
@@ -359,3 +366,29 @@ def test_busy_meter() -> None:
     assert m.ratio(200.0) == pytest.approx(1.0)  # still busy: the whole window
     m.stop(200.0)
     assert m.ratio(300.0) == 0.0
+
+
+def test_a_tiny_request_waits_for_one_call_whatever_is_queued() -> None:
+    """Shortest remaining work first: a one-tile request queued behind eight 16-tile requests runs in the
+    very next engine call, not after one batch per request ahead of it (round-robin by quantum)."""
+    hang = threading.Event()
+    hang.set()
+    tiny_in: list[bool] = []
+
+    def spy(instance: int, batch: np.ndarray) -> bool:
+        tiny_in.append(bool((batch == 77).all(axis=(1, 2, 3)).any()))
+        return False
+
+    b, be = make(max_batch=4, behaviour=FakeBehaviour(hang=hang, per_tile_s=0.001, fail_if=spy))
+    first = Req(b, np.zeros((10, 10, 3), np.uint8))
+    while not be.calls:
+        time.sleep(0.001)
+    rng = np.random.default_rng(4)
+    big = [Req(b, rand_img(rng, 100, 100)) for _ in range(8)]
+    tiny = Req(b, np.full((10, 10, 3), 77, np.uint8))
+    hang.clear()
+    np.testing.assert_array_equal(tiny.result(), tiny.img)
+    for r in (first, *big):
+        r.result()
+    assert tiny_in.index(True) == 1  # call 0 was already running
+    b.close()

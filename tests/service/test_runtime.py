@@ -38,7 +38,7 @@ async def upscale(
     rid: str = "r",
 ) -> UpscaleOutcome:
     """What the HTTP layer does: plan from the header size, reserve, then upscale the decoded image."""
-    res = m.reserve(m.plan(img.shape[0], img.shape[1], oh, ow).n_tiles)
+    res = m.reserve(m.plan(img.shape[0], img.shape[1], oh, ow))
     return await m.upscale(UpscaleJob(img, oh, ow, color_fix, time.monotonic() + deadline_s, rid), res)
 
 
@@ -173,7 +173,7 @@ def test_not_ready_before_start_and_unknown_models(tmp_path: Path) -> None:
         m = rt.get(None)
         assert not rt.ready and m.describe()["ready"] is False
         with pytest.raises(NotReady):
-            m.reserve(1)
+            m.reserve(m.plan(8, 8, 16, 16))
         with pytest.raises(ModelNotFound):
             rt.get("nope")
         await rt.start()
@@ -273,7 +273,7 @@ def test_failing_instance_turns_health_false(tmp_path: Path) -> None:
                 await upscale(m, np.zeros((40, 40, 3), np.uint8), 80, 80)
         assert not rt.healthy and not rt.ready
         with pytest.raises(NotReady):
-            m.reserve(1)
+            m.reserve(m.plan(8, 8, 16, 16))
         await rt.close()
 
     arun(go)
@@ -293,7 +293,7 @@ def test_drain_finishes_admitted_work(tmp_path: Path) -> None:
         await asyncio.sleep(0.01)
         assert rt.draining and not rt.ready
         with pytest.raises(Draining):
-            m.reserve(1)
+            m.reserve(m.plan(8, 8, 16, 16))
         assert await drained
         for i, t in enumerate(tasks):
             assert ((await t).image == i).all()
@@ -333,7 +333,7 @@ def test_bad_inputs_are_bad_requests_and_release_the_reservation(tmp_path: Path)
         with pytest.raises(BadRequest):
             m.plan(10, 10, 0, 20)
         # the decoded image needs more tiles than the header promised: the reservation grows
-        res = m.reserve(1)
+        res = m.reserve(m.plan(10, 10, 20, 20))
         out = await m.upscale(
             UpscaleJob(np.zeros((100, 100, 3), np.uint8), 200, 200, None, time.monotonic() + 30, "g"), res
         )

@@ -19,7 +19,7 @@ SIZES = [(1, 1), (1, 300), (7, 5), (64, 64), (65, 65), (100, 37), (333, 517), (4
 @pytest.mark.parametrize(("tile", "overlap"), [(64, 16), (32, 8), (128, 48)])
 def test_plan_covers_the_image_with_overlapping_tiles(h: int, w: int, tile: int, overlap: int) -> None:
     p = plan_tiles(h, w, tile, overlap)
-    assert p.padded_h >= h + 2 * p.margin and p.padded_w >= w + 2 * p.margin
+    assert p.padded_h >= h + 2 * p.margin_y and p.padded_w >= w + 2 * p.margin_x
     for starts, length in ((p.ys, p.padded_h), (p.xs, p.padded_w)):
         assert starts[0] == 0 and starts[-1] == length - tile  # both borders covered
         assert list(starts) == sorted(set(starts))
@@ -34,9 +34,43 @@ def test_small_images_are_one_padded_tile() -> None:
     img = np.random.default_rng(0).integers(0, 256, (20, 30, 3), np.uint8)
     padded = pad_image(img, p)
     assert padded.shape == (64, 64, 3)
-    np.testing.assert_array_equal(padded[p.margin : p.margin + 20, p.margin : p.margin + 30], img)
+    my, mx = p.margin_y, p.margin_x
+    np.testing.assert_array_equal(padded[my : my + 20, mx : mx + 30], img)
     # reflect padding: the pixel left of the image mirrors the one right of its first column
-    np.testing.assert_array_equal(padded[p.margin, p.margin - 1], img[0, 1])
+    np.testing.assert_array_equal(padded[my, mx - 1], img[0, 1])
+
+
+@pytest.mark.parametrize(("tile", "overlap"), [(128, 16), (96, 16), (512, 64), (64, 16)])
+def test_an_image_that_fits_a_tile_costs_one_tile(tile: int, overlap: int) -> None:
+    """The border margin must not push an image that fits one tile into four (the 2×2 tile tax)."""
+    for side in (tile - overlap, tile - overlap // 2 + 1, tile - 1, tile):
+        p = plan_tiles(side, side, tile, overlap)
+        assert p.n_tiles == 1, (side, p.ys, p.xs)
+        assert 0 <= p.margin_y <= overlap // 2 and p.padded_h == tile
+    wide = plan_tiles(tile, 3 * tile, tile, overlap)
+    assert len(wide.ys) == 1 and wide.margin_y == 0 and wide.margin_x == overlap // 2
+    assert plan_tiles(tile + 1, tile + 1, tile, overlap).n_tiles == 4
+
+
+def test_one_tile_result_is_the_tile_crop() -> None:
+    rng = np.random.default_rng(1)
+    p = plan_tiles(50, 60, 64, 16, 2)
+    out = rng.integers(0, 256, (128, 128, 3), np.uint8)
+    st = Stitcher(p)
+    st.add(0, out)
+    my, mx = 2 * p.margin_y, 2 * p.margin_x
+    np.testing.assert_array_equal(st.result(), out[my : my + 100, mx : mx + 120])
+
+
+def test_rectangular_plan_for_a_whole_image() -> None:
+    p = plan_tiles(100, 70, (112, 80), 16, 4)
+    assert p.n_tiles == 1 and p.shape == (112, 80) and (p.margin_y, p.margin_x) == (6, 5)
+    img = np.random.default_rng(2).integers(0, 256, (100, 70, 3), np.uint8)
+    padded = pad_image(img, p)
+    assert padded.shape == (112, 80, 3)
+    np.testing.assert_array_equal(padded[6:106, 5:75], img)
+    with pytest.raises(ValueError, match="no square tile edge"):
+        _ = p.tile
 
 
 def test_one_pixel_axis_is_edge_padded() -> None:
@@ -44,7 +78,7 @@ def test_one_pixel_axis_is_edge_padded() -> None:
     p = plan_tiles(1, 3, 16, 4)
     padded = pad_image(img, p)
     assert padded.shape == (16, 16, 3)
-    assert (padded[:, p.margin] == img[0, 0]).all()
+    assert (padded[:, p.margin_x] == img[0, 0]).all()
 
 
 @pytest.mark.parametrize("scale", [1, 2, 4])
@@ -123,7 +157,7 @@ def test_tiled_matches_untiled_within_the_per_tile_bound(
     for (i, y, x), t in zip(p.positions(), tiles_of(padded, p), strict=True):
         out = run(t[None])[0].astype(np.int16)
         st.add(i, out.astype(np.uint8))
-        y0, x0, y1, x1 = y - p.margin, x - p.margin, y - p.margin + p.tile, x - p.margin + p.tile
+        y0, x0, y1, x1 = y - p.margin_y, x - p.margin_x, y - p.margin_y + p.tile, x - p.margin_x + p.tile
         cy0, cx0, cy1, cx1 = max(y0, 0), max(x0, 0), min(y1, oh), min(x1, ow)
         d = np.abs(out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] - ref[cy0:cy1, cx0:cx1]).max(axis=2)
         worst[cy0:cy1, cx0:cx1] = np.maximum(worst[cy0:cy1, cx0:cx1], d)
@@ -140,7 +174,7 @@ def test_tiled_matches_untiled_within_the_per_tile_bound(
 
 def _whole_canvas(p, outs: list[tuple[int, np.ndarray]]) -> np.ndarray:
     """The straightforward float64 whole-image canvas (the exact blend, rounded half to even)."""
-    s, ot, m = p.scale, p.tile * p.scale, p.margin * p.scale
+    s, ot, my, mx = p.scale, p.tile * p.scale, p.margin_y * p.scale, p.margin_x * p.scale
     oh, ow = p.out_size
     wy = _ramp_weights([y * s for y in p.ys], ot, p.padded_h * s, p.overlap * s)
     wx = _ramp_weights([x * s for x in p.xs], ot, p.padded_w * s, p.overlap * s)
@@ -148,13 +182,15 @@ def _whole_canvas(p, outs: list[tuple[int, np.ndarray]]) -> np.ndarray:
     for i, t in outs:
         r, c = divmod(i, len(p.xs))
         y0, x0 = p.ys[r] * s, p.xs[c] * s
-        cy0, cy1, cx0, cx1 = max(y0, m), min(y0 + ot, m + oh), max(x0, m), min(x0 + ot, m + ow)
+        cy0, cy1, cx0, cx1 = max(y0, my), min(y0 + ot, my + oh), max(x0, mx), min(x0 + ot, mx + ow)
         if cy0 < cy1 and cx0 < cx1:
             w = (
                 wy[r][cy0 - y0 : cy1 - y0, None, None].astype(np.float64)
                 * wx[c][None, cx0 - x0 : cx1 - x0, None]
             )
-            canvas[cy0 - m : cy1 - m, cx0 - m : cx1 - m] += t[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] * w
+            canvas[cy0 - my : cy1 - my, cx0 - mx : cx1 - mx] += (
+                t[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] * w
+            )
     return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
 
 
@@ -189,7 +225,7 @@ def test_stitching_is_exact_and_independent_of_tile_order(h: int, w: int, scale:
     d = np.abs(results[0].astype(np.int16) - _whole_canvas(p, outs))
     assert d.max() <= 1 and (d > 0).mean() < 0.05
     img = np.tile(np.linspace(0, 255, w * scale, dtype=np.float32), (h * scale, 1))[..., None].repeat(3, 2)
-    padded = np.pad(img, ((p.margin * scale,) * 2, (p.margin * scale,) * 2, (0, 0)), mode="reflect")
+    padded = np.pad(img, ((p.margin_y * scale,) * 2, (p.margin_x * scale,) * 2, (0, 0)), mode="reflect")
     padded = np.pad(
         padded,
         ((0, p.padded_h * scale - padded.shape[0]), (0, p.padded_w * scale - padded.shape[1]), (0, 0)),

@@ -3,17 +3,19 @@
 
 Exports the tiny GenDR (fp32, fp16 with fp32 attention islands, fp16 with fp16 attention, int8 Q/DQ,
 fp8 where the GPU has it), checks every graph against TensorRT's rules (engine_build.trt_rules), then —
-where TensorRT and a GPU exist — builds each engine, checks idempotency and the timing cache, records
-which layers run in which precision (engine inspector), and measures parity (against ONNX Runtime on
-the same graph and the PyTorch fp32 reference) and latency per batch size, with and without CUDA
-graphs, all through `service.backends.tensorrt.TensorRTBackend` (engine_build.runners.tensorrt_runner).
+where TensorRT and a GPU exist — builds each engine (one plan per tile the graphs cover), checks
+idempotency and the timing cache, records which layers run in which precision (engine inspector), and
+measures parity (against ONNX Runtime on the same graph and the PyTorch fp32 reference) and latency
+per batch size, with and without CUDA graphs, all through `service.backends.tensorrt.TensorRTBackend`
+(engine_build.runners.tensorrt_runner).
 The JSON is rewritten after every row.
 
     python benchmarks/gpu_check_engine.py                 # GPU + TensorRT
     python benchmarks/gpu_check_engine.py --dry-run       # CPU: export, graph rules, ORT parity only
 
-Exit code 1 if a graph breaks TensorRT's rules, an engine fails to build, or fp16 parity vs PyTorch
-fp32 drops below --min-fp16-db.
+Exit code 1 if a graph breaks TensorRT's rules, an engine fails to build, fp16 parity vs PyTorch
+fp32 drops below --min-fp16-db, or a shape bucket (`--bucket`, default tile/2) is not served or its
+fp16 plan drifts from ONNX Runtime on the same bucket graph by more than that.
 """
 
 from __future__ import annotations
@@ -65,17 +67,18 @@ def photos() -> list[tuple[str, Any]]:
 
 
 def export_variants(
-    work: Path, tile: int, overlap: int, fp8: bool, skipped: dict[str, str]
+    work: Path, tile: int, overlap: int, fp8: bool, skipped: dict[str, str], bucket: int = 0
 ) -> dict[str, tuple[Path, str]]:
     """label → (repository, precision): the graphs the engines are built from (what could not be made
-    here, e.g. Q/DQ graphs without ModelOpt on the GPU machine, goes into `skipped` with the reason)."""
+    here, e.g. Q/DQ graphs without ModelOpt on the GPU machine, goes into `skipped` with the reason).
+    `bucket`: a smaller static tile exported beside the primary one in the main repository (0: none)."""
     from engine_build.checkpoint import make_tiny
     from engine_build.export import Fp16Options, export_gendr
     from engine_build.quantize import quantize_model
 
     ckpt = make_tiny(work / "ckpt", seed=0)
     repo = work / "models" / "tiny"
-    export_gendr(ckpt, repo, tile=tile, overlap=overlap)
+    export_gendr(ckpt, repo, tile=tile, overlap=overlap, buckets=(bucket,) if bucket else ())
     attn16 = work / "models" / "tiny-attn16"
     export_gendr(ckpt, attn16, tile=tile, overlap=overlap, fp16=Fp16Options(attention="fp16"))
     out = {"fp32": (repo, "fp32"), "fp16": (repo, "fp16"), "fp16-attn16": (attn16, "fp16")}
@@ -121,6 +124,7 @@ def build_and_measure(
             r1 = build_engine(repo, p, batch_sizes=args.batch_sizes, progress=False)
             row["build_s"] = round(r1.seconds, 1)
             row["plan_mb"] = round(r1.engine.plan.size / 1e6, 2)
+            row["tiles"] = {t.tile: round(t.engine.plan.size / 1e6, 2) for t in r1.tiles}  # plan MB per tile
             row["layer_precisions"] = r1.engine.build.get("layer_precisions")
             row["second_build_skipped"] = build_engine(
                 repo, p, batch_sizes=args.batch_sizes, progress=False
@@ -134,6 +138,8 @@ def build_and_measure(
                 key = "cuda_graphs" if graphs else "plain"
                 if graphs:
                     row["graph_sizes"] = list(fn.backend.graph_sizes())  # type: ignore[attr-defined]
+                else:
+                    ok = _check_buckets(row, fn, repo, p, tiles, args.min_fp16_db) and ok
                 row[f"latency_{key}"] = [_latency(fn, tiles, b, args.repeats) for b in args.batch_sizes]
                 fn.close()
             row["vs_onnxruntime_same_graph"] = compare(got, onnx_runner(repo, p)(tiles))
@@ -148,6 +154,35 @@ def build_and_measure(
     return ok
 
 
+def _check_buckets(row: dict[str, Any], fn: Any, repo: Path, p: str, tiles: Any, min_db: float) -> bool:
+    """Every shape bucket of the graphs has a plan that loaded, and each matches ONNX Runtime on its own
+    graph (tiles cropped to the bucket); False when a bucket is not served or an fp16 one drifts."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from engine_build.verify import compare
+    from service.manifest import read_manifest
+
+    m = read_manifest(repo, verify=False)
+    served = list(fn.backend.info.tiles)
+    row["tiles_served"] = served
+    ok = True
+    for t in m.tiles(p):
+        sg = m.shape_graph(p, t)
+        if sg is None:
+            continue  # the primary tile: measured above
+        if t not in served:
+            row.setdefault("buckets_not_served", []).append(t)
+            ok = False
+            continue
+        x = np.ascontiguousarray(tiles[:, :t, :t])
+        sess = ort.InferenceSession(str(repo / sg.graph.path), providers=["CPUExecutionProvider"])
+        ref = sess.run(None, {m.onnx[p].input_name: x})[0]
+        c = row.setdefault("bucket_vs_onnxruntime_same_graph", {})[str(t)] = compare(fn(x), ref)
+        ok = ok and (p != "fp16" or c["psnr_db"] >= min_db)
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU: export, graph rules and ORT parity only")
@@ -155,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, help="scratch folder (default: a temp dir)")
     ap.add_argument("--tile", type=int, default=128)
     ap.add_argument("--overlap", type=int, default=16)
+    ap.add_argument("--bucket", type=int, default=-1, help="shape-bucket tile (default tile/2; 0: none)")
     ap.add_argument("--batch-sizes", type=lambda s: [int(b) for b in s.split(",")], default=[1, 2, 4, 8])
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--min-fp16-db", type=float, default=40.0)
@@ -162,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.dry_run:
         args.tile, args.batch_sizes, args.repeats = 64, [1, 2], 2
+    if args.bucket < 0:
+        args.bucket = args.tile // 2
     from engine_build.checkpoint import load_checkpoint
     from engine_build.runners import onnx_runner, torch_runner
     from engine_build.trt_build import detect_gpu, parse_cc
@@ -183,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="gendr-gpu-"))
     t0 = time.perf_counter()
     skipped: dict[str, str] = {}
-    variants = export_variants(work, args.tile, args.overlap, fp8, skipped)
+    variants = export_variants(work, args.tile, args.overlap, fp8, skipped, args.bucket)
     rep.set(export_s=round(time.perf_counter() - t0, 1), variants_skipped=skipped)
     ok = check_rules(rep, variants, args.tile)
     repo = variants["fp32"][0]

@@ -21,8 +21,15 @@ TARGET_GPUS: dict[str, tuple[str, str]] = {
     "l20": ("8.9", "NVIDIA L20"),
     "h100": ("9.0", "NVIDIA H100"),
 }
-#: The minimum compute capability per precision (fp8 tensor cores: Ada 8.9 and Hopper 9.0).
-PRECISION_MIN_CC: dict[str, tuple[int, int]] = {"fp32": (7, 0), "fp16": (7, 0), "int8": (7, 5), "fp8": (8, 9)}
+#: The minimum compute capability per precision of service.manifest.PRECISIONS (bf16 tensor cores:
+#: Ampere 8.0; fp8: Ada 8.9 and Hopper 9.0).
+PRECISION_MIN_CC: dict[str, tuple[int, int]] = {
+    "fp32": (7, 0),
+    "fp16": (7, 0),
+    "bf16": (8, 0),
+    "int8": (7, 5),
+    "fp8": (8, 9),
+}
 #: The precision matrix we build and test per node pool (docs/export.md).
 SUPPORTED: dict[str, tuple[str, ...]] = {
     "a10": ("fp16", "int8"),

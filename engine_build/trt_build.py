@@ -3,18 +3,22 @@
 - Strongly typed network (`NetworkDefinitionCreationFlag.STRONGLY_TYPED` where the flag exists; TRT
   11 networks are strongly typed anyway): no FP16/INT8 builder flags, precision comes from the ONNX
   variant (fp16 graph → fp16 engine, Q/DQ graph → int8/fp8 engine).
-- Static tile shape (the graph's), dynamic batch inside optimisation profiles: `profiles` identical
-  profiles [min batch … max batch] (default one; TensorRT 10/11 let several execution contexts use
-  one profile at once, so one is enough for any number of instances). Per-batch (min = max)
-  profiles are refused: a context is pinned to its profile but is offered every batch size.
+- One plan per static tile the precision's graphs cover (`Manifest.tiles`: the primary tile and every
+  shape bucket; the dynamic whole-image graph gets none), each its own manifest `Engine` with
+  `profile.tile` = its tile and its own step (key, skip, install); `--tile` builds one of them.
+  Engines of tiles the graphs no longer cover are removed.
+- Static tile shape, dynamic batch inside optimisation profiles: `profiles` identical profiles
+  [min batch … max batch] (default one; TensorRT 10/11 let several execution contexts use one profile
+  at once). Per-batch (min = max) profiles are refused: a context is pinned to its profile but is
+  offered every batch size.
 - Built on the GPU probed (`--device` is a CUDA index; the CUDA device is set before the builder).
 - Persistent timing cache per GPU architecture *and TensorRT version*; a rejected cache is replaced.
 - Build progress through `IProgressMonitor` as nested tqdm bars.
 - DETAILED profiling verbosity; the engine inspector's JSON is saved beside the plan and the layer
   count per precision goes into the manifest entry (does the int8 engine really run int8?).
 - The plan and its manifest entry are written atomically; the entry records everything the plan was
-  built from (ONNX sha256, TensorRT version, compute capability, GPU, precision, profiles) and the
-  step is skipped when an engine with the same key is present.
+  built from (ONNX sha256, TensorRT version, compute capability, GPU, precision, tile, profiles) and
+  the step is skipped when an engine with the same key is present.
 
 Without the tensorrt package or a GPU, `build_engine` raises TrtBuildError with a one-line reason
 (the CLI exits 2).
@@ -28,7 +32,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from engine_build.gpu_targets import (
     PRECISION_MIN_CC,
@@ -45,6 +49,7 @@ from engine_build.repository import run_step
 from engine_build.trt_rules import TrtGraphError, require_trt_compatible
 from engine_build.trt_tools import (
     ENGINES_DIR,
+    build_plan,
     import_tensorrt,
     layer_precisions,
     load_timing_cache,
@@ -53,11 +58,11 @@ from engine_build.trt_tools import (
 )
 from service.hardware import set_cuda_device
 from service.manifest import (
+    Artifact,
     Engine,
     EngineProfile,
     Manifest,
-    Precision,
-    atomic_write_bytes,
+    OnnxVariant,
     hash_inputs,
     make_artifact,
     read_manifest,
@@ -78,20 +83,70 @@ __all__ = [  # the build API, in one place for its callers
     "describe_gpu",
     "detect_gpu",
     "import_tensorrt",
+    "layer_precisions",
+    "load_timing_cache",
+    "make_progress_monitor",
     "parse_cc",
+    "timing_cache_path",
 ]
 
 BUILD_FORMAT = 2  # 2: timing cache per TensorRT version, layer report, device selection
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8)
 
 
+@dataclass(frozen=True)
+class TileSource:
+    """The ONNX graph one engine is built from: the primary tile's or a shape bucket's (static tiles)."""
+
+    tile: int
+    graph: Artifact
+    external_data: Artifact | None
+
+
+@dataclass
+class TileEngine:
+    tile: int
+    engine: Engine
+    skipped: bool
+    seconds: float
+
+
 @dataclass
 class EngineResult:
     model_dir: Path
     manifest: Manifest
-    engine: Engine
-    skipped: bool
+    tiles: list[TileEngine]  # smallest tile first
     seconds: float
+
+    @property
+    def engine(self) -> Engine:
+        """The primary tile's engine (the one built when a single tile was asked for)."""
+        primary = self.manifest.tile.tile
+        return next((t.engine for t in self.tiles if t.tile == primary), self.tiles[-1].engine)
+
+    @property
+    def skipped(self) -> bool:
+        """Every tile's engine was up to date."""
+        return all(t.skipped for t in self.tiles)
+
+
+def tile_sources(manifest: Manifest, precision: str, tile: int | None = None) -> list[TileSource]:
+    """The static-tile graphs of `precision` (`manifest.tiles`; the dynamic one gets no engine), or the
+    one of `tile`; smallest first."""
+    v = manifest.onnx[precision]
+    out = [TileSource(manifest.tile.tile, v.graph, v.external_data)]
+    out += [TileSource(s.tile, s.graph, s.external_data) for s in v.shapes if s.tile is not None]
+    out.sort(key=lambda s: s.tile)
+    if tile is None:
+        return out
+    chosen = [s for s in out if s.tile == tile]
+    if not chosen:
+        have = ", ".join(str(s.tile) for s in out)
+        raise TrtBuildError(
+            f"{manifest.name}: the {precision} ONNX graphs are exported for {have}-px tiles; "
+            f"re-export with --tile {tile} (or a {tile}-px shape bucket) to build {tile}-px engines"
+        )
+    return chosen
 
 
 def _profiles(
@@ -126,34 +181,34 @@ def build_engine(
     progress: bool = True,
     device_id: int = 0,
 ) -> EngineResult:
-    """Build (or reuse) the TensorRT engine for `precision` on this machine's GPU (module docstring)."""
+    """Build (or reuse) the TensorRT engine of every static tile of `precision` (or of `tile` only) on
+    this machine's GPU (module docstring)."""
+    t0 = time.perf_counter()
     model_dir = Path(model_dir)
-    manifest = read_manifest(model_dir, verify=False)  # the graph built from is verified below
-    g = manifest.tile
-    if tile is not None and tile != g.tile:
-        raise TrtBuildError(
-            f"{manifest.name}: the ONNX graph is exported for {g.tile}-px tiles; "
-            f"re-export with --tile {tile} to build {tile}-px engines"
-        )
+    manifest = read_manifest(model_dir, verify=False)  # the graphs built from are verified below
     if precision not in manifest.onnx:
-        hint = "gendr-build quantize" if precision in ("int8", "fp8") else "gendr-build export"
+        from engine_build.quantize import QUANT_PRECISIONS
+
+        hint = "gendr-build quantize" if precision in QUANT_PRECISIONS else "gendr-build export"
         raise TrtBuildError(
             f"{manifest.name}: no {precision} ONNX graph (have {', '.join(manifest.onnx) or 'none'}); "
             f"run `{hint}` first"
         )
+    sources = tile_sources(manifest, precision, tile)
     if not batch_sizes or min(batch_sizes) < 1:
         raise TrtBuildError("batch sizes must be positive integers")
-    variant = manifest.onnx[precision]
-    for art in (variant.graph, variant.external_data):
-        if art is not None:
-            verify_artifact(model_dir, art)  # a damaged graph is an error; a damaged engine is rebuilt
-    try:  # e.g. a community SR network exported for ONNX Runtime only
-        require_trt_compatible(model_dir / variant.graph.path, tile=g.tile, out_tile=g.out_tile)
-    except TrtGraphError as e:
-        raise TrtBuildError(
-            f"{manifest.name}: the {precision} graph breaks TensorRT's rules, so no engine can be built "
-            f"(ONNX Runtime still serves it): {e}"
-        ) from e
+    g = manifest.tile.graph_scale
+    for src in sources:
+        for art in (src.graph, src.external_data):
+            if art is not None:
+                verify_artifact(model_dir, art)  # a damaged graph is an error; a damaged engine is rebuilt
+        try:  # e.g. a community SR network exported for ONNX Runtime only
+            require_trt_compatible(model_dir / src.graph.path, tile=src.tile, out_tile=src.tile * g)
+        except TrtGraphError as e:
+            raise TrtBuildError(
+                f"{manifest.name}: the {precision} graph for {src.tile}-px tiles breaks TensorRT's rules, so "
+                f"no engine can be built (ONNX Runtime still serves it): {e}"
+            ) from e
     prof = _profiles(batch_sizes, profile_mode, profiles, opt_batch)
     gpu = detect_gpu(device_id)
     if gpu is None:
@@ -169,194 +224,168 @@ def build_engine(
         set_cuda_device(device_id)  # the builder works on the current device: the one probed above
     except RuntimeError as err:
         raise TrtBuildError(f"cannot select CUDA device {device_id}: {err}") from err
-    options = {
-        "format": BUILD_FORMAT,
-        "onnx_sha256": variant.graph.sha256,
-        "external_data_sha256": variant.external_data.sha256 if variant.external_data else None,
-        "precision": precision,
-        "tensorrt": trt.__version__,
-        "cc": gpu.compute_capability,
-        "gpu": gpu.name,
-        "tile": g.tile,
-        "profiles": prof,
-        "workspace_gb": workspace_gb,
-        "opt_level": opt_level,
-    }
-    key = hash_inputs("trt-engine", options)
     sm = "sm" + gpu.compute_capability.replace(".", "")
-    t0 = time.perf_counter()
-    current = next((e for e in manifest.engines if e.key == key), None)
-    cache_path = (
-        Path(timing_cache) if timing_cache else timing_cache_path(model_dir, sm, str(trt.__version__))
-    )
-    plan_path = model_dir / ENGINES_DIR / sm / precision / f"engine-{key[:16]}.plan"
-    engine: Engine | None = current
-
-    def produce(tmp: Path) -> dict[str, Any]:
-        plan_bytes, layers_json, info = _build_plan(
-            model_dir, variant, prof, g.tile, g.out_tile, workspace_gb, opt_level, cache_path, progress
-        )
-        (tmp / "plan").write_bytes(plan_bytes)
-        (tmp / "layers.json").write_text(layers_json)
-        return {**info, "layer_precisions": layer_precisions(layers_json)}
-
-    def install(tmp: Path, info: dict[str, Any]) -> str:
-        nonlocal manifest, engine
-        plan_path.parent.mkdir(parents=True, exist_ok=True)
-        layers_path = plan_path.with_suffix(".layers.json")
-        os.replace(tmp / "plan", plan_path)
-        os.replace(tmp / "layers.json", layers_path)
-        engine = Engine(
-            plan=make_artifact(model_dir, plan_path),
-            precision=cast(Precision, precision),  # checked above: the manifest has this variant
-            onnx_sha256=variant.graph.sha256,
-            tensorrt_version=trt.__version__,
-            compute_capability=gpu.compute_capability,
-            gpu_name=gpu.name,
-            profile=EngineProfile(
-                batch_sizes=sorted(set(batch_sizes)),
-                tile=g.tile,
-                mode=profile_mode,
-                count=len(prof),
-                opt_batch=prof[0][1] if profile_mode == "shared" else None,
-            ),
-            key=key,
-            build={
-                **info,
-                "opt_level": opt_level,
-                "workspace_gb": workspace_gb,
-                "timing_cache": str(cache_path),
-                "layers_json": str(layers_path.relative_to(model_dir)),
-            },
-        )
-        manifest = read_manifest(model_dir, verify=False)  # re-read: another step may have written
-        old = [
-            e
-            for e in manifest.engines
-            if e.compute_capability == gpu.compute_capability and e.precision == precision
-        ]
-        manifest = manifest.model_copy(
-            update={"engines": [e for e in manifest.engines if e not in old] + [engine]}
-        )
-        write_manifest(model_dir, manifest)
-        for e in old:
-            if e.plan.path != engine.plan.path:
-                (model_dir / e.plan.path).unlink(missing_ok=True)
-        return (
-            f"{plan_path.relative_to(model_dir)} ({engine.plan.size / 1e6:.1f} MB, {info['seconds']:.0f} s)"
-        )
-
-    skipped, _ = run_step(
-        model_dir,
-        f"engine {sm} {precision}",
-        key,
-        (current.key, [current.plan]) if current else None,
-        produce,
-        install,
+    job = _TileBuild(
+        model_dir=model_dir,
+        variant=manifest.onnx[precision],
+        gpu=gpu,
+        trt_version=str(trt.__version__),
+        prof=prof,
+        batch_sizes=sorted(set(batch_sizes)),
+        profile_mode=profile_mode,
+        workspace_gb=workspace_gb,
+        opt_level=opt_level,
+        cache_path=Path(timing_cache) if timing_cache else timing_cache_path(model_dir, sm, trt.__version__),
+        progress=progress,
         force=force,
-        parent=model_dir / ENGINES_DIR,
+        graph_scale=g,
     )
-    assert engine is not None
-    return EngineResult(model_dir, manifest, engine, skipped, time.perf_counter() - t0)
+    results = [job.run(src) for src in sources]
+    if tile is None:
+        _drop_orphans(model_dir, gpu.compute_capability, precision, {s.tile for s in sources})
+    manifest = read_manifest(model_dir, verify=False)
+    return EngineResult(model_dir, manifest, results, time.perf_counter() - t0)
 
 
-def _build_plan(
-    model_dir: Path,
-    variant: Any,
-    prof: list[tuple[int, int, int]],
-    tile: int,
-    out_tile: int,
-    workspace_gb: float | None,
-    opt_level: int,
-    cache_path: Path,
-    progress: bool,
-) -> tuple[bytes, str, dict[str, Any]]:
-    """Parse the ONNX variant and build the plan: (plan bytes, engine inspector JSON, build facts)."""
-    import tensorrt as trt  # import_tensorrt() checked it is the runtime; typed by tensorrt-stubs
-
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    if builder is None:
-        raise TrtBuildError("could not create a TensorRT builder (CUDA driver/GPU problem?)")
-    flags = 0
-    strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    if strongly is not None:
-        flags |= 1 << int(strongly)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    log.info("engine: parsing %s", variant.graph.path)
-    if not parser.parse_from_file(str(model_dir / variant.graph.path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise TrtBuildError(f"TensorRT could not parse {variant.graph.path}: {errors[:2000]}")
-    inp = network.get_input(0)
-    config = builder.create_builder_config()
-    if workspace_gb:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    config.builder_optimization_level = opt_level
-    if hasattr(trt.BuilderFlag, "WEIGHT_STREAMING"):  # plain plans for deserialize_cuda_engine(bytes)
-        config.clear_flag(trt.BuilderFlag.WEIGHT_STREAMING)
-    for mn, opt, mx in prof:
-        p = builder.create_optimization_profile()
-        p.set_shape(
-            inp.name,
-            trt.Dims([mn, tile, tile, 3]),
-            trt.Dims([opt, tile, tile, 3]),
-            trt.Dims([mx, tile, tile, 3]),
+def _drop_orphans(model_dir: Path, cc: str, precision: str, tiles: set[int]) -> None:
+    """Remove this GPU generation's `precision` engines of tiles the graphs no longer cover."""
+    manifest = read_manifest(model_dir, verify=False)
+    gone = [
+        e
+        for e in manifest.engines
+        if e.compute_capability == cc and e.precision == precision and e.profile.tile not in tiles
+    ]
+    if not gone:
+        return
+    write_manifest(
+        model_dir, manifest.model_copy(update={"engines": [e for e in manifest.engines if e not in gone]})
+    )
+    for e in gone:
+        log.warning(
+            "engine %s removed: no %s graph for %d-px tiles any more", e.plan.path, precision, e.profile.tile
         )
-        config.add_optimization_profile(p)
-    _, cache_reused = load_timing_cache(config, cache_path)
-    if hasattr(trt, "ProfilingVerbosity"):  # layer names and precisions in the engine inspector
-        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    config.progress_monitor = make_progress_monitor(trt, enabled=progress)
-    log.info(
-        "engine: building %s (profiles %s, tile %d, opt level %d)…", variant.precision, prof, tile, opt_level
-    )
-    t_build = time.perf_counter()
-    plan = builder.build_serialized_network(network, config)
-    build_seconds = time.perf_counter() - t_build
-    if plan is None:
-        raise TrtBuildError(f"TensorRT failed to build the {variant.precision} engine (see its log above)")
-    plan_bytes = bytes(memoryview(plan))
-    atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
-    layers_json = _check_plan(
-        logger, plan_bytes, variant.input_name, variant.output_name, tile, out_tile, prof
-    )
-    info = {
-        "seconds": round(build_seconds, 1),
-        "timing_cache_reused": cache_reused,
-        "strongly_typed": strongly is not None,
-    }
-    return plan_bytes, layers_json, info
+        _unlink_plan(model_dir, e)
 
 
-def _check_plan(
-    logger: Any,
-    plan: bytes,
-    in_name: str,
-    out_name: str,
-    tile: int,
-    out_tile: int,
-    prof: list[tuple[int, int, int]],
-) -> str:
-    """Check the plan's I/O and profiles; returns the engine inspector's JSON (which layers run in which
-    precision: the record that an int8/fp8 engine really runs int8/fp8)."""
-    import tensorrt as trt
+def _unlink_plan(model_dir: Path, e: Engine) -> None:
+    plan = model_dir / e.plan.path
+    plan.unlink(missing_ok=True)
+    plan.with_suffix(".layers.json").unlink(missing_ok=True)
 
-    runtime = trt.Runtime(logger)
-    engine = runtime.deserialize_cuda_engine(plan)
-    if engine is None:
-        raise TrtBuildError("the built plan does not deserialize")
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    if sorted(names) != sorted([in_name, out_name]):
-        raise TrtBuildError(f"engine I/O {names} != {[in_name, out_name]}")
-    for n in names:
-        if engine.get_tensor_dtype(n) != trt.DataType.UINT8:
-            raise TrtBuildError(f"engine tensor {n} is {engine.get_tensor_dtype(n)}, expected UINT8")
-    if engine.num_optimization_profiles != len(prof):
-        raise TrtBuildError(f"engine has {engine.num_optimization_profiles} profiles, expected {len(prof)}")
-    shape: tuple[int, ...] = tuple(engine.get_tensor_shape(out_name)[:])
-    if shape[1:] != (out_tile, out_tile, 3):
-        raise TrtBuildError(f"engine output {shape} != [-1,{out_tile},{out_tile},3]")
-    inspector = engine.create_engine_inspector()
-    fmt = getattr(trt.LayerInformationFormat, "JSON", None)
-    return str(inspector.get_engine_information(fmt)) if inspector is not None and fmt is not None else "{}"
+
+@dataclass
+class _TileBuild:
+    """What every tile's engine of one `gendr-build engine` run is built with; `run` builds one tile's
+    on the repository's step primitive (key → verify-or-skip → produce → install)."""
+
+    model_dir: Path
+    variant: OnnxVariant
+    gpu: Gpu
+    trt_version: str
+    prof: list[tuple[int, int, int]]
+    batch_sizes: list[int]
+    profile_mode: Literal["shared", "per-batch"]
+    workspace_gb: float | None
+    opt_level: int
+    cache_path: Path
+    progress: bool
+    force: bool
+    graph_scale: int
+
+    def run(self, src: TileSource) -> TileEngine:
+        t0 = time.perf_counter()
+        model_dir, precision, gpu = self.model_dir, self.variant.precision, self.gpu
+        options = {
+            "format": BUILD_FORMAT,
+            "onnx_sha256": src.graph.sha256,
+            "external_data_sha256": src.external_data.sha256 if src.external_data else None,
+            "precision": precision,
+            "tensorrt": self.trt_version,
+            "cc": gpu.compute_capability,
+            "gpu": gpu.name,
+            "tile": src.tile,
+            "profiles": self.prof,
+            "workspace_gb": self.workspace_gb,
+            "opt_level": self.opt_level,
+        }
+        key = hash_inputs("trt-engine", options)
+        sm = "sm" + gpu.compute_capability.replace(".", "")
+        manifest = read_manifest(model_dir, verify=False)
+        current = next((e for e in manifest.engines if e.key == key), None)
+        plan_path = model_dir / ENGINES_DIR / sm / precision / f"engine-t{src.tile}-{key[:16]}.plan"
+        engine: Engine | None = current
+
+        def produce(tmp: Path) -> dict[str, Any]:
+            v = self.variant
+            plan_bytes, layers_json, info = build_plan(
+                model_dir / src.graph.path,
+                precision,
+                (v.input_name, v.output_name),
+                (src.tile, src.tile * self.graph_scale),
+                self.prof,
+                workspace_gb=self.workspace_gb,
+                opt_level=self.opt_level,
+                cache_path=self.cache_path,
+                progress=self.progress,
+            )
+            (tmp / "plan").write_bytes(plan_bytes)
+            (tmp / "layers.json").write_text(layers_json)
+            return {**info, "layer_precisions": layer_precisions(layers_json)}
+
+        def install(tmp: Path, info: dict[str, Any]) -> str:
+            nonlocal engine
+            plan_path.parent.mkdir(parents=True, exist_ok=True)
+            layers_path = plan_path.with_suffix(".layers.json")
+            os.replace(tmp / "plan", plan_path)
+            os.replace(tmp / "layers.json", layers_path)
+            engine = Engine(
+                plan=make_artifact(model_dir, plan_path),
+                precision=precision,
+                onnx_sha256=src.graph.sha256,
+                tensorrt_version=self.trt_version,
+                compute_capability=gpu.compute_capability,
+                gpu_name=gpu.name,
+                profile=EngineProfile(
+                    batch_sizes=self.batch_sizes,
+                    tile=src.tile,
+                    mode=self.profile_mode,
+                    count=len(self.prof),
+                    opt_batch=self.prof[0][1] if self.profile_mode == "shared" else None,
+                ),
+                key=key,
+                build={
+                    **info,
+                    "opt_level": self.opt_level,
+                    "workspace_gb": self.workspace_gb,
+                    "timing_cache": str(self.cache_path),
+                    "layers_json": str(layers_path.relative_to(model_dir)),
+                },
+            )
+            m = read_manifest(model_dir, verify=False)  # re-read: another step may have written
+            old = [  # this tile's engine for this GPU generation, of any key: replaced
+                e
+                for e in m.engines
+                if (e.compute_capability, e.precision, e.profile.tile)
+                == (gpu.compute_capability, precision, src.tile)
+            ]
+            write_manifest(
+                model_dir, m.model_copy(update={"engines": [e for e in m.engines if e not in old] + [engine]})
+            )
+            for e in old:
+                if e.plan.path != engine.plan.path:
+                    _unlink_plan(model_dir, e)
+            size = engine.plan.size / 1e6
+            return f"{plan_path.relative_to(model_dir)} ({size:.1f} MB, {info['seconds']:.0f} s)"
+
+        skipped, _ = run_step(
+            model_dir,
+            f"engine {sm} {precision} t{src.tile}",
+            key,
+            (current.key, [current.plan]) if current else None,
+            produce,
+            install,
+            force=self.force,
+            parent=model_dir / ENGINES_DIR,
+        )
+        assert engine is not None
+        return TileEngine(src.tile, engine, skipped, time.perf_counter() - t0)

@@ -1,14 +1,17 @@
-"""TensorRT build helpers: the import (stubs refused), build progress bars, timing cache, layer report."""
+"""TensorRT build helpers: the import (stubs refused), one plan's parse-build-check, build progress bars,
+timing cache, layer report."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from engine_build.gpu_targets import TrtBuildError
 from service.hardware import tensorrt_module
+from service.manifest import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -126,3 +129,107 @@ def layer_precisions(engine_info_json: str) -> dict[str, int]:
         kind = next((label for token, label in _DTYPE_TOKENS if token in low), fmt)
         counts[kind] = counts.get(kind, 0) + 1
     return dict(sorted(counts.items()))
+
+
+def build_plan(
+    graph: Path,
+    precision: str,
+    io_names: tuple[str, str],
+    tiles: tuple[int, int],
+    prof: list[tuple[int, int, int]],
+    *,
+    workspace_gb: float | None,
+    opt_level: int,
+    cache_path: Path,
+    progress: bool,
+) -> tuple[bytes, str, dict[str, Any]]:
+    """Parse one tile's graph and build its plan, static (input, output) `tiles`, dynamic batch in the
+    profiles `prof`: (plan bytes, engine inspector JSON, build facts)."""
+    import tensorrt as trt  # import_tensorrt() checked it is the runtime; typed by tensorrt-stubs
+
+    tile, out_tile = tiles
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    if builder is None:
+        raise TrtBuildError("could not create a TensorRT builder (CUDA driver/GPU problem?)")
+    flags = 0
+    strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if strongly is not None:
+        flags |= 1 << int(strongly)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    log.info("engine: parsing %s", graph)
+    if not parser.parse_from_file(str(graph)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise TrtBuildError(f"TensorRT could not parse {graph}: {errors[:2000]}")
+    inp = network.get_input(0)
+    config = builder.create_builder_config()
+    if workspace_gb:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    config.builder_optimization_level = opt_level
+    if hasattr(trt.BuilderFlag, "WEIGHT_STREAMING"):  # plain plans for deserialize_cuda_engine(bytes)
+        config.clear_flag(trt.BuilderFlag.WEIGHT_STREAMING)
+    for mn, opt, mx in prof:
+        p = builder.create_optimization_profile()
+        p.set_shape(
+            inp.name,
+            trt.Dims([mn, tile, tile, 3]),
+            trt.Dims([opt, tile, tile, 3]),
+            trt.Dims([mx, tile, tile, 3]),
+        )
+        config.add_optimization_profile(p)
+    _, cache_reused = load_timing_cache(config, cache_path)
+    if hasattr(trt, "ProfilingVerbosity"):  # layer names and precisions in the engine inspector
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    config.progress_monitor = make_progress_monitor(trt, enabled=progress)
+    log.info("engine: building %s (profiles %s, tile %d, opt level %d)…", precision, prof, tile, opt_level)
+    t_build = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    build_seconds = time.perf_counter() - t_build
+    if plan is None:
+        raise TrtBuildError(
+            f"TensorRT failed to build the {precision} engine for {tile}-px tiles (see its log above)"
+        )
+    plan_bytes = bytes(memoryview(plan))
+    atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+    layers_json = _check_plan(logger, plan_bytes, *io_names, tile, out_tile, prof)
+    info = {
+        "seconds": round(build_seconds, 1),
+        "timing_cache_reused": cache_reused,
+        "strongly_typed": strongly is not None,
+    }
+    return plan_bytes, layers_json, info
+
+
+def _check_plan(
+    logger: Any,
+    plan: bytes,
+    in_name: str,
+    out_name: str,
+    tile: int,
+    out_tile: int,
+    prof: list[tuple[int, int, int]],
+) -> str:
+    """Check the plan's I/O and profiles; returns the engine inspector's JSON (which layers run in which
+    precision: the record that an int8/fp8 engine really runs int8/fp8)."""
+    import tensorrt as trt
+
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(plan)
+    if engine is None:
+        raise TrtBuildError("the built plan does not deserialize")
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    if sorted(names) != sorted([in_name, out_name]):
+        raise TrtBuildError(f"engine I/O {names} != {[in_name, out_name]}")
+    for n in names:
+        if engine.get_tensor_dtype(n) != trt.DataType.UINT8:
+            raise TrtBuildError(f"engine tensor {n} is {engine.get_tensor_dtype(n)}, expected UINT8")
+    if engine.num_optimization_profiles != len(prof):
+        raise TrtBuildError(f"engine has {engine.num_optimization_profiles} profiles, expected {len(prof)}")
+    shape: tuple[int, ...] = tuple(engine.get_tensor_shape(out_name)[:])
+    if shape[1:] != (out_tile, out_tile, 3):
+        raise TrtBuildError(f"engine output {shape} != [-1,{out_tile},{out_tile},3]")
+    inspector = engine.create_engine_inspector()
+    fmt = getattr(trt.LayerInformationFormat, "JSON", None)
+    return str(inspector.get_engine_information(fmt)) if inspector is not None and fmt is not None else "{}"

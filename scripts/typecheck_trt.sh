@@ -25,7 +25,8 @@ FILES=("$@")
 # (those present: the build side may be split into more modules).
 if [ ${#FILES[@]} -eq 0 ]; then
   for f in engine_build/trt_build.py engine_build/trt_tools.py service/backends/tensorrt.py \
-    service/backends/cuda_rt.py service/hardware.py; do
+    service/backends/trt_plans.py service/backends/trt_instances.py service/backends/cuda_rt.py \
+    service/hardware.py; do
     if [ -f "$f" ]; then FILES+=("$f"); fi
   done
 fi

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from service.manifest import PRECISIONS
+
 
 def _ints(value: str) -> list[int]:
     try:
@@ -17,13 +19,13 @@ def _ints(value: str) -> list[int]:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "engine",
-        help="build a TensorRT engine (fp16/int8/fp8) for the GPU of this machine",
-        description="Strongly typed TensorRT build from the repository's ONNX variant of that precision, "
-        "static tile, batch profiles, persistent timing cache; writes engines/sm<cc>/<precision>/ and the "
-        "manifest entry.",
+        help="build the TensorRT engines (fp16/int8/fp8) of a precision for the GPU of this machine",
+        description="Strongly typed TensorRT builds from the repository's ONNX graphs of that precision: one "
+        "static-tile plan per tile they cover (the primary tile and every shape bucket), batch profiles, "
+        "persistent timing cache; writes engines/sm<cc>/<precision>/ and one manifest entry per tile.",
     )
     p.add_argument("--model", required=True, type=Path, help="model folder, e.g. models/gendr")
-    p.add_argument("--precision", choices=["fp16", "int8", "fp8", "fp32"], default="fp16")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp16")
     p.add_argument(
         "--target-gpu",
         "--gpu",
@@ -33,7 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="node pool the engine is for; must match this machine's GPU (auto: whatever is present)",
     )
     p.add_argument("--batch-sizes", type=_ints, default=[1, 2, 4, 8], help="comma list (default 1,2,4,8)")
-    p.add_argument("--tile", type=int, help="tile edge; must equal the exported graph's (checked)")
+    p.add_argument(
+        "--tile", type=int, help="build only this tile's engine (one the graphs cover; default: every tile)"
+    )
     p.add_argument(
         "--profiles",
         type=int,
@@ -77,10 +81,11 @@ def cmd_engine(args: argparse.Namespace) -> int:
     except ManifestError as e:  # build errors: engine_build.cli maps every BuildError to exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
-    e = res.engine
-    state = "up to date (skipped)" if res.skipped else f"built in {res.seconds:.0f} s"
-    print(
-        f"{e.precision} engine for {e.gpu_name} (sm_{e.compute_capability.replace('.', '')}): "
-        f"{e.plan.path} {state}"
-    )
+    for t in res.tiles:
+        e = t.engine
+        state = "up to date (skipped)" if t.skipped else f"built in {t.seconds:.0f} s"
+        print(
+            f"{e.precision} engine, {t.tile}-px tiles, for {e.gpu_name} "
+            f"(sm_{e.compute_capability.replace('.', '')}): {e.plan.path} {state}"
+        )
     return 0

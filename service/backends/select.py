@@ -22,14 +22,14 @@ from typing import Any
 
 from service.backends.base import Backend, BackendUnavailable
 from service.hardware import GpuInfo, gpu_info, has_package, tensorrt_version
-from service.manifest import Engine, Manifest
+from service.manifest import PRECISIONS, Engine, Manifest
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 __all__ = ["GpuInfo", "gpu_info", "has_package", "tensorrt_version"]  # patched by tests
 
-#: backend name → "module:Class"; each class has `from_settings(manifest, model_dir, settings, reason)`.
+#: backend name → "module:Class"; each class has `from_settings(name, manifest, model_dir, settings)`.
 REGISTRY: dict[str, str] = {
     "onnxruntime-cpu": "service.backends.onnxruntime:OnnxRuntimeBackend",
     "onnxruntime-cuda": "service.backends.onnxruntime:OnnxRuntimeBackend",
@@ -39,8 +39,14 @@ REGISTRY: dict[str, str] = {
     "torch": "engine_build.torch_backend:TorchBackend",  # the build extra; never imported by service/
     "fake": "service.backends.fake:FakeBackend",
 }
-#: Engine precision preference under `auto` (fastest first at equal quality bounds).
+#: Engine precision preference under `auto` (fastest first at equal quality bounds): policy over the one
+#: list of precisions, service.manifest.PRECISIONS (a precision added there is ranked last until here).
 ENGINE_ORDER = {"fp16": 0, "bf16": 1, "int8": 2, "fp8": 3, "fp32": 4}
+
+
+def engine_preference() -> list[str]:
+    """Every precision, the one `auto` prefers first."""
+    return sorted(PRECISIONS, key=lambda p: ENGINE_ORDER.get(p, len(ENGINE_ORDER)))
 
 
 @dataclass(frozen=True)
@@ -60,20 +66,22 @@ def ort_providers() -> list[str]:
 def engines_for(
     manifest: Manifest, gpu: GpuInfo, precision: str, trt_version: str | None = None
 ) -> tuple[list[Engine], list[str]]:
-    """Engines that can run on this GPU with this TensorRT (best first), and why the others cannot."""
-    why: list[str] = []
-    ok: list[Engine] = []
-    for e in manifest.engines:
-        label = f"{e.precision}@sm_{e.compute_capability.replace('.', '')}"
-        if e.compute_capability != gpu.compute_capability:
-            continue
-        if precision != "auto" and e.precision != precision:
-            continue
-        if trt_version is not None and e.tensorrt_version != trt_version:
-            why.append(f"engine {label} was built by TensorRT {e.tensorrt_version}, runtime is {trt_version}")
-            continue
-        ok.append(e)
-    ok.sort(key=lambda e: ENGINE_ORDER.get(e.precision, 9))
+    """Primary-tile engines that can run on this GPU with this TensorRT (best first; any version when
+    None), and why the others built for this GPU cannot (a plan loads only in the version that built it)."""
+    cc = gpu.compute_capability
+    wanted = engine_preference() if precision == "auto" else [precision]
+    versions = [trt_version] if trt_version else sorted({e.tensorrt_version for e in manifest.engines})
+    ok = [e for p in wanted for v in versions if (e := manifest.engine_for(p, cc, v)) is not None]
+    why = [
+        f"engine {e.precision}@sm_{cc.replace('.', '')} was built by TensorRT {e.tensorrt_version}, "
+        f"runtime is {trt_version}"
+        for e in manifest.engines
+        if trt_version
+        and e.precision in wanted
+        and e.compute_capability == cc
+        and e.profile.tile == manifest.tile.tile
+        and e.tensorrt_version != trt_version
+    ]
     return ok, why
 
 
@@ -170,9 +178,9 @@ def backend_class(name: str) -> Any:
         raise BackendUnavailable(f"backend {name} needs {module} ({e})") from e
 
 
-def build(name: str, manifest: Manifest, model_dir: Path, settings: Settings, reason: str = "") -> Backend:
+def build(name: str, manifest: Manifest, model_dir: Path, settings: Settings) -> Backend:
     """Construct (not load) backend `name` for one model, configured from settings."""
-    backend: Backend = backend_class(name).from_settings(name, manifest, model_dir, settings, reason)
+    backend: Backend = backend_class(name).from_settings(name, manifest, model_dir, settings)
     return backend
 
 
@@ -182,7 +190,7 @@ BackendFactory = Callable[[Manifest, Path, Settings], tuple[Backend, str]]
 def create_backend(manifest: Manifest, model_dir: Path, settings: Settings) -> tuple[Backend, str]:
     """Construct (not load) the best candidate's backend."""
     c = candidates(manifest, settings)[0]
-    return build(c.name, manifest, model_dir, settings, c.reason), c.reason
+    return build(c.name, manifest, model_dir, settings), c.reason
 
 
 def fallbacks(
@@ -195,6 +203,6 @@ def fallbacks(
         return []
 
     def make(c: Candidate) -> Callable[[], Backend]:
-        return lambda: build(c.name, manifest, model_dir, settings, c.reason)
+        return lambda: build(c.name, manifest, model_dir, settings)
 
     return [(c.reason, make(c)) for c in rest]

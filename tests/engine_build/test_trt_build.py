@@ -57,6 +57,8 @@ def test_missing_graph_and_wrong_tile_are_refused_before_any_gpu_work(tiny_repo:
         ("h100", Gpu(0, "NVIDIA H100 80GB HBM3", "9.0"), "fp8", True),
         ("l20", Gpu(0, "NVIDIA A10", "8.6"), "fp16", False),  # wrong node pool
         ("h100", Gpu(0, "NVIDIA L20", "8.9"), "fp16", False),
+        ("a10", Gpu(0, "NVIDIA A10", "8.6"), "bf16", True),  # bf16 tensor cores from Ampere on
+        ("auto", Gpu(0, "Tesla T4", "7.5"), "bf16", False),
     ],
 )
 def test_target_gpu_matrix(target: str, gpu: Gpu, precision: str, ok: bool) -> None:
@@ -65,6 +67,18 @@ def test_target_gpu_matrix(target: str, gpu: Gpu, precision: str, ok: bool) -> N
     else:
         with pytest.raises(TrtBuildError):
             check_target(target, gpu, precision)
+
+
+def test_every_precision_has_a_build_rule_and_a_cli_choice() -> None:
+    """The one precision list (service.manifest.PRECISIONS) is what the engine build accepts."""
+    from engine_build.cli import build_parser
+    from service.manifest import PRECISIONS
+
+    assert set(tb.PRECISION_MIN_CC) == set(PRECISIONS)
+    for p in PRECISIONS:
+        assert build_parser().parse_args(["engine", "--model", "m", "--precision", p]).precision == p
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["engine", "--model", "m", "--precision", "int4"])
 
 
 def test_progress_monitor_drives_tqdm(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -191,93 +205,6 @@ def test_layer_precisions_count_what_the_engine_really_runs() -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
-
-
-def test_build_records_the_engine_and_skips_a_second_time(
-    tiny_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The whole build step on the CPU with the runtime double plus a minimal builder: the plan, its
-    layer report and the timing cache land in the repository, the manifest records the engine, and
-    the same inputs skip the build (the step primitive's key → verify-or-skip)."""
-    import json
-    import shutil
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "service"))
-    from trt_double import EngineSpec, install
-
-    dbl = install(monkeypatch)
-    repo = tmp_path / "tiny"
-    shutil.copytree(tiny_repo, repo)
-    m = read_manifest(repo)
-    spec = EngineSpec(tile=m.tile.tile, scale=m.tile.graph_scale, profiles=[(1, 4, 4)])
-    builds: list[int] = []
-
-    class Config:
-        builder_optimization_level = 3
-        progress_monitor = None
-        profiling_verbosity = None
-
-        def set_memory_pool_limit(self, *a: object) -> None: ...
-        def clear_flag(self, *a: object) -> None: ...
-        def add_optimization_profile(self, p: object) -> int:
-            return 0
-
-        def create_timing_cache(self, data: bytes) -> bytes:
-            return bytes(data)
-
-        def set_timing_cache(self, cache: object, ignore_mismatch: bool) -> bool:
-            return True
-
-        def get_timing_cache(self) -> object:
-            return types.SimpleNamespace(serialize=lambda: b"tactics")
-
-    class Builder:
-        def __init__(self, logger: object) -> None: ...
-        def create_network(self, flags: int) -> object:
-            return types.SimpleNamespace(get_input=lambda i: types.SimpleNamespace(name="lr_tile"))
-
-        def create_builder_config(self) -> Config:
-            return Config()
-
-        def create_optimization_profile(self) -> object:
-            return types.SimpleNamespace(set_shape=lambda *a: None)
-
-        def build_serialized_network(self, network: object, config: object) -> bytes:
-            builds.append(1)
-            return spec.plan()
-
-    inspector = json.dumps({"Layers": [{"Name": "conv", "Outputs": [{"Format/Datatype": "Half"}]}]})
-    trt = dbl.trt
-    for name, value in {
-        "Builder": Builder,
-        "OnnxParser": lambda net, logger: types.SimpleNamespace(parse_from_file=lambda p: True, num_errors=0),
-        "NetworkDefinitionCreationFlag": types.SimpleNamespace(STRONGLY_TYPED=0),
-        "MemoryPoolType": types.SimpleNamespace(WORKSPACE=0),
-        "BuilderFlag": types.SimpleNamespace(),
-        "ProfilingVerbosity": types.SimpleNamespace(DETAILED=2),
-        "LayerInformationFormat": types.SimpleNamespace(JSON=1),
-        "IProgressMonitor": type("IProgressMonitor", (), {"__init__": lambda self: None}),
-    }.items():
-        monkeypatch.setattr(trt, name, value, raising=False)
-    monkeypatch.setattr(
-        type(dbl.trt.Runtime(dbl.trt.Logger()).deserialize_cuda_engine(spec.plan())),
-        "create_engine_inspector",
-        lambda self: types.SimpleNamespace(get_engine_information=lambda fmt: inspector),
-        raising=False,
-    )
-    monkeypatch.setattr(tb, "detect_gpu", lambda device_id=0: Gpu(0, "NVIDIA H100 80GB HBM3", "9.0"))
-    res = build_engine(repo, "fp16", batch_sizes=[1, 2, 4], progress=False)
-    assert not res.skipped and builds == [1]
-    e = read_manifest(repo, verify=True).engines[0]
-    assert e.tensorrt_version == trt.__version__ and e.profile.batch_sizes == [1, 2, 4]
-    assert (repo / e.plan.path).read_bytes() == spec.plan() and e.build["layer_precisions"] == {"Half": 1}
-    assert (repo / e.build["layers_json"]).read_text() == inspector
-    assert (repo / "engines" / "sm90" / f"timing-trt{trt.__version__}.cache").read_bytes() == b"tactics"
-    assert not list((repo / "engines").glob(".tmp-*"))  # the step's temporary folder is gone
-    again = build_engine(repo, "fp16", batch_sizes=[1, 2, 4], progress=False)
-    assert again.skipped and builds == [1] and again.engine == e
-    (repo / e.plan.path).write_bytes(b"damaged")  # a damaged plan fails its sha256: rebuilt
-    assert not build_engine(repo, "fp16", batch_sizes=[1, 2, 4], progress=False).skipped and builds == [1, 1]
 
 
 def _permute_first_graph(tile: int) -> object:

@@ -53,7 +53,7 @@ def test_onnxruntime_cpu_serves_every_batch_size(
     assert info.name == "onnxruntime-cpu" and info.device == "cpu" and info.precision == "fp32"
     assert info.batch_sizes == (1, 2, 3, 4) and info.instances == 2 and len(info.engine_key) == 16
     timings = ort_cpu.warmup()
-    assert sorted(timings) == [1, 2, 3, 4] and all(v > 0 for v in timings.values())
+    assert sorted(timings) == [(64, 64, b) for b in (1, 2, 3, 4)] and all(v > 0 for v in timings.values())
     x = real_tiles(photos, 4)
     y = check_output(ort_cpu.manifest, x, ort_cpu.infer(1, x))
     assert y.shape == (4, 64, 64, 3)
@@ -196,8 +196,8 @@ def test_service_never_imports_torch_at_module_level() -> None:
 # ---------------------------------------------------------------------------------- auto selection
 
 
-def _engine(m, d: Path, cc: str, precision: str = "fp16") -> Engine:
-    f = d / "engines" / f"sm{cc.replace('.', '')}" / precision / "model.plan"
+def _engine(m, d: Path, cc: str, precision: str = "fp16", tile: int = 64) -> Engine:
+    f = d / "engines" / f"sm{cc.replace('.', '')}" / precision / f"model-t{tile}.plan"
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_bytes(b"plan")
     return Engine(
@@ -207,7 +207,7 @@ def _engine(m, d: Path, cc: str, precision: str = "fp16") -> Engine:
         tensorrt_version="10.9.0",
         compute_capability=cc,
         gpu_name="test",
-        profile=EngineProfile(batch_sizes=[1, 2, 4], tile=64),
+        profile=EngineProfile(batch_sizes=[1, 2, 4], tile=tile),
         key="k",
     )
 
@@ -217,7 +217,7 @@ def test_auto_without_gpu_picks_onnxruntime_cpu_and_says_why(tiny_repo: Path, mo
     m = read_manifest(tiny_repo / "tiny")
     be, reason = select.create_backend(m, tiny_repo / "tiny", Settings(model_repository=tiny_repo))
     assert be.info.name == "onnxruntime-cpu"
-    assert "no NVIDIA GPU visible" in reason and be.info.selection_reason == reason
+    assert "no NVIDIA GPU visible" in reason
     be2, reason2 = select.create_backend(
         m, tiny_repo / "tiny", Settings(model_repository=tiny_repo, backend="fake")
     )
@@ -294,3 +294,27 @@ def test_onnxruntime_tensorrt_ep_caches_outside_the_model_and_gives_each_instanc
     assert not str(default.cache_dir).startswith(str(tiny_repo))
     cuda = select.build("onnxruntime-cuda", m, tiny_repo / "tiny", s)
     assert not cuda.session_per_instance  # the CUDA EP runs concurrent Run() calls on one session
+
+
+def test_auto_ranks_every_precision_and_chooses_by_the_primary_tile_plan(
+    tiny_repo: Path, tmp_path: Path
+) -> None:
+    """One precision list (service.manifest.PRECISIONS), ranked by select's policy; a precision whose
+    only plan is a shape bucket's cannot serve (the primary tile holds what fits no bucket)."""
+    from service.manifest import PRECISIONS
+
+    assert set(select.ENGINE_ORDER) == set(PRECISIONS)
+    assert select.engine_preference() == ["fp16", "bf16", "int8", "fp8", "fp32"]
+    d = tmp_path / "tiny"
+    shutil.copytree(tiny_repo / "tiny", d)
+    m = read_manifest(d)
+    bucket_only = _engine(m, d, "8.6", "fp16", tile=32)
+    m = m.model_copy(
+        update={"engines": [bucket_only, _engine(m, d, "8.6", "int8"), _engine(m, d, "8.6", "fp32")]}
+    )
+    a10 = select.GpuInfo(0, "NVIDIA A10", "8.6", 24 << 30)
+    ok, why = select.engines_for(m, a10, "auto", "10.9.0")
+    assert [(e.precision, e.profile.tile) for e in ok] == [("int8", 64), ("fp32", 64)] and not why
+    assert select.find_engine(m, a10, "fp16") is None
+    _, why = select.engines_for(m, a10, "auto", "10.13.0")
+    assert len(why) == 2 and all("built by TensorRT 10.9.0, runtime is 10.13.0" in w for w in why)

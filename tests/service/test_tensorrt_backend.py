@@ -1,5 +1,6 @@
 """The production TensorRT backend's logic on the CPU, on the stub-checked TensorRT/CUDA double:
-batch sizes the batcher uses, profiles, version rule, context memory, device selection, fallback."""
+batch sizes the batcher uses, profiles, version rule, context memory, device selection, fallback, and
+shape buckets (a plan and a context per tile, one shared memory block per instance)."""
 
 from __future__ import annotations
 
@@ -177,3 +178,118 @@ def test_cuda_index_maps_to_nvml_by_pci_bus_id(monkeypatch: pytest.MonkeyPatch) 
     assert (g0.name, g0.compute_capability) == ("NVIDIA H100 80GB HBM3", "9.0")
     assert (g1.name, g1.compute_capability) == ("NVIDIA A10", "8.6")
     assert gpu_info(2) is None
+
+
+# ------------------------------------------------------------------------------ shape buckets (issue 12)
+
+
+def test_every_tile_runs_on_its_own_context_over_one_shared_memory_block(
+    dbl: TrtDouble, tmp_path: Path
+) -> None:
+    """A 64-px primary plan and a 32-px bucket plan: both load, each instance gets a context per tile,
+    a batch runs on the context of its tile, and an instance's contexts share one activation block
+    sized for the larger need of the two (here the bucket's, so sizing by the primary alone would fail)."""
+    primary = EngineSpec(tile=64, profiles=[(1, 4, 8)], memory_base=1 << 16, memory_per_sample=1 << 20)
+    bucket = EngineSpec(tile=32, profiles=[(1, 4, 8)], memory_base=5 << 20, memory_per_sample=1 << 18)
+    model_dir = write_engine_repo(tmp_path, primary, batch_sizes=[1, 2, 4, 8], buckets=[bucket])
+    be = TensorRTBackend(read_manifest(model_dir), model_dir, instances=2, max_batch=4)
+    be.load()
+    try:
+        assert (be.info.tiles, be.info.dynamic, be.info.batch_sizes) == ((32, 64), False, (1, 2, 4))
+        assert sorted(e._spec.tile for e in dbl.engines) == [32, 64]
+        assert [len(e._contexts) for e in dbl.engines] == [2, 2]  # one context per instance per tile
+        need = max(primary.memory(4), bucket.memory(4))
+        assert need == bucket.memory(4) > primary.memory(4)
+        mem = [c.args[1:] for c in dbl.calls.of("set_device_memory")]
+        assert len(mem) == 4 and {size for _, size in mem} == {need}
+        assert len({ptr for ptr, _ in mem}) == 2  # one block per instance, shared by its two contexts
+        assert [c.args[0] for c in dbl.calls.of("cudaMalloc")].count(need) == 2
+        for inst in (0, 1):
+            for t in (32, 64):
+                for bs in be.info.batch_sizes:
+                    start = len(dbl.calls)
+                    x = _tiles(bs, t, seed=t + bs + inst)
+                    y = be.infer(inst, x)
+                    assert y.shape == (bs, 2 * t, 2 * t, 3)
+                    np.testing.assert_array_equal(y, nearest_up(x, 2))
+                    (run,) = [c for c in dbl.calls[start:] if c.fn == "execute_async_v3"]
+                    assert run.args[1] == (bs, t, t, 3)  # the double refuses a shape of another tile
+        buf = be.input_buffer(1, 2, 32)  # pinned per (instance, tile): gathered into, no extra copy
+        assert buf.shape == (2, 32, 32, 3) and buf.ctypes.data != be.input_buffer(1, 2, 64).ctypes.data
+        buf[:] = _tiles(2, 32, seed=7)
+        np.testing.assert_array_equal(be.infer(1, buf), nearest_up(_tiles(2, 32, seed=7), 2))
+        with pytest.raises(ValueError, match="not served"):
+            be.infer(0, _tiles(1, 48))
+        timings = be.warmup()
+        assert set(timings) == {(t, t, b) for t in (32, 64) for b in (1, 2, 4)}
+    finally:
+        be.close()
+    assert dbl.cuda.allocated() == 0 and not dbl.cuda.host_mem
+
+
+def test_bucket_plans_that_cannot_serve_are_left_out_and_logged(
+    dbl: TrtDouble, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """48 px has a good plan; 32 px has a graph but no plan; 16 px a damaged plan; 40 px a plan whose
+    profile stops at batch 2 while 1, 2, 4 are served. Only 48 joins the primary, each refusal logged."""
+    ok = EngineSpec(tile=48, profiles=[(1, 4, 8)])
+    damaged = EngineSpec(tile=16, profiles=[(1, 4, 8)])
+    short = EngineSpec(tile=40, profiles=[(1, 2, 2)])
+    model_dir = write_engine_repo(
+        tmp_path,
+        EngineSpec(tile=64, profiles=[(1, 4, 8)]),
+        batch_sizes=[1, 2, 4],
+        buckets=[ok, 32, damaged, short],
+    )
+    m = read_manifest(model_dir)
+    (model_dir / m.engine_for("fp16", "9.0", VERSION, tile=16).plan.path).write_bytes(b"damaged")
+    be = TensorRTBackend(m, model_dir, max_batch=4)
+    with caplog.at_level("WARNING", logger="service.backends.trt_plans"):
+        be.load()
+    try:
+        assert be.info.tiles == (48, 64) and be.info.batch_sizes == (1, 2, 4)
+        left_out = {r.getMessage().split("shape bucket ")[1].split(" ")[0] for r in caplog.records}
+        assert left_out == {"16", "32", "40"}
+        assert "no fp16 plan for 32-px tiles" in caplog.text and "t16-fake.plan has 7 bytes" in caplog.text
+        assert "profiles run batch 1..2" in caplog.text
+        x = _tiles(4, 48)
+        np.testing.assert_array_equal(be.infer(0, x), nearest_up(x, 2))
+        with pytest.raises(ValueError, match="not served"):
+            be.infer(0, _tiles(1, 32))
+    finally:
+        be.close()
+
+
+def test_the_primary_tile_plan_is_required(dbl: TrtDouble, tmp_path: Path) -> None:
+    """A bucket plan alone serves nothing: the primary tile holds every image that fits no bucket."""
+    bucket = EngineSpec(tile=32, profiles=[(1, 4, 8)])
+    model_dir = write_engine_repo(tmp_path, EngineSpec(tile=64), buckets=[bucket])
+    m = read_manifest(model_dir)
+    m = m.model_copy(update={"engines": [e for e in m.engines if e.profile.tile == 32]})
+    with pytest.raises(BackendUnavailable, match="no TensorRT engine for sm_90"):
+        TensorRTBackend(m, model_dir).load()
+    with pytest.raises(BackendUnavailable, match="built for 32-px tiles, the primary is 64"):
+        TensorRTBackend(m, model_dir, engine=m.engines[0]).load()
+    assert select.find_engine(m, select.GpuInfo(0, "H100", "9.0"), "auto", VERSION) is None
+    assert not dbl.cuda.allocated()
+
+
+def test_cuda_graphs_are_captured_per_tile_and_batch(dbl: TrtDouble, tmp_path: Path) -> None:
+    bucket = EngineSpec(tile=32, profiles=[(1, 4, 8)])
+    model_dir = write_engine_repo(
+        tmp_path, EngineSpec(tile=64, profiles=[(1, 4, 8)]), batch_sizes=[1, 2, 4], buckets=[bucket]
+    )
+    be = TensorRTBackend(read_manifest(model_dir), model_dir, instances=2, max_batch=4, cuda_graphs=True)
+    be.load()
+    try:
+        be.warmup()
+        for inst in (0, 1):
+            assert be.graph_sizes(inst, 32) == be.graph_sizes(inst, 64) == (1, 2, 4)
+        assert len(dbl.calls.of("cudaStreamBeginCapture")) == 2 * 2 * 3  # instances × tiles × sizes
+        for t in (64, 32, 64):  # alternating tiles replay their own graphs
+            x = _tiles(2, t, seed=t)
+            np.testing.assert_array_equal(be.infer(1, x), nearest_up(x, 2))
+            assert dbl.calls[-2].fn == "cudaGraphLaunch"
+    finally:
+        be.close()
+    assert dbl.cuda.allocated() == 0

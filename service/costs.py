@@ -101,6 +101,11 @@ class CostTable:
         """Engine seconds per tile at the most efficient batch size (the throughput view)."""
         return min(self.call_s(h, w, b) / b for b in self.batch_sizes)
 
+    def entries(self) -> list[tuple[int, int, int]]:
+        """The measured (height, width, batch) entries."""
+        with self._lock:
+            return sorted(self._calls)
+
     def rows(self) -> list[dict[str, float | int]]:
         """The table as rows (for /v1/models and the metrics)."""
         with self._lock:

@@ -27,8 +27,8 @@ def bucket_runtime(tmp_path: Path, **settings: object) -> tuple[Runtime, list[Fa
             "fake_tiles": [16],
             "fake_dynamic": True,
             "whole_image_max_pixels": 64 * 64,
-            "fake_delay_s": 0.002,
-            "fake_per_tile_s": 0.001,
+            "fake_delay_s": 0.02,  # large against sleep overshoot on a loaded machine: choices stay put
+            "fake_per_tile_s": 0.01,
             **settings,
         },
     )

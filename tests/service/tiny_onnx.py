@@ -20,6 +20,7 @@ from service.manifest import (
     Manifest,
     OnnxVariant,
     PipelineParams,
+    ShapeGraph,
     TileGeometry,
     make_artifact,
     write_manifest,
@@ -39,7 +40,8 @@ def weights(seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def graph(tile: int = TILE, seed: int = 0) -> onnx.ModelProto:
+def graph(tile: int | None = TILE, seed: int = 0) -> onnx.ModelProto:
+    """The network at a static square tile, or (tile None) with dynamic height and width."""
     w = weights(seed)
     c = {k: numpy_helper.from_array(v, k) for k, v in w.items()}
     consts = {
@@ -69,11 +71,12 @@ def graph(tile: int = TILE, seed: int = 0) -> onnx.ModelProto:
         n("Transpose", ["y_q"], ["y_nhwc"], perm=[0, 2, 3, 1]),
         n("Cast", ["y_nhwc"], ["sr_tile"], to=TensorProto.UINT8),
     ]
+    dims: list[int | str] = [tile, tile] if tile is not None else ["height", "width"]
     g = helper.make_graph(
         nodes,
         "tiny-local-sr",
-        [helper.make_tensor_value_info("lr_tile", TensorProto.UINT8, ["batch", tile, tile, 3])],
-        [helper.make_tensor_value_info("sr_tile", TensorProto.UINT8, ["batch", tile, tile, 3])],
+        [helper.make_tensor_value_info("lr_tile", TensorProto.UINT8, ["batch", *dims, 3])],
+        [helper.make_tensor_value_info("sr_tile", TensorProto.UINT8, ["batch", *dims, 3])],
         inits,
     )
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], producer_name="tests")
@@ -117,6 +120,40 @@ def write_repo(root: Path, name: str = "tiny", seed: int = 0) -> Path:
                 opset=18,
                 key=f"tests-tiny-onnx-{seed}",
                 options={"written_by": "tests/service/tiny_onnx.py"},
+            )
+        },
+        created_by="tests/service/tiny_onnx.py (no torch)",
+    )
+    write_manifest(model_dir, manifest)
+    return model_dir
+
+
+def write_bucket_repo(
+    root: Path, name: str = "buckets", buckets: tuple[int, ...] = (32,), dynamic: bool = True
+) -> Path:
+    """The same network as a `single` model with shape buckets (static 32-px graphs) and a dynamic one."""
+    model_dir = root / name
+    shapes = []
+    for tile in (*buckets, *([None] if dynamic else [])):
+        sub = f"t{tile}" if tile is not None else "dynamic"
+        path = model_dir / "onnx" / "fp32" / sub / "model.onnx"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save_model(graph(tile), str(path))
+        shapes.append(ShapeGraph(tile=tile, graph=make_artifact(model_dir, path), key=f"tests-{sub}"))
+    path = model_dir / "onnx" / "fp32" / "model.onnx"
+    onnx.save_model(graph(), str(path))
+    manifest = Manifest(
+        name=name,
+        kind="single",
+        native_scale=1,
+        tile=TileGeometry(tile=TILE, overlap=OVERLAP, graph_scale=1, size_multiple=SIZE_MULTIPLE),
+        onnx={
+            "fp32": OnnxVariant(
+                precision="fp32",
+                graph=make_artifact(model_dir, path),
+                opset=18,
+                key="tests-buckets",
+                shapes=shapes,
             )
         },
         created_by="tests/service/tiny_onnx.py (no torch)",

@@ -221,7 +221,7 @@ def threads_instances(args: argparse.Namespace, manifest: Any, photos: list) -> 
 def served_vs_raw(args: argparse.Namespace, manifest: Any, photos: list) -> dict[str, Any]:
     """What `auto` serves here, through gendr-serve (HTTP) and in process, the same photos alternating."""
     import httpx
-    from default_model_speed import free_port, png_bytes, proc_cpu_seconds, stop_server, wait_ready
+    from _default_speed_setup import free_port, png_bytes, proc_cpu_seconds, stop_server, wait_ready
 
     from service.backends import select
     from service.imageops import resize_rgb

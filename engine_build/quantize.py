@@ -5,7 +5,7 @@ TensorRT 10/11 networks are strongly typed: precision comes from the ONNX, so in
 built from graphs that carry QuantizeLinear/DequantizeLinear pairs with calibrated scales. This step
 writes them into the repository as `onnx/int8/` and `onnx/fp8/`.
 
-- Calibration data: graph-input tiles cut from a folder of real photos, prepared exactly as the
+- Calibration data (engine_build/quantize_calib.py): graph-input tiles cut from real photos, prepared as the
   runtime prepares requests (GenDR: bicubic ×native-scale crops; single networks: raw crops).
 - Base graph: the fp16 export when present (so its fp32 islands — norms, attention scores, an fp32
   VAE decoder — stay as they are and the un-quantized rest runs in fp16 in TensorRT), else fp32.
@@ -22,7 +22,6 @@ writes them into the repository as `onnx/int8/` and `onnx/fp8/`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -33,9 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from engine_build.gpu_targets import PRECISION_MIN_CC, TARGET_GPUS, describe_gpu, detect_gpu, parse_cc
 from engine_build.onnx_graph import DATA_FILE, GRAPH_FILE, ExportError, finalize_onnx
+from engine_build.quantize_calib import calibration_tiles, int8_parity, tiles_digest
 from engine_build.repository import ONNX_DIR, replace_dir, run_step
-from engine_build.trt_build import TARGET_GPUS, describe_gpu, detect_gpu, parse_cc
 from service.manifest import (
     Manifest,
     OnnxVariant,
@@ -55,11 +55,9 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
     r".*proj_out.*",
 )
 QUANT_PRECISIONS = ("int8", "fp8")
-FP8_MIN_CC = (8, 9)
+FP8_MIN_CC = PRECISION_MIN_CC["fp8"]
 QUANTIZE_FORMAT = 1
 QUANT_TOOLS = ("auto", "ort", "modelopt")
-#: Held-out parity tiles are cut with this seed offset, never the calibration crops.
-PARITY_SEED_OFFSET = 1000
 
 
 class QuantizeError(RuntimeError):
@@ -104,17 +102,6 @@ def check_fp8_target(target_gpu: str) -> str:
             "Use --precision int8, or pass --target-gpu l20|h100 to prepare the graph for another node pool."
         )
     return f"GPU present: {describe_gpu(gpu)}"
-
-
-def calibration_tiles(
-    manifest: Manifest, calib: str | Path | None, n_tiles: int, seed: int = 0
-) -> np.ndarray:
-    """uint8 [n, t, t, 3] graph-input tiles from a folder of photos (or scikit-image's bundled ones)."""
-    from engine_build.verify import builtin_photos, graph_input_tiles, load_photos
-
-    photos = builtin_photos() if calib in (None, "builtin") else load_photos(calib)
-    g = manifest.tile
-    return graph_input_tiles(photos, g.tile, g.graph_scale, manifest.native_scale, n_tiles, seed)
 
 
 def _modelopt_versions() -> dict[str, str]:
@@ -186,7 +173,7 @@ def quantize_model(
         method = "minmax" if tool == "ort" else "entropy" if precision == "int8" else "max"
     base_v = manifest.onnx[base]
     tiles = calibration_tiles(manifest, calib, n_tiles, seed)
-    calib_digest = hashlib.sha256(tiles.tobytes()).hexdigest()
+    calib_digest = tiles_digest(tiles)
     options = {
         "format": QUANTIZE_FORMAT,
         "precision": precision,
@@ -250,7 +237,7 @@ def quantize_model(
             }
         )
         if precision == "int8" and parity_tiles > 0:
-            quant_info["parity"] = _int8_parity(
+            quant_info["parity"] = int8_parity(
                 model_dir, manifest, base_v, target / GRAPH_FILE, parity_photos, parity_tiles, seed
             )
         if target_note:
@@ -345,37 +332,6 @@ def _ort_quantize(
         )
     except OrtQuantizeError as e:
         raise QuantizeError(str(e)) from e
-
-
-def _int8_parity(
-    model_dir: Path,
-    manifest: Manifest,
-    base_v: OnnxVariant,
-    graph: Path,
-    photos: str | Path | None,
-    n: int,
-    seed: int,
-) -> dict[str, Any]:
-    """PSNR of the int8 graph vs the fp32 one (else the base) on real-photo tiles not used to calibrate
-    (scikit-image's photos by default: a fixed reference set, whatever the calibration folder held)."""
-    from engine_build.quantize_ort import parity_vs_fp32
-    from service.backends.onnxruntime import INT8_MIN_PSNR_DB
-
-    ref_v = manifest.onnx.get("fp32", base_v)
-    tiles = calibration_tiles(manifest, photos, n, seed + PARITY_SEED_OFFSET)
-    t0 = time.perf_counter()
-    p = parity_vs_fp32(model_dir / ref_v.graph.path, graph, base_v.input_name, tiles)
-    p.update(
-        {
-            "reference": ref_v.precision,
-            "photos": "builtin" if photos in (None, "builtin") else Path(photos).name,
-            "bound_db": INT8_MIN_PSNR_DB,
-            "passes": p["psnr_db"] >= INT8_MIN_PSNR_DB,
-            "seconds": round(time.perf_counter() - t0, 1),
-        }
-    )
-    log.info("int8 parity vs %s: %.2f dB on %d held-out tiles", ref_v.precision, p["psnr_db"], n)
-    return p
 
 
 def _count_qdq(path: Path) -> int:

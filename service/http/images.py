@@ -1,5 +1,8 @@
 """Image decode and encode for the HTTP layer: what users expect from an image API, done safely.
 
+This module probes and decodes; encoding (merging alpha, gray and 16-bit detail back) is
+service/http/imageencode.py, re-exported here so callers use `images.encode` as before.
+
 The request flow is split in two so admission can happen in between (docs/http.md):
 
 1. `probe(data)` opens the image *lazily*: Pillow reads only the header, so format, size, EXIF
@@ -46,7 +49,6 @@ import struct
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageCms, UnidentifiedImageError
@@ -54,17 +56,20 @@ from PIL import Image, ImageCms, UnidentifiedImageError
 from service.errors import ImageTooLarge, UndecodableImage, UnsupportedMediaType
 from service.http import icc as icc_profiles
 from service.http.imagecheck import check_work
+from service.http.imageencode import CONTENT_TYPES as CONTENT_TYPES  # re-exported: the HTTP layer's API
+from service.http.imageencode import MAX_SIDE as MAX_SIDE
+from service.http.imageencode import OUTPUT_FORMATS as OUTPUT_FORMATS
+from service.http.imageencode import Decoded as Decoded
+from service.http.imageencode import OutputFormat as OutputFormat
+from service.http.imageencode import check_output_size as check_output_size
+from service.http.imageencode import encode as encode
+from service.http.imageencode import resize_float as resize_float
 from service.http.png16 import low_bytes
 from service.http.png16 import read_png16 as read_png16  # re-exported: tests and tools
 from service.http.png16 import write_png16 as write_png16
 
 log = logging.getLogger(__name__)
 
-OutputFormat = Literal["png", "jpeg", "webp"]
-OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("png", "jpeg", "webp")
-CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-# Largest side each output format can store.
-MAX_SIDE: dict[str, int] = {"png": 2**31 - 1, "jpeg": 65_535, "webp": 16_383}
 # Input format → output format when the request names none.
 _DEFAULT_OUTPUT: dict[str, OutputFormat] = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp"}
 _GRAY_MODES = {"1", "L", "LA", "La", "I;16", "I;16B", "I;16L", "I;16N"}
@@ -154,21 +159,6 @@ class Probe:
 
     def close(self) -> None:
         self.image.close()
-
-
-@dataclass
-class Decoded:
-    """Pixels ready for the model plus what the model does not see."""
-
-    rgb: np.ndarray  # HWC uint8 RGB — exactly what the runtime gets
-    alpha: np.ndarray | None  # HW uint8 or uint16, oriented
-    residual: (
-        np.ndarray | None
-    )  # HWC float32 (C = 1 gray / 3 colour): 16-bit input − 257 × its 8-bit rounding
-    gray: bool
-    bits: int
-    icc_profile: bytes | None  # matches the output colour space, else None
-    source_format: str
 
 
 def _tile_rawmode(im: Image.Image) -> str:
@@ -325,77 +315,3 @@ def decode(p: Probe) -> Decoded:
         icc_profile=icc_out,
         source_format=p.format,
     )
-
-
-def check_output_size(fmt: str, height: int, width: int) -> None:
-    limit = MAX_SIDE[fmt]
-    if max(height, width) > limit:
-        raise ImageTooLarge(
-            f"{fmt} images can be at most {limit} pixels per side; asked for {width}×{height}"
-        )
-
-
-def _resize_float(a: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bicubic resize of an HW or HWC float32 array, channel by channel (Pillow mode F)."""
-    planes = [a] if a.ndim == 2 else [a[..., i] for i in range(a.shape[2])]
-    out = [
-        np.asarray(
-            Image.fromarray(np.ascontiguousarray(pl, dtype=np.float32)).resize(
-                (width, height), Image.Resampling.BICUBIC
-            )
-        )
-        for pl in planes
-    ]
-    return out[0] if a.ndim == 2 else np.stack(out, axis=2)
-
-
-def _resize_alpha(alpha: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Alpha in [0, 1] at the output size (bicubic, clamped)."""
-    if alpha.dtype == np.uint8:
-        out = np.asarray(Image.fromarray(alpha).resize((width, height), Image.Resampling.BICUBIC))
-        return out.astype(np.float32) / 255.0
-    return np.clip(_resize_float(alpha.astype(np.float32) / 65535.0, height, width), 0.0, 1.0)
-
-
-def encode(out_rgb: np.ndarray, src: Decoded, fmt: str, quality: int, png_level: int = 3) -> bytes:
-    """Merge the model's RGB output with the source's alpha / gray / 16-bit detail and encode."""
-    if fmt not in CONTENT_TYPES:
-        raise ValueError(f"unknown output format {fmt!r}")
-    h, w = out_rgb.shape[:2]
-    if src.gray:
-        colour = np.asarray(Image.fromarray(out_rgb).convert("L"))[..., None]
-    else:
-        colour = out_rgb
-    alpha = _resize_alpha(src.alpha, h, w) if src.alpha is not None else None
-    icc = src.icc_profile if not (src.gray and fmt == "webp") else None
-
-    if fmt == "png" and src.bits == 16:
-        c = colour.astype(np.float32) * 257.0
-        if src.residual is not None:
-            c += _resize_float(src.residual, h, w).reshape(c.shape)
-        planes = [np.clip(np.rint(c), 0, 65535).astype(np.uint16)]
-        if alpha is not None:
-            planes.append(np.rint(alpha * 65535.0).astype(np.uint16)[..., None])
-        return write_png16(np.concatenate(planes, axis=2), icc, png_level)
-
-    if alpha is not None and fmt == "jpeg":  # JPEG has no alpha: flatten onto white
-        a = alpha[..., None]
-        colour = np.clip(np.rint(colour.astype(np.float32) * a + 255.0 * (1.0 - a)), 0, 255).astype(np.uint8)
-        alpha = None
-    if alpha is not None:
-        a8 = np.rint(alpha * 255.0).astype(np.uint8)[..., None]
-        arr = np.concatenate([colour, a8], axis=2)
-    else:
-        arr = colour[..., 0] if src.gray else colour
-    im = Image.fromarray(np.ascontiguousarray(arr))  # L, LA, RGB or RGBA from the shape
-    buf = io.BytesIO()
-    extra: dict[str, object] = {"icc_profile": icc} if icc else {}
-    if fmt == "png":
-        im.save(buf, format="PNG", compress_level=png_level, **extra)
-    elif fmt == "jpeg":
-        # 4:4:4 chroma at high quality: super-resolved detail is what the client paid for.
-        im.save(buf, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2, **extra)
-    else:
-        # method 2: ~2.5x faster than Pillow's default 4 for about the same size at q 90.
-        im.save(buf, format="WEBP", quality=quality, method=2, **extra)
-    return buf.getvalue()

@@ -8,113 +8,41 @@
 - Ids come from `secrets` (unguessable); with API keys, a job is visible only to the key that made it.
 - Drain: queued jobs (no tile done yet) fail with code `draining`; running jobs count as in-flight work,
   so the app's drain waits for them, encode and write included.
+
+The `Job` record, its errors and its files are in service/http/job_records.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
-import os
 import secrets
 import tempfile
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from service.errors import ImageTooLarge, NotFound, Overloaded, ServiceError
+from service.errors import ImageTooLarge, Overloaded, ServiceError
 from service.http import images
+from service.http.job_records import (
+    ACTIVE,
+    ID_BYTES,
+    Job,
+    JobExpired,
+    JobFailed,
+    JobFiles,
+    JobNotFinished,
+    JobNotFound,
+    iso,
+)
 from service.http.upscale import DEADLINE_HEADER, Admitted
 from service.runtime_api import RuntimeClient
 from service.settings import Settings
 
 log = logging.getLogger("gendr.jobs")
-
-ACTIVE = ("queued", "running")
-_ID_BYTES = 18  # 144 random bits → 24 url-safe characters
-
-
-class JobNotFound(NotFound):
-    status, code = 404, "job_not_found"
-
-
-class JobNotFinished(ServiceError):
-    status, code = 409, "job_not_finished"
-
-
-class JobFailed(ServiceError):
-    status, code = 409, "job_failed"
-
-
-class JobExpired(ServiceError):
-    status, code = 410, "job_expired"
-
-
-def owner_of(authorization: str | None, keys_enabled: bool) -> str | None:
-    """Who may see a job: a digest of the bearer key (never the key itself); None when the service is open."""
-    if not keys_enabled:
-        return None
-    token = (authorization or "").strip().partition(" ")[2].strip()
-    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
-
-
-def _iso(t: float | None) -> str | None:
-    return None if t is None else datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
-
-
-@dataclass
-class Job:
-    id: str
-    owner: str | None
-    model: str
-    tiles_total: int
-    out_width: int
-    out_height: int
-    format: str
-    created_at: float  # wall clock (records outlive the process)
-    seq: int = 0  # admission order within this process (queue position)
-    phase: str = "active"  # active | succeeded | failed | cancelled | expired
-    tiles_done: int = 0
-    started_mono: float | None = None  # when the first batch landed
-    first_batch: int = 0  # its tiles (not part of the measured rate: their time started earlier)
-    finished_at: float | None = None
-    result_bytes: int = 0
-    headers: dict[str, str] = field(default_factory=dict)
-    error: dict[str, Any] | None = None
-    task: asyncio.Task[None] | None = field(default=None, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    @property
-    def state(self) -> str:
-        if self.phase != "active":
-            return self.phase
-        return "running" if self.tiles_done > 0 else "queued"
-
-    def add_tiles(self, n: int) -> None:
-        """Runtime callback (a batcher thread): `n` more tiles of this job are done."""
-        with self._lock:
-            if self.started_mono is None:
-                self.started_mono, self.first_batch = time.monotonic(), n
-            self.tiles_done += n
-
-    def record(self) -> dict[str, Any]:
-        keep = ("id", "owner", "model", "tiles_total", "out_width", "out_height", "format", "created_at")
-        rec = {k: getattr(self, k) for k in keep}
-        rec.update(
-            phase=self.phase,
-            tiles_done=self.tiles_done,
-            finished_at=self.finished_at,
-            result_bytes=self.result_bytes,
-            headers=self.headers,
-            error=self.error,
-        )
-        return rec
 
 
 class JobStore:
@@ -131,7 +59,7 @@ class JobStore:
         self.settings = settings
         self._is_draining = is_draining
         self.root = Path(settings.jobs_dir or Path(tempfile.gettempdir()) / "gendr-jobs")
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.files = JobFiles(self.root)
         self._pool = pool
         self._enter, self._leave = enter, leave
         self._jobs: dict[str, Job] = {}
@@ -139,46 +67,18 @@ class JobStore:
         self._watcher: asyncio.Task[None] | None = None
         self._load()
 
-    # ------------------------------------------------------------------ files
-
-    def _result_path(self, job: Job) -> Path:
-        return self.root / f"{job.id}.{job.format}"
-
-    def _record_path(self, job_id: str) -> Path:
-        return self.root / f"{job_id}.json"
-
-    def _save(self, job: Job) -> None:
-        tmp = self.root / f".{job.id}.json.tmp"
-        tmp.write_text(json.dumps(job.record()))
-        os.replace(tmp, self._record_path(job.id))
-
-    def _remove_files(self, job: Job, *, record: bool) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._result_path(job).unlink()
-        if record:
-            with contextlib.suppress(FileNotFoundError):
-                self._record_path(job.id).unlink()
-
-    @staticmethod
-    def _read(path: Path) -> Job | None:
-        try:
-            rec = json.loads(path.read_text())
-            return Job(**{k: v for k, v in rec.items() if k in Job.__dataclass_fields__})
-        except (OSError, ValueError, TypeError):
-            return None
-
     def _load(self) -> None:
         """Records of an earlier process: finished jobs stay readable; unfinished ones were interrupted."""
-        for p in sorted(self.root.glob("*.json")):
-            job = self._read(p)
+        for p in self.files.records():
+            job = self.files.read(p)
             if job is None:
                 log.warning("ignoring unreadable job record %s", p.name)
                 continue
             if job.phase == "active":
                 job.phase, job.finished_at = "failed", time.time()
                 job.error = {"code": "interrupted", "message": "the server stopped before this job finished"}
-                self._save(job)
-            if job.phase == "succeeded" and not self._result_path(job).is_file():
+                self.files.save(job)
+            if job.phase == "succeeded" and not self.files.result(job).is_file():
                 job.phase = "expired"
             self._jobs[job.id] = job
         self.sweep()
@@ -191,7 +91,7 @@ class JobStore:
         for job in list(self._jobs.values()):
             if job.finished_at is not None and now - job.finished_at > self.settings.jobs_ttl_s:
                 del self._jobs[job.id]
-                self._remove_files(job, record=True)
+                self.files.remove(job, record=True)
         self._enforce_bytes()
 
     def stored_bytes(self) -> int:
@@ -205,8 +105,8 @@ class JobStore:
             if job.phase == "succeeded" and job.id != keep:
                 over -= job.result_bytes
                 job.phase = "expired"
-                self._remove_files(job, record=False)
-                self._save(job)
+                self.files.remove(job, record=False)
+                self.files.save(job)
                 log.info("job %s: result expired early (jobs_max_bytes)", job.id)
 
     def make_room(self) -> None:
@@ -222,7 +122,7 @@ class JobStore:
             )
         oldest = min(done, key=lambda j: j.finished_at or 0.0)
         del self._jobs[oldest.id]
-        self._remove_files(oldest, record=True)
+        self.files.remove(oldest, record=True)
 
     def get(self, job_id: str, owner: str | None) -> Job:
         """The job, if it exists and `owner` may see it (others get the same 404 as for no job at all)."""
@@ -234,10 +134,10 @@ class JobStore:
 
     def _from_disk(self, job_id: str) -> Job | None:
         """A finished job of another process sharing `jobs_dir` (a replica, or before a restart)."""
-        job = self._read(self._record_path(job_id))
+        job = self.files.read(self.files.record(job_id))
         if job is None or job.phase == "active" or job.id != job_id:
             return None  # still running over there: only that process knows its progress
-        if job.phase == "succeeded" and not self._result_path(job).is_file():
+        if job.phase == "succeeded" and not self.files.result(job).is_file():
             job.phase = "expired"
         self._jobs[job.id] = job
         return job
@@ -250,7 +150,7 @@ class JobStore:
         if job.phase != "succeeded":
             err = job.error or {}
             raise JobFailed(f"job {job.id} {job.phase}: {err.get('message', 'no result')}")
-        return self._result_path(job)
+        return self.files.result(job)
 
     def unfinished_ahead(self, job: Job) -> list[Job]:
         return [
@@ -264,7 +164,7 @@ class JobStore:
         try:
             self._seq += 1
             job = Job(
-                id=secrets.token_urlsafe(_ID_BYTES),
+                id=secrets.token_urlsafe(ID_BYTES),
                 owner=owner,
                 model=a.model.name,
                 tiles_total=a.tiles,
@@ -278,7 +178,7 @@ class JobStore:
             if a.params.deadline_ms is None and DEADLINE_HEADER not in a.request.headers:
                 deadline = a.reservation.created + self.settings.max_deadline_s  # jobs are for long work
             up = replace(a.job, deadline=deadline, progress=job.add_tiles)
-            self._save(job)
+            self.files.save(job)
         except BaseException:
             a.reservation.release()
             raise
@@ -300,7 +200,7 @@ class JobStore:
             del outcome
             if len(body) > s.jobs_max_bytes:
                 raise ImageTooLarge(f"the result ({len(body)} bytes) exceeds the job store's jobs_max_bytes")
-            await loop.run_in_executor(self._pool, self._write, job, body)
+            await loop.run_in_executor(self._pool, self.files.write, job, body)
             job.result_bytes = len(body)
             job.headers = {
                 "X-Model": a.model.name,
@@ -329,15 +229,10 @@ class JobStore:
                 log.info("job %s failed: %s", job.id, (job.error or {}).get("message"))
             with contextlib.suppress(OSError):
                 if job.id in self._jobs:
-                    self._save(job)
+                    self.files.save(job)
                     if job.phase == "succeeded":
                         self._enforce_bytes(keep=job.id)
             self._leave()
-
-    def _write(self, job: Job, body: bytes) -> None:
-        tmp = self.root / f".{job.id}.tmp"
-        tmp.write_bytes(body)
-        os.replace(tmp, self._result_path(job))
 
     async def _watch_drain(self) -> None:
         """While jobs are unfinished: once the app drains, fail the ones whose tiles have not started."""
@@ -362,7 +257,7 @@ class JobStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await job.task
         self._jobs.pop(job.id, None)
-        self._remove_files(job, record=True)
+        self.files.remove(job, record=True)
 
     def describe(self, job: Job, runtime: RuntimeClient) -> dict[str, Any]:
         """The job as GET /v1/jobs/{id} returns it: state, progress, queue position, ETA."""
@@ -375,8 +270,8 @@ class JobStore:
             "progress": round(job.tiles_done / max(1, job.tiles_total), 4),
             "queue_position": None,
             "eta_s": None,
-            "created_at": _iso(job.created_at),
-            "finished_at": _iso(job.finished_at),
+            "created_at": iso(job.created_at),
+            "finished_at": iso(job.finished_at),
             "output": {"width": job.out_width, "height": job.out_height, "format": job.format},
             "result_url": f"/v1/jobs/{job.id}/result" if state == "succeeded" else None,
             "error": job.error,

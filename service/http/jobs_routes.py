@@ -16,7 +16,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.responses import FileResponse, JSONResponse, Response
 
 from service.http import images
-from service.http.jobs import JobExpired, JobStore, owner_of
+from service.http.job_records import JobExpired, owner_of
+from service.http.jobs import JobStore
 from service.http.upscale import Admitted, Context, UpscaleParams, handle_upscale
 
 STATIC_DIR = Path(__file__).parent / "static"

@@ -4,33 +4,32 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from http_helpers import FakeModelRuntime, FakeRuntime
+from http_helpers import fake_app, write_http_repo
+
+
+@pytest.fixture(scope="session")
+def http_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Manifest-only models `tiny` (GenDR kind, ×4) and `other` (×2) for the real runtime + fake backend."""
+    return write_http_repo(tmp_path_factory.mktemp("http-models"))
 
 
 @pytest.fixture
-def fake_runtime() -> FakeRuntime:
-    return FakeRuntime(FakeModelRuntime("tiny"), FakeModelRuntime("other", native_scale=2))
+def make_client(http_repo: Path) -> Iterator[Callable[..., Any]]:
+    """Build a TestClient around create_app over the real runtime (fake backend) with these settings.
 
-
-@pytest.fixture
-def make_client() -> Iterator[Callable[..., Any]]:
-    """Build a TestClient around create_app(settings, runtime); waits until /readyz unless told not to."""
+    `behaviour` (FakeBehaviour) and `backend` (a FakeBackend class) steer the engine; the runtime is
+    `client.app.state.gendr.runtime`. Waits until /readyz unless told not to.
+    """
     from fastapi.testclient import TestClient
-
-    from service.http.app import create_app
-    from service.settings import Settings
 
     clients: list[TestClient] = []
 
-    def make(
-        runtime: Any = None, *, wait_ready: bool = True, raise_server_exceptions: bool = True, **settings: Any
-    ):
-        runtime = runtime if runtime is not None else FakeRuntime()
-        settings.setdefault("model_repository", "/nonexistent")
-        app = create_app(Settings(**settings), runtime=runtime)
+    def make(*, wait_ready: bool = True, raise_server_exceptions: bool = True, **kw: Any) -> TestClient:
+        app = fake_app(http_repo, **kw)
         client = TestClient(app, raise_server_exceptions=raise_server_exceptions)
         client.__enter__()
         clients.append(client)

@@ -1,30 +1,31 @@
-"""Helpers for the HTTP tests: real photos, image builders, a contract-following fake runtime.
+"""Helpers for the HTTP tests: real photos, image builders, and the real runtime on the fake backend.
 
-The fake runtime (docs/runtime-api.md) lets the ASGI tests steer delays, queue capacity, failures
-and readiness precisely; the end-to-end tests use the real runtime with the tiny model on ONNX
-Runtime CPU. (A uniquely named module, not conftest.py, so tests can import it.)
+The ASGI tests run `service.runtime.Runtime` itself over a manifest-only repository; the fake backend
+(service/backends/fake.py) lets them steer delays, hangs, failures and start-up precisely, so what a
+client sees (503 bodies, Retry-After, drain) is the runtime's own. The end-to-end tests use the tiny
+model on ONNX Runtime CPU. (A uniquely named module, not conftest.py, so tests can import it.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import skimage
 from PIL import Image
 
-from service.backends.base import BackendInfo
-from service.errors import DeadlineExceeded, Draining, EngineFailure, ModelNotFound, NotReady, Overloaded
-from service.imageops import resize_rgb
-from service.manifest import TileGeometry
+from service.backends.fake import FakeBackend, FakeBehaviour, FakeEngineError
+from service.manifest import Manifest
 from service.metrics import Metrics
-from service.pipeline import RequestPlan, make_plan
+from service.runtime import Runtime, UpscaleJob
+from service.settings import Settings
 
 SKIMAGE_DATA = Path(skimage.__file__).parent / "data"
 
@@ -64,165 +65,120 @@ def decode(data: bytes) -> Image.Image:
     return im
 
 
-# --- fake runtime following docs/runtime-api.md ---------------------------------------------
+def err(r: httpx.Response) -> str:
+    """The error code of a JSON error response, after checking its shape and request id (docs/http.md)."""
+    body = r.json()
+    assert set(body) == {"error"} and {"code", "message"} <= set(body["error"]), body
+    assert body["error"]["request_id"] == r.headers["x-request-id"]
+    return body["error"]["code"]
 
 
-@dataclass
-class FakeOutcome:
-    image: np.ndarray
-    model: str
-    backend: str
-    precision: str
-    tiles: int
-    queue_s: float
-    compute_s: float
-    runtime_s: float
+# --- the real runtime over a fake-backend repository ------------------------------------------
+
+TINY_TILE, TINY_OVERLAP = 64, 8  # `tiny`: GenDR kind (native ×4, graph ×1); `other`: a ×2 network
 
 
-class FakeReservation:
-    def __init__(self, owner: FakeModelRuntime, tiles: int) -> None:
-        self.owner, self.tiles, self._released = owner, tiles, False
+def write_http_repo(root: Path) -> Path:
+    """models/ with `tiny` (GenDR kind, native ×4) and `other` (single ×2 network): manifests only,
+    served by the fake backend (nearest-neighbour tiles, delays and failures on demand)."""
+    from runtime_helpers import write_fake_repo
 
-    def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self.owner.in_use -= self.tiles
-            self.owner.requests -= 1
-
-
-@dataclass
-class FakeManifest:
-    name: str
-    native_scale: int
-    kind: str = "gendr"
+    write_fake_repo(root, name="tiny", tile=TINY_TILE, overlap=TINY_OVERLAP, kind="gendr")
+    write_fake_repo(root, name="other", tile=32, overlap=8, scale=2, kind="single")
+    return root
 
 
-class FakeModelRuntime:
-    """Bicubic 'model': resize_rgb to the target, after `delay_s` per request (cancellable)."""
+def held_load(gate: threading.Event) -> type[FakeBackend]:
+    """A fake backend whose load() waits for `gate`: start-up lasts as long as the test says."""
 
-    def __init__(
-        self,
-        name: str = "tiny",
-        *,
-        native_scale: int = 4,
-        capacity_tiles: int = 1000,
-        delay_s: float = 0.0,
-        fail: Callable[[Any], bool] | None = None,
-        geometry: TileGeometry | None = None,
-    ) -> None:
-        self.name = name
-        self.manifest = FakeManifest(name, native_scale)
-        self.info = BackendInfo("fake", "cpu", "fp32", "0123456789abcdef" * 4, (1, 2, 4), 1)
-        self.geometry = geometry or TileGeometry(tile=64, overlap=8, graph_scale=1)
-        self.capacity_tiles = capacity_tiles
-        self.delay_s = delay_s
-        self.fail = fail
-        self.in_use = 0
-        self.requests = 0
-        self.runtime: FakeRuntime | None = None
-        self.jobs: list[Any] = []
+    class HeldLoad(FakeBackend):
+        def load(self) -> None:
+            if not gate.wait(30):
+                raise TimeoutError("the test never let the model load")
+            super().load()
+
+    return HeldLoad
+
+
+class BrokenLoad(FakeBackend):
+    """A fake backend whose load() fails, as a corrupt engine file does."""
+
+    def load(self) -> None:
+        raise FakeEngineError("bad manifest")
+
+
+def real_runtime(
+    settings: Settings,
+    metrics: Metrics | None = None,
+    behaviour: FakeBehaviour | None = None,
+    backend: type[FakeBackend] = FakeBackend,
+) -> Runtime:
+    """`Runtime.from_settings` with every model on the fake backend sharing one `behaviour`."""
+    beh = behaviour or FakeBehaviour()
+
+    def factory(m: Manifest, d: Path, s: Settings) -> tuple[FakeBackend, str]:
+        return backend(m, d, instances=s.instances_per_device, max_batch=s.max_batch, behaviour=beh), "tests"
+
+    return Runtime.from_settings(settings, metrics or Metrics(), backend_factory=factory)
+
+
+def fake_app(
+    repo: Path,
+    behaviour: FakeBehaviour | None = None,
+    backend: type[FakeBackend] = FakeBackend,
+    **settings: Any,
+) -> Any:
+    """create_app over the real runtime (fake backend); `app.state.gendr.runtime` is the Runtime."""
+    from service.http.app import create_app
+
+    settings.setdefault("models", ["tiny"])
+    s = Settings(model_repository=repo, **settings)
+    rt = real_runtime(s, behaviour=behaviour, backend=backend)
+    return create_app(s, runtime=rt, metrics=rt.metrics)
+
+
+class Spy:
+    """Records what the HTTP layer hands one model's runtime: the jobs, and how each call ended.
+
+    It wraps the real `ModelRuntime.upscale` (the contract's entry point) and changes nothing.
+    """
+
+    def __init__(self, runtime: Runtime, name: str = "tiny") -> None:
+        self.model = runtime.get(name)
+        self.jobs: list[UpscaleJob] = []
+        self.started = 0
         self.cancelled = 0
-        self.started_jobs = 0
+        inner = self.model.upscale
 
-    def plan(self, in_h: int, in_w: int, out_h: int, out_w: int) -> RequestPlan:
-        return make_plan(in_h, in_w, out_h, out_w, self.geometry)
-
-    def reserve(self, tiles: int) -> FakeReservation:
-        rt = self.runtime
-        if rt is not None and rt.draining:
-            raise Draining("draining")
-        if rt is not None and not rt.started:
-            raise NotReady("warming up")
-        if self.in_use + tiles > self.capacity_tiles and self.in_use > 0:
-            raise Overloaded(f"queue full ({self.in_use} tiles)", retry_after_s=1.5)
-        self.in_use += tiles
-        self.requests += 1
-        return FakeReservation(self, tiles)
-
-    async def upscale(self, job: Any, reservation: FakeReservation) -> FakeOutcome:
-        t0 = time.monotonic()
-        self.started_jobs += 1
-        try:
+        async def upscale(job: UpscaleJob, reservation: Any) -> Any:
+            self.started += 1
             self.jobs.append(job)
-            if self.delay_s:
-                try:
-                    async with asyncio.timeout(max(0.0, job.deadline - time.monotonic())):
-                        await asyncio.sleep(self.delay_s)
-                except TimeoutError as e:
-                    raise DeadlineExceeded("deadline passed while queued") from e
-            if time.monotonic() > job.deadline:
-                raise DeadlineExceeded("deadline passed")
-            if self.fail is not None and self.fail(job):
-                raise EngineFailure("fake engine failure for this batch")
-            out = await asyncio.to_thread(resize_rgb, job.image, job.out_height, job.out_width)
-            t1 = time.monotonic()
-            return FakeOutcome(out, self.name, "fake", "fp32", reservation.tiles, 0.001, t1 - t0, t1 - t0)
-        except asyncio.CancelledError:
-            self.cancelled += 1
-            raise
-        finally:
-            reservation.release()
+            try:
+                return await inner(job, reservation)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "kind": "gendr",
-            "native_scale": self.manifest.native_scale,
-            "backend": "fake",
-            "precision": "fp32",
-            "engine_key": self.info.engine_key[:16],
-            "tile": self.geometry.model_dump(),
-            "batch_sizes": [1, 2, 4],
-            "instances": 1,
-            "limits": {"queue_capacity_tiles": self.capacity_tiles},
-        }
-
-
-class FakeRuntime:
-    def __init__(
-        self, *models: FakeModelRuntime, start_delay_s: float = 0.0, start_error: Exception | None = None
-    ):
-        self.models = {m.name: m for m in (models or (FakeModelRuntime(),))}
-        for m in self.models.values():
-            m.runtime = self
-        self.start_delay_s = start_delay_s
-        self.start_error = start_error
-        self.started = False
-        self.draining = False
-        self.healthy = True
-        self.closed = False
-        self.metrics = Metrics()
+        self.model.upscale = upscale  # type: ignore[method-assign]
 
     @property
-    def ready(self) -> bool:
-        return self.started and self.healthy and not self.draining
+    def reserved_tiles(self) -> int:
+        """Tiles admitted and not yet released, from the runtime's own gauge (0 once all are given back)."""
+        labels = {"model": self.model.name}
+        got = self.model.metrics.registry.get_sample_value("gendr_queue_depth_tiles", labels)
+        return int(got or 0)
 
-    async def start(self) -> None:
-        await asyncio.sleep(self.start_delay_s)
-        if self.start_error is not None:
-            raise self.start_error
-        for m in self.models.values():  # as the real runtime does
-            i = m.info
-            self.metrics.build_info.labels(m.name, "test", i.name, i.precision, i.engine_key).set(1)
-        self.started = True
+    @property
+    def backend(self) -> FakeBackend:
+        return self.model.backend  # type: ignore[return-value]
 
-    def get(self, name: str | None) -> FakeModelRuntime:
-        if name is None:
-            return next(iter(self.models.values()))
-        try:
-            return self.models[name]
-        except KeyError:
-            raise ModelNotFound(f"no model {name!r}; loaded: {sorted(self.models)}") from None
 
-    async def drain(self, timeout_s: float) -> bool:
-        self.draining = True
-        end = time.monotonic() + timeout_s
-        while any(m.in_use for m in self.models.values()) and time.monotonic() < end:
-            await asyncio.sleep(0.01)
-        return not any(m.in_use for m in self.models.values())
-
-    async def close(self) -> None:
-        self.closed = True
+async def until(pred: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    """Wait for a state the test set up (the timeout only catches a hang, it is never tight)."""
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)
 
 
 def same_colour(icc_a: bytes | None, icc_b: bytes | None) -> bool:

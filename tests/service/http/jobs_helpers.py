@@ -17,10 +17,10 @@ from typing import Any
 
 import httpx
 import numpy as np
-from http_helpers import encode, small
+from http_helpers import encode, real_runtime, small
 from PIL import Image
 
-from service.backends.fake import FakeBackend, FakeBehaviour
+from service.backends.fake import FakeBehaviour
 from service.http.app import create_app
 from service.metrics import Metrics
 from service.runtime import Runtime
@@ -91,11 +91,7 @@ async def jobs_app(
     settings.setdefault("jobs_dir", tmp_path / "jobs")
     s = Settings(model_repository=repo, api_keys=api_keys or [], **settings)
     metrics = Metrics()
-    runtime = Runtime.from_settings(
-        s,
-        metrics,
-        backend_factory=lambda m, d, _s: (FakeBackend(m, d, behaviour=behaviour, max_batch=1), "t"),
-    )
+    runtime = real_runtime(s, metrics, behaviour)  # batch 1 unless the test sets max_batch
     app = create_app(s, runtime=runtime, metrics=metrics)
     await app.state.gendr.start()
     transport = httpx.ASGITransport(app=app)

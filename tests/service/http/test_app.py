@@ -1,36 +1,43 @@
-"""The HTTP layer through the ASGI app, with a fake runtime that follows docs/runtime-api.md.
+"""The HTTP layer through the ASGI app, on the real runtime with the fake backend (http_helpers.py).
 
-Every endpoint, every option and every error path whose trigger needs precise control (overload,
-deadline, per-request engine failure, startup, drain, client disconnect) is tested here; the real
-runtime with the tiny ONNX model is exercised in test_e2e.py and test_process.py.
+Every endpoint, every option and every error path, start-up included: the fake backend's load, delays
+and failures are set by the test, so no outcome depends on the machine's speed. Overload, deadline,
+engine failure isolation, disconnect and drain are in test_app_concurrency.py; the tiny ONNX model is
+exercised in test_e2e.py and test_process.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import threading
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-from http_helpers import FakeModelRuntime, FakeRuntime, decode, encode, photo, same_colour, small
+from http_helpers import (
+    BrokenLoad,
+    Spy,
+    decode,
+    encode,
+    err,
+    fake_app,
+    held_load,
+    photo,
+    same_colour,
+    small,
+)
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.http.app import create_app
 from service.settings import Settings
 
 PNG = encode(small("astronaut.png", 64))  # 64×64 real photo with an ICC profile
 JPEG = encode(small("chelsea.png", 60).convert("RGB"), "JPEG", quality=92)  # 60×40
-
-
-def err(r: httpx.Response) -> str:
-    body = r.json()
-    assert set(body) == {"error"} and {"code", "message"} <= set(body["error"]), body
-    assert body["error"]["request_id"] == r.headers["x-request-id"]
-    return body["error"]["code"]
 
 
 def metric(client: Any, name: str, **labels: str) -> float:
@@ -46,8 +53,8 @@ def metric(client: Any, name: str, **labels: str) -> float:
 # --- endpoints ----------------------------------------------------------------------------------
 
 
-def test_health_ready_models_docs(make_client: Any, fake_runtime: FakeRuntime) -> None:
-    c = make_client(fake_runtime)
+def test_health_ready_models_docs(make_client: Any) -> None:
+    c = make_client(models=["tiny", "other"])
     assert c.get("/healthz").json() == {"status": "ok"}
     assert c.get("/readyz").json() == {"status": "ready", "ready": True}
     models = c.get("/v1/models").json()
@@ -63,14 +70,21 @@ def test_health_ready_models_docs(make_client: Any, fake_runtime: FakeRuntime) -
 
 
 def test_not_ready_while_starting_then_ready(make_client: Any) -> None:
-    rt = FakeRuntime(start_delay_s=0.6)
-    c = make_client(rt, wait_ready=False)
-    r = c.get("/readyz")
-    assert r.status_code == 503 and r.json()["status"] == "starting"
-    assert c.get("/healthz").status_code == 200  # alive while warming up
-    r = c.post("/upscale", content=PNG)
-    assert r.status_code == 503 and err(r) == "not_ready" and int(r.headers["retry-after"]) >= 1
-    assert c.get("/v1/models").status_code == 503
+    loaded = threading.Event()  # the model loads when the test says, not after a guessed delay
+    c = make_client(backend=held_load(loaded), wait_ready=False)
+    try:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "starting"
+        assert r.json() == {"status": "starting", "ready": False} and "retry-after" not in r.headers
+        assert c.get("/healthz").status_code == 200  # alive while warming up
+        r = c.post("/upscale", content=PNG)
+        assert r.status_code == 503 and err(r) == "not_ready" and int(r.headers["retry-after"]) >= 1
+        retry = Settings.model_fields["retry_after_s"].default  # GENDR_RETRY_AFTER_S: no estimate here
+        assert r.headers["retry-after"] == str(math.ceil(retry))
+        assert r.json()["error"]["retry_after_s"] == retry
+        assert c.get("/v1/models").status_code == 503
+    finally:
+        loaded.set()
     end = time.monotonic() + 5
     while c.get("/readyz").status_code != 200:
         assert time.monotonic() < end
@@ -79,12 +93,13 @@ def test_not_ready_while_starting_then_ready(make_client: Any) -> None:
 
 
 def test_failed_start_makes_healthz_fail(make_client: Any) -> None:
-    c = make_client(FakeRuntime(start_error=RuntimeError("bad manifest")), wait_ready=False)
+    c = make_client(backend=BrokenLoad, wait_ready=False)
     end = time.monotonic() + 5
     while c.get("/healthz").status_code != 503:
         assert time.monotonic() < end
         time.sleep(0.01)
     assert c.get("/readyz").json()["status"] == "failed"
+    assert c.get("/healthz").json() == {"status": "unhealthy"}
 
 
 def test_unknown_route_and_method_use_the_error_shape(make_client: Any) -> None:
@@ -98,8 +113,9 @@ def test_unknown_route_and_method_use_the_error_shape(make_client: Any) -> None:
 # --- /upscale happy paths and options ------------------------------------------------------------
 
 
-def test_upscale_raw_png_default_scale_and_headers(make_client: Any, fake_runtime: FakeRuntime) -> None:
-    c = make_client(fake_runtime)
+def test_upscale_raw_png_default_scale_and_headers(make_client: Any) -> None:
+    c = make_client(models=["tiny", "other"])
+    spy = Spy(c.app.state.gendr.runtime)
     r = c.post("/upscale", content=PNG, headers={"content-type": "image/png", "x-request-id": "abc-123"})
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "image/png"
@@ -112,7 +128,7 @@ def test_upscale_raw_png_default_scale_and_headers(make_client: Any, fake_runtim
     timing = dict(p.strip().split(";dur=") for p in r.headers["server-timing"].split(","))
     assert {"decode", "queue", "compute", "encode", "total"} <= set(timing)
     assert all(float(v) >= 0 for v in timing.values())
-    job = fake_runtime.models["tiny"].jobs[-1]
+    job = spy.jobs[-1]
     assert job.image.dtype == np.uint8 and job.image.shape == (64, 64, 3) and job.color_fix is None
     assert job.request_id == "abc-123"
 
@@ -129,8 +145,8 @@ def test_upscale_raw_png_default_scale_and_headers(make_client: Any, fake_runtim
         ("model=other", (120, 80)),  # native ×2
     ],
 )
-def test_size_options(make_client: Any, fake_runtime: FakeRuntime, query: str, size: tuple[int, int]) -> None:
-    r = make_client(fake_runtime).post(
+def test_size_options(make_client: Any, query: str, size: tuple[int, int]) -> None:
+    r = make_client(models=["tiny", "other"]).post(
         f"/upscale?{query}", content=JPEG, headers={"content-type": "image/jpeg"}
     )
     assert r.status_code == 200, r.text
@@ -153,15 +169,16 @@ def test_format_option(make_client: Any, fmt: str, ctype: str, pil: str) -> None
     assert decode(r.content).format == pil
 
 
-def test_quality_color_fix_and_deadline_reach_the_job(make_client: Any, fake_runtime: FakeRuntime) -> None:
-    c = make_client(fake_runtime, max_deadline_s=30, default_deadline_s=20)
+def test_quality_color_fix_and_deadline_reach_the_job(make_client: Any) -> None:
+    c = make_client(max_deadline_s=30, default_deadline_s=20)
+    spy = Spy(c.app.state.gendr.runtime)
     lo = c.post("/upscale?scale=2&format=jpeg&quality=15", content=PNG).content
     hi = c.post("/upscale?scale=2&format=jpeg&quality=95", content=PNG).content
     assert len(lo) < len(hi)
     for fix in ("none", "adain", "wavelet"):
         assert c.post(f"/upscale?scale=2&color_fix={fix}", content=PNG).status_code == 200
-        assert fake_runtime.models["tiny"].jobs[-1].color_fix == fix
-    jobs = fake_runtime.models["tiny"].jobs
+        assert spy.jobs[-1].color_fix == fix
+    jobs = spy.jobs
     t = time.monotonic()
     c.post("/upscale?scale=2", content=PNG)
     assert 19 < jobs[-1].deadline - t <= 20.01  # default
@@ -297,10 +314,9 @@ def test_body_limit_with_content_length_is_413(make_client: Any) -> None:
     assert r.headers["connection"] == "close"
 
 
-def test_body_limit_without_content_length_stops_reading() -> None:
+def test_body_limit_without_content_length_stops_reading(http_repo: Path) -> None:
     """Chunked upload (no Content-Length): 413 after the limit, the rest is never pulled."""
-    rt = FakeRuntime()
-    app = create_app(Settings(model_repository="/x", max_body_bytes=64 * 1024), runtime=rt)
+    app = fake_app(http_repo, max_body_bytes=64 * 1024)
     sent = 0
 
     async def body() -> AsyncIterator[bytes]:
@@ -311,8 +327,11 @@ def test_body_limit_without_content_length_stops_reading() -> None:
 
     async def main() -> httpx.Response:
         await app.state.gendr.start()
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-            return await c.post("/upscale", content=body(), headers={"content-type": "image/png"})
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                return await c.post("/upscale", content=body(), headers={"content-type": "image/png"})
+        finally:
+            await app.state.gendr.close()
 
     r = asyncio.run(main())
     assert "content-length" not in r.request.headers
@@ -341,191 +360,18 @@ def test_auth_protects_upscale_only(make_client: Any) -> None:
 
 
 def test_unhandled_error_is_500_without_internals(make_client: Any) -> None:
-    class Broken(FakeModelRuntime):
-        async def upscale(self, job: Any, reservation: Any) -> Any:
-            reservation.release()
-            raise RuntimeError("secret internal detail /opt/models/x")
+    c = make_client(raise_server_exceptions=False)
+    model = c.app.state.gendr.runtime.get("tiny")
 
-    c = make_client(FakeRuntime(Broken("tiny")), raise_server_exceptions=False)
+    async def broken(job: Any, reservation: Any) -> Any:  # a bug in the runtime, not an engine failure
+        reservation.release()
+        raise RuntimeError("secret internal detail /opt/models/x")
+
+    model.upscale = broken
     r = c.post("/upscale", content=PNG)
     assert r.status_code == 500 and err(r) == "internal_error"
     assert "secret" not in r.text and "RuntimeError" not in r.text
     assert c.get("/healthz").status_code == 200
-
-
-# --- concurrency: overload, deadline, engine failure isolation, disconnect, drain ----------------
-
-
-async def _started(app: Any) -> httpx.AsyncClient:
-    await app.state.gendr.start()
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=30)
-
-
-def test_overload_is_503_with_retry_after() -> None:
-    mr = FakeModelRuntime("tiny", capacity_tiles=2, delay_s=0.5)
-    app = create_app(Settings(model_repository="/x"), runtime=FakeRuntime(mr))
-
-    async def main() -> list[httpx.Response]:
-        async with await _started(app) as c:
-            first = asyncio.create_task(c.post("/upscale?scale=1", content=PNG))  # 64² at tile 64: 2+ tiles
-            await asyncio.sleep(0.15)
-            second = await c.post("/upscale?scale=1", content=PNG)
-            return [await first, second]
-
-    first, second = asyncio.run(main())
-    assert first.status_code == 200
-    assert second.status_code == 503 and second.json()["error"]["code"] == "overloaded"
-    assert second.headers["retry-after"] == "2"  # ceil(1.5) from the runtime's estimate
-    assert second.json()["error"]["retry_after_s"] == 1.5
-    assert mr.in_use == 0  # every reservation released
-
-
-def test_deadline_is_504(make_client: Any) -> None:
-    mr = FakeModelRuntime("tiny", delay_s=2.0)
-    c = make_client(FakeRuntime(mr))
-    t = time.monotonic()
-    r = c.post("/upscale?scale=2&deadline_ms=200", content=PNG)
-    assert r.status_code == 504 and err(r) == "deadline_exceeded"
-    assert time.monotonic() - t < 1.5
-    assert mr.in_use == 0
-
-
-def test_engine_failure_fails_only_the_affected_request() -> None:
-    mr = FakeModelRuntime("tiny", delay_s=0.2, fail=lambda job: job.request_id.startswith("poison"))
-    app = create_app(Settings(model_repository="/x"), runtime=FakeRuntime(mr))
-
-    async def main() -> list[httpx.Response]:
-        async with await _started(app) as c:
-            ids = ["ok-1", "poison-1", "ok-2", "ok-3"]
-            return await asyncio.gather(
-                *(c.post("/upscale?scale=2", content=PNG, headers={"X-Request-Id": i}) for i in ids)
-            )
-
-    codes = [r.status_code for r in asyncio.run(main())]
-    assert codes == [200, 500, 200, 200]
-
-
-def test_client_disconnect_cancels_the_runtime_call() -> None:
-    mr = FakeModelRuntime("tiny", delay_s=5.0)
-    rt = FakeRuntime(mr)
-    app = create_app(Settings(model_repository="/x"), runtime=rt)
-    sent: list[dict[str, Any]] = []
-
-    async def main() -> None:
-        await app.state.gendr.start()
-        gone = asyncio.Event()
-        messages = [{"type": "http.request", "body": PNG, "more_body": False}]
-
-        async def receive() -> dict[str, Any]:
-            if messages:
-                return messages.pop(0)
-            await gone.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/upscale",
-            "raw_path": b"/upscale",
-            "query_string": b"scale=2",
-            "root_path": "",
-            "headers": [(b"content-type", b"image/png"), (b"content-length", str(len(PNG)).encode())],
-            "client": ("127.0.0.1", 1),
-            "server": ("t", 80),
-        }
-        call = asyncio.create_task(app(scope, receive, send))
-        for _ in range(200):
-            if mr.started_jobs:
-                break
-            await asyncio.sleep(0.01)
-        assert mr.started_jobs == 1 and mr.in_use > 0
-        gone.set()
-        await asyncio.wait_for(call, 2)
-
-    t = time.monotonic()
-    asyncio.run(main())
-    assert time.monotonic() - t < 3  # did not wait for the 5 s 'engine'
-    assert mr.cancelled == 1 and mr.in_use == 0
-    start = next(m for m in sent if m["type"] == "http.response.start")
-    assert start["status"] == 499
-    text = app.state.gendr.metrics.registry
-    assert text.get_sample_value("gendr_requests_total", {"model": "tiny", "status": "499"}) == 1
-
-
-def test_client_gone_during_upload_is_499_not_500() -> None:
-    app = create_app(Settings(model_repository="/x"), runtime=FakeRuntime())
-    sent: list[dict[str, Any]] = []
-    messages = [
-        {"type": "http.request", "body": PNG[:1000], "more_body": True},
-        {"type": "http.disconnect"},
-    ]
-
-    async def receive() -> dict[str, Any]:
-        return messages.pop(0)
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    async def main() -> None:
-        await app.state.gendr.start()
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/upscale",
-            "raw_path": b"/upscale",
-            "query_string": b"",
-            "root_path": "",
-            "headers": [(b"content-type", b"image/png")],
-            "client": ("127.0.0.1", 1),
-            "server": ("t", 80),
-        }
-        await app(scope, receive, send)
-
-    asyncio.run(main())
-    assert next(m for m in sent if m["type"] == "http.response.start")["status"] == 499
-    reg = app.state.gendr.metrics.registry
-    assert (
-        reg.get_sample_value(
-            "gendr_request_errors_total", {"model": "unknown", "code": "client_closed_request"}
-        )
-        == 1
-    )
-
-
-def test_drain_finishes_in_flight_work_and_refuses_new() -> None:
-    mr = FakeModelRuntime("tiny", delay_s=0.6)
-    app = create_app(Settings(model_repository="/x"), runtime=FakeRuntime(mr))
-    st = app.state.gendr
-
-    async def main() -> tuple[list[httpx.Response], httpx.Response, httpx.Response, bool]:
-        async with await _started(app) as c:
-            inflight = [asyncio.create_task(c.post("/upscale?scale=2", content=PNG)) for _ in range(3)]
-            await asyncio.sleep(0.2)
-            drain = asyncio.create_task(st.drain(5.0))
-            await asyncio.sleep(0.05)
-            late = await c.post("/upscale?scale=2", content=PNG)
-            ready = await c.get("/readyz")
-            done = await drain
-            return [await t for t in inflight], late, ready, done
-
-    results, late, ready, done = asyncio.run(main())
-    assert [r.status_code for r in results] == [200, 200, 200]
-    assert (
-        late.status_code == 503
-        and late.json()["error"]["code"] == "draining"
-        and "retry-after" in late.headers
-    )
-    assert ready.status_code == 503 and ready.json()["status"] == "draining"
-    assert done and st.inflight == 0
 
 
 # --- metrics -------------------------------------------------------------------------------------

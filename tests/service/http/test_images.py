@@ -224,7 +224,7 @@ def test_16bit_png_in_gives_16bit_png_out(channels: int) -> None:
     assert np.abs(d.rgb[..., : colour.shape[2]].astype(np.float64) * 257 - colour).max() <= 129
     got = images.read_png16(out)
     assert got.shape == (2 * h, 2 * w, channels)
-    want = images._resize_float(colour.astype(np.float32), 2 * h, 2 * w).reshape(2 * h, 2 * w, -1)
+    want = images.resize_float(colour.astype(np.float32), 2 * h, 2 * w).reshape(2 * h, 2 * w, -1)
     err = np.abs(got[..., : colour.shape[2]].astype(np.float64) - want)
     sky = err[4:-4, w + 4 : -4]  # the smooth half, away from borders
     # 16-bit gradations survive (8 bits would band by up to 128); the model's own 8-bit rounding
@@ -234,7 +234,7 @@ def test_16bit_png_in_gives_16bit_png_out(channels: int) -> None:
     assert naive.mean() > 4 * sky.mean()
     if channels == 4:
         a = got[..., 3].astype(np.float64)
-        want_a = np.clip(images._resize_float(arr[..., 3].astype(np.float32), 2 * h, 2 * w), 0, 65535)
+        want_a = np.clip(images.resize_float(arr[..., 3].astype(np.float32), 2 * h, 2 * w), 0, 65535)
         assert np.abs(a - want_a).max() < 2  # alpha: bicubic at full 16-bit precision, clamped
     # 16 bits are kept only where the format allows: JPEG output is 8-bit.
     assert decode(run(data, fmt="jpeg")[1]).mode in ("RGB", "L")

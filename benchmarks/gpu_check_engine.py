@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.bucket < 0:
         args.bucket = args.tile // 2
     from engine_build.checkpoint import load_checkpoint
+    from engine_build.gpu_targets import PRECISION_MIN_CC
     from engine_build.runners import onnx_runner, torch_runner
     from engine_build.trt_build import detect_gpu, parse_cc
     from engine_build.verify import compare, graph_input_tiles
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         gpu={"name": gpu.name, "cc": gpu.compute_capability} if gpu else None,
         tensorrt=trt,
     )
-    fp8 = gpu is not None and parse_cc(gpu.compute_capability) >= (8, 9)
+    fp8 = gpu is not None and parse_cc(gpu.compute_capability) >= PRECISION_MIN_CC["fp8"]
     work = args.work or Path(tempfile.mkdtemp(prefix="gendr-gpu-"))
     t0 = time.perf_counter()
     skipped: dict[str, str] = {}

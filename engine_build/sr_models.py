@@ -42,6 +42,7 @@ from engine_build.sr_ncnn_rrdb import (
     ncnn_rrdbnet_mapping,
 )
 from engine_build.sr_support import SpandrelCall, refusal
+from service.manifest import sha256_file
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -272,14 +273,6 @@ def load_sr_safetensors(path: str | os.PathLike[str], *, probe: bool = True) -> 
 # --------------------------------------------------------------------------- the cached default model
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def default_model_checkpoint(cache_dir: str | os.PathLike[str], name: str = DEFAULT_SR_MODEL) -> Path:
     """Convert the bundled Real-ESRGAN ncnn model to safetensors once; return the cached file.
 
@@ -287,7 +280,7 @@ def default_model_checkpoint(cache_dir: str | os.PathLike[str], name: str = DEFA
     converted again; a cached file whose metadata does not match is rewritten.
     """
     param, binf = find_ncnn_model(name)
-    param_sha, bin_sha = _sha256(param), _sha256(binf)
+    param_sha, bin_sha = sha256_file(param), sha256_file(binf)
     key = hashlib.sha256(f"{param_sha}\n{bin_sha}\n".encode()).hexdigest()
     out = Path(cache_dir) / f"{name}-{key[:16]}.safetensors"
     if out.is_file():

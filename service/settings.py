@@ -54,7 +54,11 @@ class Settings(BaseSettings):
     precision: PrecisionName = Field("auto", description="Precision of the ONNX variant / engine to serve.")
     device_id: int = Field(0, ge=0, description="CUDA device index for GPU backends.")
     instances_per_device: int = Field(
-        1, ge=1, le=16, description="Engine instances (contexts/sessions) per device."
+        1,
+        ge=1,
+        le=16,
+        description="Engine instances per device: one worker each (TensorRT contexts, OpenVINO streams, "
+        "ONNX Runtime sessions where each needs its own pool, else one shared session).",
     )
     intra_op_threads: int = Field(
         0, ge=0, le=256, description="ONNX Runtime CPU threads per instance; 0 = cores/instances."
@@ -95,7 +99,7 @@ class Settings(BaseSettings):
         description="Backlog (primary-tile units) above which a new request gets a 503, whatever its size.",
     )
     whole_image_max_pixels: int = Field(
-        262_144,
+        65_536,
         ge=0,
         description="Input pixels of one call on a dynamic-shape graph (bounds its memory); 0 = off.",
     )
@@ -134,7 +138,7 @@ class Settings(BaseSettings):
         description="Above 1 MP, at most this many input pixels per byte sent (413); 0 = no cap.",
     )
     retry_after_s: float = Field(
-        5.0, gt=0, le=3600, description="Retry-After of 503s that carry no estimate (draining, starting)."
+        5.0, gt=0, le=3600, description="Retry-After of 503s that carry no estimate (all but a full queue)."
     )
 
     # --- HTTP server (uvicorn; docs/http.md "Before the app") ----------------------------------

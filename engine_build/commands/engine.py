@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from engine_build.gpu_targets import TARGET_GPUS
 from service.manifest import PRECISIONS
 
 
@@ -30,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--target-gpu",
         "--gpu",
         dest="target_gpu",
-        choices=["auto", "a10", "l20", "h100"],
+        choices=["auto", *TARGET_GPUS],
         default="auto",
         help="node pool the engine is for; must match this machine's GPU (auto: whatever is present)",
     )

@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from engine_build.gpu_targets import TARGET_GPUS
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -70,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--target-gpu",
-        choices=["auto", "a10", "l20", "h100"],
+        choices=["auto", *TARGET_GPUS],
         default="auto",
         help="node pool the graph is for; fp8 is refused for A10 (compute capability 8.6 < 8.9)",
     )

@@ -51,7 +51,7 @@ class FakeBackend:
         loaded_batch_sizes: tuple[int, ...] | None = None,
         tiles: tuple[int, ...] = (),
         dynamic: bool = False,
-        max_call_pixels: int = 262_144,
+        max_call_pixels: int = 65_536,
     ) -> None:
         self.manifest = manifest
         self.model_dir = Path(model_dir)

@@ -110,7 +110,7 @@ class OnnxRuntimeBackend:
         device_id: int = 0,
         session_per_instance: bool | None = None,
         cache_dir: Path | None = None,
-        max_call_pixels: int = 262_144,
+        max_call_pixels: int = 65_536,
     ) -> None:
         if provider not in _PROVIDER:
             raise ValueError(f"unknown provider {provider!r}")

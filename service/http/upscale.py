@@ -32,6 +32,7 @@ from service.errors import (
 from service.http import images
 from service.http.body import read_upload
 from service.imageops import target_size
+from service.manifest import MODEL_NAME_PATTERN
 from service.metrics import Metrics
 from service.runtime import UpscaleJob
 from service.runtime_api import ModelClient, RuntimeClient
@@ -50,7 +51,7 @@ class UpscaleParams(BaseModel):
 
     model: str | None = Field(
         None,
-        pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$",
+        pattern=MODEL_NAME_PATTERN,
         description="Model name (GET /v1/models); default: the server's.",
     )
     scale: float | None = Field(

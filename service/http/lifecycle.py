@@ -46,7 +46,6 @@ class GendrState:
     keys: ApiKeys
     started: bool = False
     start_error: BaseException | None = None
-    draining: bool = False
     inflight: int = 0
     on_fatal: Callable[[BaseException], None] | None = None  # the CLI exits the process
     shutdown_deadline: float | None = None  # monotonic; set by the CLI at SIGTERM
@@ -56,13 +55,18 @@ class GendrState:
     _closed: bool = False
 
     @property
+    def draining(self) -> bool:
+        """The one draining flag is the runtime's (its batchers follow it); the app only reads it."""
+        return bool(self.runtime.draining)
+
+    @property
     def ready(self) -> bool:
         return self.started and not self.draining and bool(self.runtime.ready)
 
     def not_ready_reason(self) -> str:
         if self.start_error is not None:
             return "failed"
-        if self.draining or self.runtime.draining:
+        if self.draining:
             return "draining"
         if not self.started:
             return "starting"
@@ -105,14 +109,12 @@ class GendrState:
     async def drain(self, timeout_s: float) -> bool:
         """Stop admitting, wait up to `timeout_s` for admitted and in-flight requests. True if all done."""
         first = not self.draining
-        self.draining = True
         self.metrics.ready.set(0)
         deadline = time.monotonic() + timeout_s
         if first:
             log.info("draining: %d request(s) in flight, up to %.1f s", self.inflight, timeout_s)
-        runtime_done = True
-        if self.started:
-            runtime_done = bool(await self.runtime.drain(timeout_s))
+        # Sets the one flag (before start too: nothing is admitted then, so nothing to wait for).
+        runtime_done = bool(await self.runtime.drain(timeout_s))
         while self.inflight > 0:
             left = deadline - time.monotonic()
             if left <= 0:

@@ -223,8 +223,11 @@ class ModelRuntime:
         return self.batcher.reserve(plan.units, plan)
 
     async def upscale(self, job: UpscaleJob, reservation: Reservation) -> UpscaleOutcome:
-        with reservation:
+        """Run the job; always releases the reservation (whoever holds it)."""
+        try:
             return await self._upscale(job, reservation)
+        finally:
+            reservation.release()
 
     async def _upscale(self, job: UpscaleJob, reservation: Reservation) -> UpscaleOutcome:
         if reservation.owner is not self.batcher.account or reservation.released:

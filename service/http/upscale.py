@@ -257,9 +257,9 @@ async def handle_upscale(request: Request, params: UpscaleParams, ctx: Context) 
         fmt = params.format or probe.default_output
         images.check_output_size(fmt, out_h, out_w)
         plan = mr.plan(probe.height, probe.width, out_h, out_w)
-        reservation = mr.reserve(plan)  # 503 overloaded / draining / not ready — before decoding
-        handed = False
-        try:
+        # 503 overloaded / draining / not ready — before decoding; released on leaving the block
+        # unless a job took it over (hand_over: the job releases it when it ends)
+        with mr.reserve(plan) as reservation:
             t = time.monotonic()
             decoded = await _run(ctx.pool, images.decode, probe)
             decode_s = probe_s + time.monotonic() - t
@@ -275,14 +275,12 @@ async def handle_upscale(request: Request, params: UpscaleParams, ctx: Context) 
                 request_id=request_id,
             )
             if ctx.hand_off is not None:
-                handed = True
                 q = params.quality or s.output_quality
-                admitted = Admitted(request, params, job, reservation, mr, decoded, fmt, q, plan.n_tiles)
+                admitted = Admitted(
+                    request, params, job, reservation.hand_over(), mr, decoded, fmt, q, plan.n_tiles
+                )
                 return await ctx.hand_off(admitted)
             outcome = await _unless_disconnected(request, mr.upscale(job, reservation))
-        finally:
-            if not handed:
-                reservation.release()
     finally:
         probe.close()
 

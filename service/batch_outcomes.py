@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.costs import CostTable
 from service.errors import EngineFailure, ServiceError
 from service.lanes import Entry
-from service.metrics import BusyMeter
+from service.metrics import BusyMeter, Metrics
 from service.tickets import Ticket, TicketResult, TicketState
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,11 @@ class BatchOutcomes:
     """The batcher's delivery half (a mixin: it shares the batcher's lock and books)."""
 
     model: str
+    tile: int
+    tiles: tuple[int, ...]
+    costs: CostTable | None
+    metrics: Metrics | None
+    _rate_per_instance: float | None
     unhealthy_after: int
     _lock: threading.Lock
     _active: set[Ticket]
@@ -42,6 +48,26 @@ class BatchOutcomes:
 
     def _fail(self, tickets: Sequence[Ticket], error: Callable[[], ServiceError]) -> None:
         raise NotImplementedError
+
+    def _measured(self, inst: Instance, shape: tuple[int, ...], n: int, dt: float) -> None:
+        bs, th, tw = shape[0], shape[1], shape[2]
+        if self.costs is not None:
+            self.costs.observe(th, tw, bs, dt)
+            if self.metrics is not None and th == tw and th in self.tiles:
+                self.metrics.call_cost.labels(self.model, f"{th}x{tw}", str(bs)).set(
+                    self.costs.call_s(th, tw, bs)
+                )
+        units = n * th * tw / (self.tile * self.tile)
+        with self._lock:
+            inst.failures = 0
+            r = units / max(dt, 1e-6)
+            self._rate_per_instance = (
+                r if self._rate_per_instance is None else 0.8 * self._rate_per_instance + 0.2 * r
+            )
+        if self.metrics is not None:
+            self.metrics.batch_size.labels(self.model).observe(n)
+            self.metrics.compute_seconds.labels(self.model).observe(dt)
+            self.metrics.tiles.labels(self.model).inc(n)
 
     def _on_failure(self, inst: Instance, entries: list[Entry], err: BaseException) -> None:
         with self._lock:

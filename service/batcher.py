@@ -388,23 +388,3 @@ class TileBatcher(BatchOutcomes):
                 self._completions.put((entries, y, t1 - t0, n))
             else:  # inline: CPU engines already use every core, a hand-off would only add switches
                 self._complete(entries, y, t1 - t0, n)
-
-    def _measured(self, inst: Instance, shape: tuple[int, ...], n: int, dt: float) -> None:
-        bs, th, tw = shape[0], shape[1], shape[2]
-        if self.costs is not None:
-            self.costs.observe(th, tw, bs, dt)
-            if self.metrics is not None and th == tw and th in self.tiles:
-                self.metrics.call_cost.labels(self.model, f"{th}x{tw}", str(bs)).set(
-                    self.costs.call_s(th, tw, bs)
-                )
-        units = n * th * tw / (self.tile * self.tile)
-        with self._lock:
-            inst.failures = 0
-            r = units / max(dt, 1e-6)
-            self._rate_per_instance = (
-                r if self._rate_per_instance is None else 0.8 * self._rate_per_instance + 0.2 * r
-            )
-        if self.metrics is not None:
-            self.metrics.batch_size.labels(self.model).observe(n)
-            self.metrics.compute_seconds.labels(self.model).observe(dt)
-            self.metrics.tiles.labels(self.model).inc(n)

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from service.costs import CostTable
+from service.manifest import TileGeometry
+from service.settings import Settings
 from service.tiling import TilePlan, plan_tiles
 
 #: A dynamic candidate must be this much cheaper than the best static one to win (static tiles batch
@@ -40,6 +42,19 @@ class EngineShapes:
     @property
     def primary(self) -> int:
         return max(self.tiles)
+
+    @classmethod
+    def of(
+        cls,
+        g: TileGeometry,
+        tiles: tuple[int, ...],
+        dynamic: bool = False,
+        settings: Settings | None = None,
+        max_batch: int | None = None,
+    ) -> EngineShapes:
+        """The loaded engine's shapes with the model's geometry and the per-call budget setting."""
+        budget = settings.whole_image_max_pixels if dynamic and settings is not None else 0
+        return cls(tiles, g.overlap, g.graph_scale, g.size_multiple, dynamic, budget, max_batch)
 
 
 def _round_up(v: int, m: int) -> int:

@@ -14,7 +14,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +25,19 @@ from service.errors import BadRequest, DeadlineExceeded, ImageTooLarge, ModelNot
 from service.hardware import available_cpus
 from service.manifest import COLOR_FIXES, Manifest, ManifestError, list_models, read_manifest
 from service.metrics import Metrics
-from service.pipeline import RequestPlan, finish, make_plan, prepare_input
+from service.pipeline import RequestPlan, make_plan
 from service.planner import EngineShapes, choose
+from service.requests import (
+    UpscaleJob,
+    UpscaleOutcome,
+    finish_request,
+    prepare_request,
+    request_sink,
+    shape_label,
+)
 from service.settings import Settings
 from service.tickets import Reservation, Ticket, TicketResult
-from service.tiling import Stitcher, TilePlan
+from service.tiling import TilePlan
 
 log = logging.getLogger(__name__)
 
@@ -38,29 +45,6 @@ __all__ = ["ModelRuntime", "Reservation", "Runtime", "UpscaleJob", "UpscaleOutco
 
 
 BackendFactory = Callable[[Manifest, Path, Settings], tuple[Backend, str]]
-
-
-@dataclass(frozen=True)
-class UpscaleJob:
-    image: np.ndarray  # HWC uint8 RGB (alpha stripped, EXIF applied, modes normalised by the HTTP layer)
-    out_height: int
-    out_width: int
-    color_fix: str | None  # "none" | "adain" | "wavelet"; None = the model's default
-    deadline: float  # time.monotonic() after which the job fails with DeadlineExceeded
-    request_id: str
-    progress: Callable[[int], None] | None = None  # gets each batch's tile count as it lands (jobs)
-
-
-@dataclass(frozen=True)
-class UpscaleOutcome:
-    image: np.ndarray  # HWC uint8, out_height × out_width × 3
-    model: str
-    backend: str
-    precision: str
-    tiles: int
-    queue_s: float  # admission → first tile started
-    compute_s: float  # engine time attributed to this request
-    runtime_s: float  # admission → result
 
 
 class ModelRuntime:
@@ -147,20 +131,11 @@ class ModelRuntime:
         t0 = time.monotonic()
         timings = self._load_backend()
         self.batcher.start(timings)
-        b, g = self.batcher, self.manifest.tile
-        self._shapes = EngineShapes(
-            tiles=b.tiles,
-            overlap=g.overlap,
-            scale=g.graph_scale,
-            size_multiple=g.size_multiple,
-            dynamic=b.dynamic,
-            max_call_pixels=self.settings.whole_image_max_pixels if b.dynamic else 0,
-            max_batch=b.max_batch,
-        )
-        if b.costs is not None:
-            for row in b.costs.rows():
-                shape = f"{row['height']}x{row['width']}"
-                self.metrics.call_cost.labels(self.name, shape, str(row["batch"])).set(row["seconds"])
+        b = self.batcher
+        self._shapes = EngineShapes.of(self.manifest.tile, b.tiles, b.dynamic, self.settings, b.max_batch)
+        for row in b.costs.rows() if b.costs is not None else []:
+            shape = f"{row['height']}x{row['width']}"
+            self.metrics.call_cost.labels(self.name, shape, str(row["batch"])).set(row["seconds"])
         info = self.info
         self.metrics.build_info.labels(
             self.name, __version__, info.name, info.precision, info.engine_key
@@ -193,10 +168,8 @@ class ModelRuntime:
         return 2 * square.n_tiles
 
     def _tiler(self, h: int, w: int) -> TilePlan:
-        shapes = self._shapes
-        if shapes is None:  # not loaded: the primary tile (the cost is what admission needs then)
-            g = self.manifest.tile
-            shapes = EngineShapes((g.tile,), g.overlap, g.graph_scale, g.size_multiple)
+        # not loaded: the primary tile (the cost is all admission needs then)
+        shapes = self._shapes or EngineShapes.of(self.manifest.tile, (self.manifest.tile.tile,))
         return choose(h, w, shapes, self.batcher.costs)
 
     def plan(self, in_h: int, in_w: int, out_h: int, out_w: int) -> RequestPlan:
@@ -245,17 +218,21 @@ class ModelRuntime:
         if not isinstance(plan, RequestPlan) or (plan.in_h, plan.in_w, plan.out_h, plan.out_w) != want:
             plan = self.plan(*want)  # the decoded image differs from its header (EXIF rotation, …)
             reservation.rebind(plan)
-        self.metrics.plan_shape.labels(self.name, _shape_label(plan.tiles, self.batcher.tiles)).inc()
+        self.metrics.plan_shape.labels(self.name, shape_label(plan.tiles, self.batcher.tiles)).inc()
         loop = asyncio.get_running_loop()
 
-        padded, stitcher = await loop.run_in_executor(self._host, _prepare, img, plan)
+        padded, stitcher = await loop.run_in_executor(self._host, prepare_request, img, plan)
         ticket = self.batcher.submit(
-            padded, plan.tiles, job.deadline, _sink(stitcher, job.progress), admitted=reservation.created
+            padded,
+            plan.tiles,
+            job.deadline,
+            request_sink(stitcher, job.progress),
+            admitted=reservation.created,
         )
         del padded  # the ticket holds it until its last tile has been cut
         result = await self._wait(ticket, job.deadline)
         del ticket  # frees the padded input before the colour fix allocates
-        out = await loop.run_in_executor(self._host, _finish, stitcher, img, plan, color_fix)
+        out = await loop.run_in_executor(self._host, finish_request, stitcher, img, plan, color_fix)
         now = time.monotonic()
         self.metrics.output_megapixels.labels(self.name).inc(job.out_height * job.out_width / 1e6)
         self.metrics.tile_occupancy.labels(self.name).observe(plan.tiles.occupancy)
@@ -324,31 +301,6 @@ class ModelRuntime:
         self._closed = True
         self.batcher.close()
         self.backend.close()
-
-
-def _shape_label(tiles: TilePlan, static: tuple[int, ...]) -> str:
-    h, w = tiles.shape
-    return f"{h}x{w}" if h == w and h in static else "dynamic"
-
-
-def _sink(
-    stitcher: Stitcher, progress: Callable[[int], None] | None = None
-) -> Callable[[Sequence[int], np.ndarray], None]:
-    def add(indices: Sequence[int], tiles: np.ndarray) -> None:
-        for i, t in zip(indices, tiles, strict=True):
-            stitcher.add(i, t)
-        if progress is not None:
-            progress(len(indices))
-
-    return add
-
-
-def _prepare(image: np.ndarray, plan: RequestPlan) -> tuple[np.ndarray, Stitcher]:
-    return prepare_input(image, plan), Stitcher(plan.tiles)
-
-
-def _finish(stitcher: Stitcher, image: np.ndarray, plan: RequestPlan, color_fix: str) -> np.ndarray:
-    return finish(stitcher.result(), image, plan, color_fix)
 
 
 class Runtime:

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from service.backends.base import BackendInfo
     from service.batcher import TileBatcher
     from service.pipeline import RequestPlan
-    from service.runtime import UpscaleJob, UpscaleOutcome
+    from service.requests import UpscaleJob, UpscaleOutcome
     from service.tickets import Reservation
 
 

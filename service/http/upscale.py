@@ -34,7 +34,7 @@ from service.http.body import read_upload
 from service.imageops import target_size
 from service.manifest import MODEL_NAME_PATTERN
 from service.metrics import Metrics
-from service.runtime import UpscaleJob
+from service.requests import UpscaleJob
 from service.runtime_api import ModelClient, RuntimeClient
 from service.settings import Settings
 from service.tickets import Reservation

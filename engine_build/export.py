@@ -13,6 +13,8 @@ artifact with the same key and the files match their sha256; redone when any inp
     onnx fp32    TorchScript exporter (dynamo=False: <1 s vs ≈19 s for the tiny model)
     onnx fp16    the fp32 graph rewritten to fp16 with fp32 islands (engine_build/fp16.py: norms,
                  Q·Kᵀ + softmax, timestep embedding, optionally the VAE decoder), every cast explicit
+    onnx P tN    shape buckets: the same graph at smaller static tiles (`buckets`), and for single
+    onnx P dynamic  CNNs a whole-image graph with dynamic H/W (engine_build/export_shapes.py)
 
 Writing and checking a graph is engine_build/onnx_graph.py (checker, shape inference, I/O, TensorRT's
 rules); the fp16 rewrite is engine_build/export_fp16.py.
@@ -39,6 +41,8 @@ from engine_build.export_fp16 import (
     fp16_decision,
     scan_tiles,
 )
+from engine_build.export_keys import resolve_buckets
+from engine_build.export_shapes import check_whole_image, export_shapes
 from engine_build.export_steps import (
     ExportPlan,
     base_manifest,
@@ -121,7 +125,7 @@ class ExportResult:
 
     def summary(self) -> str:
         rows = [
-            f"{s.step:<12} {'skipped' if s.skipped else 'done':<8} {s.seconds:8.2f} s  {s.detail}"
+            f"{s.step:<18} {'skipped' if s.skipped else 'done':<8} {s.seconds:8.2f} s  {s.detail}"
             for s in self.steps
         ]
         return "\n".join(rows)
@@ -169,20 +173,25 @@ def export_gendr(
     copy_checkpoint: bool = True,
     force: bool = False,
     source: Source | None = None,
+    buckets: Sequence[int] = (),
+    whole_image: bool = False,
 ) -> ExportResult:
     """Export a GenDR checkpoint folder into the model repository entry `out_dir` (= models/<name>).
 
     The graph is scale-1 (graph_scale 1): the runtime bicubic-resizes each request to its target size
-    first and the tile graph restores detail at that size, so one graph serves every scale.
+    first and the tile graph restores detail at that size, so one graph serves every scale. `buckets`:
+    smaller static tiles exported beside the primary one (engine_build/export_shapes.py).
     """
     from engine_build.checkpoint import EMBEDS_FILE, load_checkpoint
 
+    check_whole_image("gendr", whole_image)
     checkpoint, model_dir = Path(checkpoint), Path(out_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
     name = name or model_dir.name
     steps: list[StepResult] = []
     t0 = time.perf_counter()
     params, size_multiple = _peek_checkpoint(checkpoint)
+    buckets = resolve_buckets(buckets, tile, size_multiple)  # refused before anything is written
+    model_dir.mkdir(parents=True, exist_ok=True)
     digest, files = checkpoint_digest(checkpoint)
     steps.append(StepResult("hash", False, time.perf_counter() - t0, f"{len(files)} checkpoint files"))
     geometry = make_geometry(tile, overlap, 1, size_multiple)
@@ -209,8 +218,10 @@ def export_gendr(
         emb = make_artifact(model_dir, dst)
     manifest = base_manifest(plan, old, pipeline=params, prompt_embeds=emb, checkpoint=ckpt_arts, source=src)
     write_manifest(model_dir, manifest)
-    manifest = export_variants(
-        plan, manifest, precisions, opset, fp16 or Fp16Options(), external_data, force, steps
+    fp16 = fp16 or Fp16Options()
+    manifest = export_variants(plan, manifest, precisions, opset, fp16, external_data, force, steps)
+    manifest = export_shapes(
+        plan, manifest, precisions, opset, fp16, external_data, force, steps, buckets, False
     )
     return ExportResult(model_dir, manifest, steps)
 
@@ -231,13 +242,19 @@ def export_single(
     fp16: Fp16Options | None = None,
     external_data: bool | None = None,
     force: bool = False,
+    buckets: Sequence[int] = (),
+    whole_image: bool = False,
+    weights_digest: str | None = None,
 ) -> ExportResult:
     """Export one image-to-image network with a native integer `scale` (the `single` kind).
 
     `net` maps [0,1] NCHW → [0,1] at `scale`× (spandrel's ESRGAN convention) when `unit_range`,
     else [-1,1] → [-1,1]. `checkpoint_files` (safetensors) are copied to `checkpoint/` so the torch
     backend and `verify` can rebuild the network (spandrel loads them). The caller's module is not
-    modified. `out_dir` is the model folder (models/<name>).
+    modified. `out_dir` is the model folder (models/<name>). `buckets` / `whole_image`: the same network
+    at smaller static tiles / with dynamic height and width (engine_build/export_shapes.py).
+    `weights_digest` (e.g. the sha256 of the safetensors file the network was built from) replaces the
+    hash of its state dict in the step keys, so `export_keys.repository_up_to_date` can check without torch.
     """
     from engine_build.model import UnitRangeAdapter
 
@@ -246,8 +263,9 @@ def export_single(
     wrapped = UnitRangeAdapter(net) if unit_range else net
     wrapped = wrapped.eval().float()
     geometry = make_geometry(tile, overlap, scale, size_multiple)
+    buckets = resolve_buckets(buckets, tile, size_multiple)  # refused before anything is written
     t0 = time.perf_counter()
-    digest = state_dict_digest(wrapped)
+    digest = weights_digest or state_dict_digest(wrapped)
     plan = ExportPlan(model_dir, name, "single", lambda: wrapped, geometry, scale, digest, inplace_ok=False)
     old = existing_manifest(model_dir)
     arts: list[Artifact] = []
@@ -262,15 +280,10 @@ def export_single(
     src = source.model_copy(update={"checkpoint_sha256": source.checkpoint_sha256 or digest})
     manifest = base_manifest(plan, old, checkpoint=arts, source=src)
     write_manifest(model_dir, manifest)
-    manifest = export_variants(
-        plan,
-        manifest,
-        precisions,
-        opset,
-        fp16 or Fp16Options(vae_decoder="fp16"),
-        external_data,
-        force,
-        steps,
+    fp16 = fp16 or Fp16Options(vae_decoder="fp16")
+    manifest = export_variants(plan, manifest, precisions, opset, fp16, external_data, force, steps)
+    manifest = export_shapes(
+        plan, manifest, precisions, opset, fp16, external_data, force, steps, buckets, whole_image
     )
     return ExportResult(model_dir, manifest, steps)
 
@@ -282,6 +295,7 @@ def describe(manifest: Manifest) -> str:
                 "graph": v.graph.path,
                 "MB": round((v.graph.size + (v.external_data.size if v.external_data else 0)) / 1e6, 1),
                 "key": v.key[:12],
+                "shapes": [s.graph.path for s in v.shapes],
             }
             for p, v in manifest.onnx.items()
         },

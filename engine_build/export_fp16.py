@@ -8,53 +8,28 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
+from engine_build.export_keys import FP16_OVERFLOW_LIMIT, Fp16Options
 from engine_build.model import GenDR
 from engine_build.onnx_graph import (
     EXTERNAL_DATA_THRESHOLD,
     GRAPH_FILE,
     ExportError,
-    _initializer_bytes,
     finalize_onnx,
+    initializer_bytes,
     save_onnx,
 )
 
 log = logging.getLogger(__name__)
 
-
-#: fp16 "auto" policy: an fp32 activation above this (fp16 max is 65504; 8× headroom for real
-#: images brighter/more textured than the scan tiles) keeps the VAE decoder in fp32.
-FP16_OVERFLOW_LIMIT = 8192.0
-
-
-@dataclass(frozen=True)
-class Fp16Options:
-    """Where the fp16 graph keeps fp32: where fp16 overflows or loses precision (docs/architecture.md)."""
-
-    norms: Literal["fp32", "fp16"] = "fp32"  # GroupNorm / LayerNorm statistics (sum of squares)
-    attention: Literal["fp32", "fp16"] = "fp32"  # Q·Kᵀ and softmax (SD2.1 needs upcast_attention)
-    vae_decoder: Literal["auto", "fp32", "fp16"] = "auto"  # auto: fp32 if an activation scan overflows
-    fp32_nodes: tuple[
-        str, ...
-    ] = ()  # ONNX node-name regexes kept in fp32, e.g. r"^/net/decoder/up_blocks\.3/"
-    overflow_limit: float = FP16_OVERFLOW_LIMIT
-
-    def key(self) -> dict[str, Any]:
-        return {
-            "norms": self.norms,
-            "attention": self.attention,
-            "vae_decoder": self.vae_decoder,
-            "fp32_nodes": list(self.fp32_nodes),
-            "overflow_limit": self.overflow_limit,
-        }
+__all__ = ["FP16_OVERFLOW_LIMIT", "Fp16Options", "activation_absmax", "convert_graph_fp16", "fp16_decision"]
 
 
 def activation_absmax(net: nn.Module, x: torch.Tensor, prefixes: Sequence[str] = ("",)) -> dict[str, float]:
@@ -137,14 +112,15 @@ def fp16_decision(net: nn.Module, opts: Fp16Options, scan_input: torch.Tensor | 
 def convert_graph_fp16(
     src: Path,
     dst_dir: Path,
-    tile_out: int,
+    tile_out: int | None,
     opts: Fp16Options,
     decoder_fp32: bool,
     external_data: bool | None,
-    tile: int,
+    tile: int | None,
     trt_strict: bool = True,
 ) -> tuple[Path, Path | None, dict[str, Any]]:
-    """fp32 ONNX file → fp16 ONNX folder (checked like every export) and the conversion report."""
+    """fp32 ONNX file → fp16 ONNX folder (checked like every export) and the conversion report
+    (`tile`/`tile_out` None: a dynamic-H/W graph)."""
     from engine_build.fp16 import DECODER_SCOPES, convert_to_fp16, fp32_nodes
 
     model = onnx.load(str(src), load_external_data=True)
@@ -160,9 +136,10 @@ def convert_graph_fp16(
     tmp.mkdir(parents=True)
     try:
         raw = tmp / GRAPH_FILE
-        save_onnx(model, raw, _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD)
+        save_onnx(model, raw, initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD)
         del model
-        graph, data = finalize_onnx(raw, dst_dir, tile_out, external_data, (tile, tile, 3), trt_strict)
+        expect = (tile, tile, 3) if tile is not None else None
+        graph, data = finalize_onnx(raw, dst_dir, tile_out, external_data, expect, trt_strict)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return graph, data, {"fp32_node_patterns": patterns, **rep.as_dict()}

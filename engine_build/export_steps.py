@@ -11,11 +11,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import onnx
 import torch
 from torch import nn
 
-from engine_build.export_fp16 import Fp16Options, convert_graph_fp16, fp16_decision, scan_tiles
+from engine_build.export_fp16 import convert_graph_fp16, fp16_decision, scan_tiles
+from engine_build.export_keys import EXPORT_FORMAT, EXPORT_PRECISIONS, Fp16Options, export_keys, export_order
 from engine_build.model import TileGraph
 from engine_build.onnx_graph import (
     DATA_FILE,
@@ -39,24 +39,6 @@ from service.manifest import (
 )
 
 log = logging.getLogger(__name__)
-
-#: Bump when the exported graph changes for identical inputs (invalidates every cached export).
-EXPORT_FORMAT = 2  # 2: Cast-first/Cast-last tile I/O (TensorRT's uint8 rule)
-
-EXPORT_PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
-
-
-def tool_versions() -> dict[str, str]:
-    """Versions that change the exported bytes; part of every export key."""
-    import importlib.metadata as md
-
-    out = {"torch": torch.__version__, "onnx": onnx.__version__}
-    for pkg in ("diffusers", "spandrel"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def checkpoint_digest(root: Path) -> tuple[str, dict[str, str]]:
@@ -112,6 +94,11 @@ class ExportPlan:
         self.load_seconds = 0.0
 
     @property
+    def loaded(self) -> bool:
+        """Whether the network was loaded already (an up-to-date step never loads it)."""
+        return self._net is not None
+
+    @property
     def net(self) -> nn.Module:
         """The [-1,1] → [-1,1] network, loaded on first use."""
         if self._net is None:
@@ -140,19 +127,8 @@ def export_variants(
                 "int8/fp8 come from `gendr-build quantize`)"
             )
     g = plan.geometry
-    versions = tool_versions()
-    base = {
-        "format": EXPORT_FORMAT,
-        "kind": plan.kind,
-        "weights": plan.weights_digest,
-        "tile": g.tile,
-        "graph_scale": g.graph_scale,
-        "opset": opset,
-        "io": [INPUT_NAME, OUTPUT_NAME],
-        "external_data": external_data,
-        "versions": versions,
-    }
-    graph_base = hash_inputs("onnx-base", base)
+    keys = export_keys(plan.kind, plan.weights_digest, g.tile, g.graph_scale, opset, external_data, fp16)
+    graph_base = keys.graph_base
     stale = [
         q
         for q in EXPORT_PRECISIONS
@@ -163,16 +139,13 @@ def export_variants(
     if stale:  # e.g. fp16 from another tile size, while only fp32 is re-exported now
         manifest = drop_stale(manifest, model_dir, stale, "it was exported for other weights/tile/opset")
         write_manifest(model_dir, manifest)
-    keys = {"fp32": hash_inputs("onnx-fp32", base)}
-    keys["fp16"] = hash_inputs("onnx-fp16", keys["fp32"], fp16.key())
-    # fp16 is derived from the fp32 graph, so fp32 is always exported (and kept) first
-    order = [p for p in EXPORT_PRECISIONS if p in precisions or (p == "fp32" and "fp16" in precisions)]
+    order = export_order(precisions)
     for p in order:
-        key = keys[p]
+        key = keys.variants[p]
         v = manifest.onnx.get(p)
         recorded = (v.key, [v.graph, v.external_data]) if v else None
         needs_net = p == "fp32" or fp16.vae_decoder == "auto" or plan.kind == "single"
-        if needs_net and plan._net is None and (force or not (recorded and recorded[0] == key)):
+        if needs_net and not plan.loaded and (force or not (recorded and recorded[0] == key)):
             plan.net  # noqa: B018 (loads the network; timed separately from the export itself)
             steps.append(StepResult("load", False, plan.load_seconds, "weights → torch"))
 

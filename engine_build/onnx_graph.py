@@ -18,13 +18,10 @@ import torch
 from torch import nn
 
 from engine_build.errors import BuildError
+from engine_build.export_keys import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
 from engine_build.trt_rules import check_graph
 
 log = logging.getLogger(__name__)
-
-
-#: opset 18: SDPA/LayerNormalization export cleanly (≥14 needed); ModelOpt lifts Q/DQ graphs to 19.
-DEFAULT_OPSET = 18
 
 
 #: Initializer bytes above which a graph is written with external data (protobuf's limit is 2 GiB).
@@ -37,20 +34,20 @@ GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 
 
-INPUT_NAME = "lr_tile"
-
-
-OUTPUT_NAME = "sr_tile"
-
-
 class ExportError(BuildError, RuntimeError):
     """An export step that cannot run or produced an invalid graph."""
 
 
 def trace_to_onnx(
-    graph: nn.Module, tile: int, path: Path, opset: int = DEFAULT_OPSET, channels: int = 3
+    graph: nn.Module,
+    tile: int,
+    path: Path,
+    opset: int = DEFAULT_OPSET,
+    channels: int = 3,
+    dynamic_hw: bool = False,
 ) -> None:
-    """TorchScript-export `graph` (uint8 [B,t,t,C] → uint8) with a dynamic batch axis to `path`.
+    """TorchScript-export `graph` (uint8 [B,t,t,C] → uint8) with a dynamic batch axis to `path`
+    (`dynamic_hw`: height and width dynamic too, traced at t×t; the whole-image graph).
 
     Large models come out with one external file per tensor next to `path`; `finalize_onnx`
     consolidates them.
@@ -67,14 +64,23 @@ def trace_to_onnx(
             str(path),
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            dynamic_axes=_dynamic_axes(dynamic_hw),
             opset_version=opset,
             do_constant_folding=True,
             dynamo=False,
         )
 
 
-def _initializer_bytes(model: onnx.ModelProto) -> int:
+def _dynamic_axes(dynamic_hw: bool) -> dict[str, dict[int, str]]:
+    if not dynamic_hw:
+        return {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+    return {
+        INPUT_NAME: {0: "batch", 1: "height", 2: "width"},
+        OUTPUT_NAME: {0: "batch", 1: "out_height", 2: "out_width"},
+    }
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
     total = 0
     for t in model.graph.initializer:
         n = int(np.prod(t.dims)) if t.dims else 1
@@ -105,18 +111,19 @@ def save_onnx(model: onnx.ModelProto, path: Path, external_data: bool) -> Path |
 def finalize_onnx(
     src: Path,
     dst_dir: Path,
-    tile_out: int,
+    tile_out: int | None,
     external_data: bool | None = None,
     expect_input: tuple[int, ...] | None = None,
     trt_strict: bool = True,
 ) -> tuple[Path, Path | None]:
     """Load `src` (with its external data), write `dst_dir/model.onnx` [+ model.onnx.data], then run
     the full checker and strict shape inference (the inferred graph, with value_info, is the result).
+    `tile_out` None: a dynamic-H/W graph (output height and width stay symbolic).
     """
     dst_dir.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(src), load_external_data=True)
     use_external = (
-        external_data if external_data is not None else _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        external_data if external_data is not None else initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
     )
     graph_path = dst_dir / GRAPH_FILE
     model.producer_name = "gendr-serve"
@@ -136,7 +143,7 @@ def finalize_onnx(
     return graph_path, data_path
 
 
-def _declare_output_shape(model: onnx.ModelProto, tile_out: int) -> None:
+def _declare_output_shape(model: onnx.ModelProto, tile_out: int | None) -> None:
     """Write the static output tile into the graph's declared output shape.
 
     The traced graph computes upsample sizes from Shape ops, which ONNX shape inference cannot fold, so
@@ -147,9 +154,14 @@ def _declare_output_shape(model: onnx.ModelProto, tile_out: int) -> None:
     dims = out.type.tensor_type.shape.dim
     if len(dims) != 4:
         raise ExportError(f"output {out.name} has rank {len(dims)}, expected 4 (NHWC)")
-    for i in (1, 2):
+    for i, sym in ((1, "out_height"), (2, "out_width")):
+        if tile_out is None and dims[i].dim_param:
+            continue
         dims[i].Clear()
-        dims[i].dim_value = tile_out
+        if tile_out is None:
+            dims[i].dim_param = sym
+        else:
+            dims[i].dim_value = tile_out
     if not dims[0].dim_param:
         dims[0].Clear()
         dims[0].dim_param = "batch"
@@ -162,9 +174,14 @@ def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
 
 
 def check_io(
-    graph_path: Path, tile_out: int, expect_input: tuple[int, ...] | None = None, *, trt_strict: bool = True
+    graph_path: Path,
+    tile_out: int | None,
+    expect_input: tuple[int, ...] | None = None,
+    *,
+    trt_strict: bool = True,
 ) -> None:
-    """The graph has exactly `lr_tile` uint8 [batch,t,t,C] → `sr_tile` uint8 [batch,T,T,C]."""
+    """The graph has exactly `lr_tile` uint8 [batch,t,t,C] → `sr_tile` uint8 [batch,T,T,C]
+    (`tile_out` None: [batch,H,W,C] → [batch,H',W',C] with H, W dynamic, for ONNX Runtime only)."""
     m = onnx.load(str(graph_path), load_external_data=False)
     ins = [i for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer}]
     outs = list(m.graph.output)
@@ -181,20 +198,34 @@ def check_io(
         raise ExportError(f"{graph_path}: batch axis is not dynamic ({di} → {do})")
     if expect_input and tuple(di[1:]) != tuple(expect_input):
         raise ExportError(f"{graph_path}: input tile {di[1:]} != {expect_input}")
-    if tuple(do[1:3]) != (tile_out, tile_out):
+    if tile_out is None:
+        if len(di) != 4 or not all(isinstance(d, str) for d in (*di[1:3], *do[1:3])):
+            raise ExportError(f"{graph_path}: height/width are not dynamic ({di} → {do})")
+    elif tuple(do[1:3]) != (tile_out, tile_out):
         raise ExportError(f"{graph_path}: output tile {do[1:]} != {tile_out}×{tile_out} (shape inference)")
     # Every variant (fp32, fp16, int8/fp8 Q/DQ) passes here before it is recorded: a graph TensorRT
     # cannot parse or build fails now, on the CPU, not in the engine-build Job on a GPU node. GenDR
     # graphs (made for TensorRT) must pass; a community SR network that breaks a rule is still served
     # by ONNX Runtime, so it is a warning there and `gendr-build engine` refuses it with the reasons.
-    problems = check_graph(m, tile=di[1] if isinstance(di[1], int) else None, out_tile=tile_out)
+    # a dynamic graph is for ONNX Runtime only (no engine): TensorRT's static-shape rule does not apply
+    problems = trt_problems(m, tile_out)
     if problems and trt_strict:
         raise ExportError(
             f"{graph_path.name} breaks TensorRT's rules (engine_build/trt_rules.py): " + "; ".join(problems)
         )
-    if problems:
+    if problems and tile_out is not None:
         log.warning(
             "%s: TensorRT cannot build this graph (ONNX Runtime serves it; engines are refused): %s",
             graph_path,
             "; ".join(problems),
         )
+
+
+def trt_problems(model: onnx.ModelProto | Path, tile_out: int | None) -> list[str]:
+    """TensorRT's rules for a tile graph (or file); a dynamic graph (`tile_out` None) skips the static-shape
+    rule, since it is served by ONNX Runtime only."""
+    m = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+    ins = [i for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer}]
+    di = _dims(ins[0]) if ins else []
+    tile = di[1] if len(di) > 1 and isinstance(di[1], int) else None
+    return check_graph(m, tile=tile, out_tile=tile_out, static=tile_out is not None)

@@ -18,6 +18,36 @@ GENDR_OVERLAP = 64
 #: overlap 16 ≥ Real-ESRGAN's own tile_pad of 10. import-sr raises both for wider receptive fields.
 SR_TILE = 96
 SR_OVERLAP = 16
+# Shape buckets (docs/export.md "Shape buckets"): the same network at smaller static tiles, so a small
+# image runs on the smallest tile that holds it instead of being padded up to the primary tile. Presets
+# are dropped silently where they do not fit (not below the tile, not a multiple of the network's);
+# an explicit --buckets value that does not fit is an error.
+#: GenDR: one bucket at half the 512 tile (a 32² latent): an image ≤ 256 px costs ¼ of a 512 call.
+GENDR_BUCKETS: tuple[int, ...] = (256,)
+#: Single SR networks: images up to 64 px (thumbnails, icons, crops) on a 64 tile instead of 96 (0.44× the
+#: pixels); with the whole-image graph below, 64–128 px images run in one call at their own size. Each
+#: bucket is one more trace and one more copy of the weights: on the default model (Real-ESRGAN, 67 MB)
+#: t32 and t64 cost 19 s and 13 s of export on 2 cores and the whole-image graph 21 s with its parity
+#: check, so the default keeps one bucket (docs/default-model.md).
+SR_BUCKETS: tuple[int, ...] = (64,)
+#: Whole-image graph (dynamic H/W, ONNX Runtime only) for SR networks whose cost is ~linear in pixels:
+#: spandrel architecture ids of plain CNNs. Others (window attention: SwinIR, HAT, DAT, …) get none
+#: unless --whole-image asks, and the export refuses it when its parity check fails.
+SR_WHOLE_IMAGE_ARCHS: frozenset[str] = frozenset(
+    {
+        "ESRGAN",
+        "Compact",
+        "SwiftSRGAN",
+        "SPAN",
+        "PLKSR",
+        "MoSR",
+        "MoESR",
+        "SeemoRe",
+        "RealCUGAN",
+        "SAFMN",
+        "RCAN",
+    }
+)
 
 GENDR_UNET: dict[str, Any] = {
     "sample_size": 64,

@@ -116,7 +116,7 @@ async def _serve(repo: Path, name: str, images: list[np.ndarray], scale: int) ->
             h, w = img.shape[0] * scale, img.shape[1] * scale
             job = UpscaleJob(img, h, w, "none", time.monotonic() + 300, f"zoo-{i}")
             plan = model.plan(img.shape[0], img.shape[1], h, w)
-            outcome = await model.upscale(job, model.reserve(plan.n_tiles))
+            outcome = await model.upscale(job, model.reserve(plan))
             return outcome.image
 
         return list(await asyncio.gather(*(one(i, im) for i, im in enumerate(images))))

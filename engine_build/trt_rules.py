@@ -11,7 +11,9 @@ or not at all. Each rule is TensorRT's, not ours:
 - Every operator and tensor dtype in onnx-tensorrt's support matrix (engine_build/trt_ops.py), the
   default-domain opset within the parser's range; quantized types (INT8, FP8, …) only around Q/DQ.
 - No operator that needs a plugin: custom domains and operators the matrix marks unsupported.
-- Static tile shape: only the batch axis of the input and output may be dynamic.
+- Static tile shape: only the batch axis of the input and output may be dynamic (every shape bucket is
+  its own static graph; a whole-image graph with dynamic H/W is checked without this rule: it is
+  served by ONNX Runtime only and gets no engine).
 
 `check_graph` lists every problem (one line each, naming the node, op and dtype); `require_trt_compatible`
 raises TrtGraphError with them. External-data graphs are checked without loading their weights.
@@ -249,10 +251,13 @@ def _check_shapes(graph: onnx.GraphProto, tile: int | None, out_tile: int | None
             yield f"{kind} {vi.name!r} is {dims}, expected [batch, {size}, {size}, C] tiles"
 
 
-def check_graph(model: onnx.ModelProto, *, tile: int | None = None, out_tile: int | None = None) -> list[str]:
+def check_graph(
+    model: onnx.ModelProto, *, tile: int | None = None, out_tile: int | None = None, static: bool = True
+) -> list[str]:
     """Every way `model` breaks TensorRT's rules (module docstring), one line each; empty when none.
 
-    `tile`/`out_tile`, when given, are the input/output tile sizes the NHWC I/O must have.
+    `tile`/`out_tile`, when given, are the input/output tile sizes the NHWC I/O must have. `static`
+    False skips the static-shape rule: a whole-image (dynamic H/W) graph is for ONNX Runtime only.
     """
     if model.functions:
         model = onnx.inliner.inline_local_functions(model)
@@ -264,7 +269,7 @@ def check_graph(model: onnx.ModelProto, *, tile: int | None = None, out_tile: in
         _check_ops(model.graph, local),
         _check_dtypes(model.graph, types),
         _check_uint8(model.graph, types),
-        _check_shapes(model.graph, tile, out_tile),
+        _check_shapes(model.graph, tile, out_tile) if static else iter(()),
     ):
         problems.extend(rule)
     return list(dict.fromkeys(problems))

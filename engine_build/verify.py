@@ -14,12 +14,10 @@ scikit-image's bundled images (no download, docs/architecture.md, test data) unl
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +25,11 @@ import numpy as np
 
 from engine_build.errors import BuildError
 from engine_build.runners import onnx_runner, torch_runner
+from engine_build.verify_report import Row, VerifyReport, failures, parse_thresholds
 from service.manifest import Manifest, ManifestError, TileGeometry, read_manifest
 
-__all__ = ["onnx_runner", "torch_runner"]  # the tile functions verify runs, for its callers
+# the tile functions verify runs and the report it returns, for its callers
+__all__ = ["Row", "VerifyReport", "failures", "onnx_runner", "parse_thresholds", "torch_runner"]
 
 log = logging.getLogger(__name__)
 
@@ -171,94 +171,6 @@ def run_whole(
     return run_sync(image, out_h, out_w, geometry, fn, batch=batch, color_fix="none")
 
 
-# ---------------------------------------------------------------------------------------------
-# The report
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    precision: str
-    level: str  # "tile" or "image"
-    name: str
-    shape: str
-    max_abs_err: int
-    mean_abs_err: float
-    psnr_db: float
-    seconds: float = 0.0
-
-
-@dataclass
-class VerifyReport:
-    model: str
-    reference: str
-    rows: list[Row] = field(default_factory=list)
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def worst(self) -> dict[str, dict[str, float]]:
-        out: dict[str, dict[str, float]] = {}
-        for r in self.rows:
-            w = out.setdefault(
-                r.precision,
-                {
-                    "min_psnr_db": math.inf,
-                    "max_abs_err": 0,
-                    "min_tile_psnr_db": math.inf,
-                    "min_image_psnr_db": math.inf,
-                },
-            )
-            w["min_psnr_db"] = min(w["min_psnr_db"], r.psnr_db)
-            w["max_abs_err"] = max(w["max_abs_err"], r.max_abs_err)
-            k = f"min_{r.level}_psnr_db"
-            w[k] = min(w[k], r.psnr_db)
-        return out
-
-    def table(self) -> str:
-        head = (
-            f"{'precision':<9} {'level':<5} {'input':<22} {'shape':<14} {'max|err|':>8} {'mean|err|':>9} "
-            f"{'PSNR dB':>8} {'s':>6}"
-        )
-        lines = [f"{self.model}: ONNX Runtime CPU vs {self.reference}", head, "-" * len(head)]
-        for r in self.rows:
-            psnr = "inf" if math.isinf(r.psnr_db) else f"{r.psnr_db:.2f}"
-            lines.append(
-                f"{r.precision:<9} {r.level:<5} {r.name[:22]:<22} {r.shape:<14} {r.max_abs_err:>8d} "
-                f"{r.mean_abs_err:>9.4f} {psnr:>8} {r.seconds:>6.2f}"
-            )
-        lines.append("-" * len(head))
-        for p, w in self.worst().items():
-            ps = "inf" if math.isinf(w["min_psnr_db"]) else f"{w['min_psnr_db']:.2f}"
-            lines.append(f"{p:<9} worst: PSNR {ps} dB, max |err| {w['max_abs_err']}")
-        return "\n".join(lines)
-
-    def to_json(self) -> dict[str, Any]:
-        def clean(v: Any) -> Any:
-            if isinstance(v, float) and math.isinf(v):
-                return None  # identical outputs; JSON has no infinity
-            if isinstance(v, dict):
-                return {k: clean(x) for k, x in v.items()}
-            if isinstance(v, list):
-                return [clean(x) for x in v]
-            return v
-
-        return clean(
-            {
-                "model": self.model,
-                "reference": self.reference,
-                "info": self.info,
-                "worst": self.worst(),
-                "rows": [asdict(r) for r in self.rows],
-                "note": "psnr_db null = identical outputs",
-            }
-        )
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=2))
-        return path
-
-
 def _run_batched(fn: TileFn, tiles: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate([fn(tiles[i : i + batch]) for i in range(0, len(tiles), batch)])
 
@@ -354,23 +266,41 @@ def verify_model(
                 )
             )
         log.info("verify %s done", label)
+    if n_tiles:
+        report.rows.extend(_shape_rows(model_dir, manifest, wanted, ref_net, photos, n_tiles, seed))
     return report
 
 
-def parse_thresholds(items: Sequence[str]) -> dict[str, float]:
-    """["fp32=50", "int8=20"] → {"fp32": 50.0, "int8": 20.0}."""
-    out = {}
-    for it in items:
-        k, sep, v = it.partition("=")
-        if not sep:
-            raise ValueError(f"expected PRECISION=DB, got {it!r}")
-        out[k.strip()] = float(v)
-    return out
+def _shape_rows(
+    model_dir: Path,
+    manifest: Manifest,
+    precisions: Sequence[str],
+    ref_net: Any,
+    photos: Sequence[tuple[str, np.ndarray]],
+    n: int,
+    seed: int,
+) -> list[Row]:
+    """Tile rows for every shape bucket (`fp32@t32`: n tiles at its edge) and whole-image graph
+    (`fp32@dynamic`: one photo crop at each size the export checked), against PyTorch at that shape."""
+    from engine_build.shape_check import dynamic_check_sizes, onnx_file_fn, photo_input, torch_fn
 
-
-def failures(report: VerifyReport, min_psnr: dict[str, float]) -> list[str]:
-    bad = []
-    for p, w in report.worst().items():
-        if p in min_psnr and w["min_psnr_db"] < min_psnr[p]:
-            bad.append(f"{p}: worst PSNR {w['min_psnr_db']:.2f} dB < {min_psnr[p]} dB")
-    return bad
+    g, ref, rows = manifest.tile, torch_fn(ref_net), []
+    for p in precisions:
+        for sg in manifest.onnx[p].shapes:
+            label = f"{p}@{'t' + str(sg.tile) if sg.tile is not None else 'dynamic'}"
+            if sg.tile is not None:
+                xs = [graph_input_tiles(photos, sg.tile, g.graph_scale, manifest.native_scale, n, seed)]
+            else:
+                sizes = dynamic_check_sizes(g.tile, g.size_multiple)
+                xs = [photo_input(h, w, i, photos) for i, (h, w) in enumerate(sizes)]
+            fn = onnx_file_fn(model_dir / sg.graph.path)
+            for i, x in enumerate(xs):
+                t1 = time.perf_counter()
+                out = fn(x)
+                dt, want = (time.perf_counter() - t1) / len(x), ref(x)
+                for j in range(len(x)):
+                    k = i + j
+                    shape = "x".join(map(str, out[j].shape[:2]))
+                    name, m = f"{photos[k % len(photos)][0]}#{k}", compare(out[j], want[j])
+                    rows.append(Row(label, "tile", name, shape, seconds=round(dt, 3), **m))
+    return rows

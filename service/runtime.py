@@ -27,6 +27,7 @@ from service.manifest import COLOR_FIXES, Manifest, ManifestError, list_models, 
 from service.metrics import Metrics
 from service.pipeline import RequestPlan, make_plan
 from service.planner import EngineShapes, choose
+from service.pools import SizeClassPool, pool_for
 from service.requests import (
     UpscaleJob,
     UpscaleOutcome,
@@ -221,7 +222,8 @@ class ModelRuntime:
         self.metrics.plan_shape.labels(self.name, shape_label(plan.tiles, self.batcher.tiles)).inc()
         loop = asyncio.get_running_loop()
 
-        padded, stitcher = await loop.run_in_executor(self._host, prepare_request, img, plan)
+        pixels = pool_for(self._host, job.out_height * job.out_width)
+        padded, stitcher = await loop.run_in_executor(pixels, prepare_request, img, plan)
         ticket = self.batcher.submit(
             padded,
             plan.tiles,
@@ -232,7 +234,7 @@ class ModelRuntime:
         del padded  # the ticket holds it until its last tile has been cut
         result = await self._wait(ticket, job.deadline)
         del ticket  # frees the padded input before the colour fix allocates
-        out = await loop.run_in_executor(self._host, finish_request, stitcher, img, plan, color_fix)
+        out = await loop.run_in_executor(pixels, finish_request, stitcher, img, plan, color_fix)
         now = time.monotonic()
         self.metrics.output_megapixels.labels(self.name).inc(job.out_height * job.out_width / 1e6)
         self.metrics.tile_occupancy.labels(self.name).observe(plan.tiles.occupancy)
@@ -310,7 +312,7 @@ class Runtime:
         metrics: Metrics,
         models: dict[str, ModelRuntime],
         default: str,
-        host: concurrent.futures.ThreadPoolExecutor,
+        host: concurrent.futures.Executor,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -334,7 +336,7 @@ class Runtime:
                 f"no model found in {repo.resolve()} (each model is a folder with a manifest.json)"
             )
         factory = backend_factory or create_backend
-        host = concurrent.futures.ThreadPoolExecutor(max(2, available_cpus()), thread_name_prefix="pixels")
+        host = SizeClassPool(max(2, available_cpus()), "pixels")
         models: dict[str, ModelRuntime] = {}
         for name in names:
             model_dir = repo / name

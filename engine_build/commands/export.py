@@ -7,13 +7,52 @@ import logging
 import sys
 from pathlib import Path
 
-from engine_build.presets import GENDR_OVERLAP, GENDR_TILE
+from engine_build.presets import GENDR_BUCKETS, GENDR_OVERLAP, GENDR_TILE
 
 log = logging.getLogger(__name__)
 
 
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def bucket_list(value: str) -> list[int]:
+    """`--buckets 256,384` → [256, 384]; `none` (or an empty string) → no buckets."""
+    if value.strip().lower() in ("", "none"):
+        return []
+    try:
+        return [int(v) for v in _csv(value)]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected tile edges like 256,384 or 'none', got {value!r}") from e
+
+
+def add_shape_options(p: argparse.ArgumentParser, default_buckets: tuple[int, ...], whole: bool) -> None:
+    """--buckets (and, for single networks, --whole-image): the shape graphs beside the primary tile."""
+    d = ",".join(map(str, default_buckets)) or "none"
+    p.add_argument(
+        "--buckets",
+        type=bucket_list,
+        default=None,
+        metavar="LIST",
+        help="smaller static tile edges also exported (shape buckets: a small image runs on the smallest "
+        f"tile that holds it), comma-separated, or 'none' (default {d}: those below --tile that fit)",
+    )
+    if whole:
+        p.add_argument(
+            "--whole-image",
+            dest="whole_image",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="also export a dynamic-height/width graph that runs a whole image in one call (ONNX "
+            "Runtime; kept only when it matches PyTorch at other sizes; default: on for CNN architectures)",
+        )
+    else:
+        p.add_argument(
+            "--whole-image",
+            dest="whole_image",
+            action="store_true",
+            help="refused for GenDR (its traced UNet has static sizes); listed so the refusal is clear",
+        )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -80,6 +119,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="do not copy the checkpoint into the repository (verify then needs --checkpoint)",
     )
     p.add_argument("--force", action="store_true", help="redo every step even when up to date")
+    add_shape_options(p, GENDR_BUCKETS, whole=False)
     p.set_defaults(func=cmd_export)
 
     v = sub.add_parser(
@@ -113,7 +153,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from engine_build.checkpoint import CheckpointError
     from engine_build.export import ExportError, Fp16Options, describe, export_gendr
+    from engine_build.export_keys import resolve_buckets
+    from engine_build.export_shapes import check_whole_image
     from service.manifest import ManifestError
+
+    check_whole_image("gendr", args.whole_image)  # before the checkpoint is read: a one-line refusal
+    if args.buckets is None:  # the preset, where it fits this tile (GenDR's size multiple divides 256)
+        buckets = list(resolve_buckets(GENDR_BUCKETS, args.tile, 1, strict=False))
+    else:
+        buckets = args.buckets
 
     ext = {"auto": None, "always": True, "never": False}[args.external_data]
     fp16 = Fp16Options(
@@ -135,6 +183,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             external_data=ext,
             copy_checkpoint=not args.no_copy_checkpoint,
             force=args.force,
+            buckets=buckets,
         )
     except (CheckpointError, ExportError, ManifestError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

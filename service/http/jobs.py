@@ -39,6 +39,7 @@ from service.http.job_records import (
     iso,
 )
 from service.http.upscale import DEADLINE_HEADER, Admitted
+from service.pools import pool_for
 from service.runtime_api import RuntimeClient
 from service.settings import Settings
 
@@ -194,8 +195,9 @@ class JobStore:
         try:
             outcome = await a.model.upscale(up, a.reservation)
             s = self.settings
+            pool = pool_for(self._pool, outcome.image.shape[0] * outcome.image.shape[1])
             body = await loop.run_in_executor(
-                self._pool, images.encode, outcome.image, a.decoded, a.fmt, a.quality, s.png_compress_level
+                pool, images.encode, outcome.image, a.decoded, a.fmt, a.quality, s.png_compress_level
             )
             del outcome
             if len(body) > s.jobs_max_bytes:

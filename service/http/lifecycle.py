@@ -17,7 +17,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from starlette.datastructures import MutableHeaders
@@ -42,7 +42,7 @@ class GendrState:
     settings: Settings
     runtime: RuntimeClient
     metrics: Metrics
-    pool: ThreadPoolExecutor
+    pool: Executor
     keys: ApiKeys
     started: bool = False
     start_error: BaseException | None = None

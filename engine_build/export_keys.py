@@ -19,7 +19,9 @@ from engine_build.repository import artifacts_ok, variant_ok
 from service.manifest import Manifest, hash_inputs
 
 #: Bump when the exported graph changes for identical inputs (invalidates every cached export).
-EXPORT_FORMAT = 2  # 2: Cast-first/Cast-last tile I/O (TensorRT's uint8 rule)
+EXPORT_FORMAT = (
+    3  # 2: Cast-first/Cast-last tile I/O (TensorRT's uint8 rule); 3: [0,1] nets without the [-1,1] detour
+)
 #: Bump when a shape-bucket / whole-image graph changes for identical inputs (or its checks do).
 SHAPES_FORMAT = 1
 EXPORT_PRECISIONS: tuple[str, ...] = ("fp32", "fp16")

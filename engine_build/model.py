@@ -106,12 +106,24 @@ class TileGraph(nn.Module):
     def forward(self, tile: torch.Tensor) -> torch.Tensor:
         # Cast first and last: TensorRT accepts a uint8 network input only when it feeds a Cast
         # directly, and a uint8 output only when a Cast produces it (the permutes run in float).
+        if isinstance(self.net, UnitRangeAdapter):
+            return self._unit_range(tile, self.net.net)
         x = tile.to(self.compute_dtype).permute(0, 3, 1, 2) / 127.5 - 1.0
         y = self.net(x).float()
         if self.check_finite and not bool(torch.isfinite(y).all()):
             raise FloatingPointError("the network produced NaN/Inf (fp16 overflow?): batch failed")
         y = torch.round((y.clamp(-1.0, 1.0) + 1.0) * 127.5)
         return y.clamp(0.0, 255.0).permute(0, 2, 3, 1).to(torch.uint8)
+
+    def _unit_range(self, tile: torch.Tensor, net: nn.Module) -> torch.Tensor:
+        """A [0,1] network (ESRGAN family) straight from uint8 and back: the same values as going through
+        [-1,1], with five fewer elementwise passes over the ×s output (each is a full read and write of
+        it: on a CPU they cost a compact CNN a quarter of its time per image)."""
+        x = tile.to(self.compute_dtype).permute(0, 3, 1, 2) * (1.0 / 255.0)
+        y = net(x).float()
+        if self.check_finite and not bool(torch.isfinite(y).all()):
+            raise FloatingPointError("the network produced NaN/Inf (fp16 overflow?): batch failed")
+        return torch.round(y.clamp(0.0, 1.0) * 255.0).permute(0, 2, 3, 1).to(torch.uint8)
 
 
 class UnitRangeAdapter(nn.Module):

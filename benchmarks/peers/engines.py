@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import io
 import os
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,18 +58,29 @@ def encode_png(rgb: np.ndarray) -> bytes:
 
 
 class DeviceLock:
-    """An exclusive flock on one file: one engine call at a time across every process of a system."""
+    """One engine call at a time across every process *and thread* of a system.
+
+    An flock belongs to the open file description, not to a thread: a second thread of the same
+    process flocking the same descriptor gets the lock at once. So a thread lock comes first (the
+    threads of one worker), then the flock (the other workers)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._threads = threading.Lock()
 
     def __enter__(self) -> DeviceLock:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self._threads.acquire()
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._threads.release()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._threads.release()
 
 
 class Engine(Protocol):

@@ -223,7 +223,7 @@ class OnnxRuntimeBackend:
             graph = verify_artifact(self.model_dir, art)
             if data:
                 verify_artifact(self.model_dir, data)
-            sessions[tile] = [self._session(ort, graph, n_sessions) for _ in range(n_sessions)]
+            sessions[tile] = [self._session(ort, graph) for _ in range(n_sessions)]
             self._check_io(sessions[tile][0], tile)
         self._sessions = sessions
         self._healthy = True
@@ -238,7 +238,7 @@ class OnnxRuntimeBackend:
             self.instances,
         )
 
-    def _session(self, ort: Any, graph: Path, n_sessions: int) -> object:
+    def _session(self, ort: Any, graph: Path) -> object:
         wanted = _PROVIDER[self.provider]
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -246,9 +246,9 @@ class OnnxRuntimeBackend:
         so.inter_op_num_threads = 1
         if self.provider == "cpu":
             so.intra_op_num_threads = self.threads
-            if n_sessions > 1:
-                # Spinning pools of sibling sessions would steal each other's cores.
-                so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            # No spinning: idle pool threads that spin steal the cores that decode, encode and
+            # stitch on (and sibling sessions' pools); measured in the peer benchmark.
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         s = ort.InferenceSession(str(graph), so, providers=self._providers())
         if wanted not in s.get_providers():
             raise BackendUnavailable(f"{wanted} could not be initialised (session uses {s.get_providers()})")

@@ -142,6 +142,23 @@ def test_device_lock_serialises_holders_of_separate_opens(tmp_path: Path) -> Non
     assert got.is_set()
 
 
+def test_device_lock_serialises_threads_sharing_one_open(tmp_path: Path) -> None:
+    """Threads of one worker share its descriptor, where flock alone would let both in at once."""
+    lock = engines.DeviceLock(tmp_path / "gpu")
+    got = threading.Event()
+
+    def take() -> None:
+        with lock:
+            got.set()
+
+    with lock:
+        t = threading.Thread(target=take)
+        t.start()
+        assert not got.wait(0.3)  # blocked while this thread holds it
+    t.join(10)
+    assert got.is_set()
+
+
 def test_png_roundtrip_uses_the_services_png_level() -> None:
     from service.settings import Settings
 

@@ -90,8 +90,8 @@ def whole_image_reference(desc: Any, image: np.ndarray, tile: int, overlap: int,
     with torch.inference_mode():
         y = desc(x)
     out = torch.round(y.clamp(0, 1) * 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
-    m, h, w = plan.margin, image.shape[0], image.shape[1]
-    return np.ascontiguousarray(out[m * scale : (m + h) * scale, m * scale : (m + w) * scale])
+    my, mx, h, w = plan.margin_y, plan.margin_x, image.shape[0], image.shape[1]
+    return np.ascontiguousarray(out[my * scale : (my + h) * scale, mx * scale : (mx + w) * scale])
 
 
 async def _serve(repo: Path, name: str, images: list[np.ndarray], scale: int) -> list[np.ndarray]:

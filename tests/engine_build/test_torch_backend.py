@@ -37,7 +37,7 @@ def test_loads_the_checkpoint_from_the_repository(tiny_repo: Path, one_thread, p
     be = TorchBackend(m, tiny_repo, device="cpu", max_batch=2, instances=2)
     assert be.info.name == "torch" and be.info.precision == "fp32"
     be.load()
-    assert sorted(be.warmup()) == [1, 2]
+    assert set(be.warmup()) == {(t, t, b) for t in m.tiles("fp32") for b in (1, 2)}  # every bucket too
     x = photo_tiles(photos, 2)
     ref = torch_runner(load_checkpoint(tiny_repo / "checkpoint"))(x)
     np.testing.assert_array_equal(be.infer(1, x), ref)

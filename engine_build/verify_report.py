@@ -105,8 +105,15 @@ def parse_thresholds(items: Sequence[str]) -> dict[str, float]:
 
 
 def failures(report: VerifyReport, min_psnr: dict[str, float]) -> list[str]:
-    bad = []
-    for p, w in report.worst().items():
+    """Every bound missed — and every bound nothing was measured for: a threshold asked for a precision
+    that has no rows (no such graph, or --tiles 0 --whole 0) must not pass by having nothing to fail."""
+    worst = report.worst()
+    bad = [
+        f"{p}: not verified (no rows; asked --min-psnr {p}={v})"
+        for p, v in min_psnr.items()
+        if p not in worst
+    ]
+    for p, w in worst.items():
         base = p.split("@")[0]  # a shape graph (fp32@t32, fp32@dynamic) is held to its precision's bound
         if base in min_psnr and w["min_psnr_db"] < min_psnr[base]:
             bad.append(f"{p}: worst PSNR {w['min_psnr_db']:.2f} dB < {min_psnr[base]} dB")

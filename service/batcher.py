@@ -35,7 +35,7 @@ from service.costs import CostTable
 from service.errors import DeadlineExceeded as DeadlineExceededError
 from service.errors import Draining, EngineFailure, NotReady, ServiceError
 from service.gather import TileGatherer
-from service.lanes import Entry, next_batch_plan, take
+from service.lanes import AGING, Entry, next_batch_plan, take
 from service.metrics import Metrics
 from service.tickets import Reservation, Sink, Ticket, TicketState
 from service.tiling import TilePlan
@@ -58,6 +58,7 @@ class TileBatcher(BatchOutcomes):
         completion_threads: int | None = None,
         max_retry_after_s: float = 600.0,
         retry_after_s: float = 5.0,
+        work_weight: float = AGING,
     ) -> None:
         info = backend.info
         self.backend = backend
@@ -67,6 +68,7 @@ class TileBatcher(BatchOutcomes):
         self._use_backend_shapes()  # provisional: start() reads the loaded engine's
         self.max_queue_delay_s = max_queue_delay_s
         self.retry_after_s = retry_after_s  # 503s with no estimate (draining, no healthy instance)
+        self.work_weight = work_weight  # scheduling: seconds of waiting one second of remaining work is worth
         self.unhealthy_after = unhealthy_after
         self.stuck_after_s = stuck_after_s
         self.tile = backend.manifest.tile.tile  # the primary tile: one admission unit
@@ -332,7 +334,9 @@ class TileBatcher(BatchOutcomes):
                     self._work.wait()
                     continue
                 delay = 0.0 if self._draining else self.max_queue_delay_s
-                choice = next_batch_plan(self._queue, now, self.costs, self.batch_sizes, self.tiles, delay)
+                choice = next_batch_plan(
+                    self._queue, now, self.costs, self.batch_sizes, self.tiles, delay, self.work_weight
+                )
                 if choice.wait_s > 0:
                     self._work.wait(choice.wait_s)
                     continue

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from service.costs import CostTable
 from service.tickets import Ticket
 
-#: Seconds of waiting that outweigh one second of remaining engine work.
-AGING = 4.0
+#: Seconds of waiting that outweigh one second of remaining engine work (GENDR_SCHEDULING_WORK_WEIGHT).
+#: 1 in the peer benchmark kept the overall p95 at the hand-written app's while small requests' p95 stayed
+#: below it; 4 gave small requests about half that p95 again but large ones +30 % (docs/benchmarks.md).
+AGING = 1.0
 
 Entry = tuple[Ticket, list[int]]  # a ticket and the indices of its tiles in one batch
 
@@ -32,8 +34,8 @@ class BatchChoice:
     wait_s: float = 0.0  # > 0: wait this long for company first (nothing is taken)
 
 
-def priority(t: Ticket) -> float:
-    return t.submitted + AGING * t.unqueued * t.tile_cost_s
+def priority(t: Ticket, weight: float = AGING) -> float:
+    return t.submitted + weight * t.unqueued * t.tile_cost_s
 
 
 def next_batch_plan(
@@ -43,14 +45,20 @@ def next_batch_plan(
     batch_sizes: tuple[int, ...],
     tiles: tuple[int, ...],
     max_delay_s: float,
+    weight: float = AGING,
 ) -> BatchChoice:
-    """The next call for a non-empty queue of tickets that still have unqueued tiles."""
-    head = min(queue, key=priority)
+    """The next call for a non-empty queue of tickets that still have unqueued tiles; `weight`: seconds
+    of waiting one second of remaining work is worth (0: first come, first served)."""
+
+    def key(t: Ticket) -> float:
+        return priority(t, weight)
+
+    head = min(queue, key=key)
     shape = head.shape
     h, w = shape
     if not (h == w and h in tiles):  # a dynamic shape: one request's one tile per call
         return BatchChoice(shape, (head,), 1, 1)
-    lane = sorted((t for t in queue if t.shape == shape), key=priority)
+    lane = sorted((t for t in queue if t.shape == shape), key=key)
     avail = sum(t.unqueued for t in lane)
     top = batch_sizes[-1]
     if avail < top and max_delay_s > 0:

@@ -104,6 +104,7 @@ class ModelRuntime:
             unhealthy_after=s.unhealthy_after_failures,
             max_retry_after_s=s.max_deadline_s,
             retry_after_s=s.retry_after_s,
+            work_weight=s.scheduling_work_weight,
         )
 
     def _load_backend(self) -> dict[int, float]:

@@ -103,6 +103,12 @@ class Settings(BaseSettings):
         ge=0,
         description="Input pixels of one call on a dynamic-shape graph (bounds its memory); 0 = off.",
     )
+    scheduling_work_weight: float = Field(
+        1.0,
+        ge=0,
+        le=1000,
+        description="Queue order: arrival + this × remaining engine seconds (0: first come, first served).",
+    )
     unhealthy_after_failures: int = Field(
         3, ge=1, description="Consecutive failed batches before an instance is unhealthy."
     )

@@ -122,7 +122,8 @@ def test_metrics_and_helpers(tmp_path: Path, small_photos) -> None:
     with pytest.raises(ValueError):
         parse_thresholds(["fp32"])
     rep = VerifyReport("m", "ref")
-    assert failures(rep, {"fp32": 50}) == []
+    assert failures(rep, {}) == []
+    assert failures(rep, {"fp32": 50}) == ["fp32: not verified (no rows; asked --min-psnr fp32=50)"]
     (tmp_path / "bad.png").write_bytes(b"not a png")
     Image.fromarray(t1[0]).save(tmp_path / "ok.png")
     names = [n for n, _ in load_photos(tmp_path)]

@@ -379,8 +379,9 @@ def test_a_tiny_request_waits_for_one_call_whatever_is_queued() -> None:
         tiny_in.append(bool((batch == 77).all(axis=(1, 2, 3)).any()))
         return False
 
-    # 16 tiles × 10 ms of remaining work each: the tiny one (10 ms) wins unless it came 0.6 s later
-    b, be = make(max_batch=4, behaviour=FakeBehaviour(hang=hang, per_tile_s=0.01, fail_if=spy))
+    # 16 tiles × 10 ms of remaining work each, weighted 4×: the tiny one wins unless it came 0.6 s later
+    behaviour = FakeBehaviour(hang=hang, per_tile_s=0.01, fail_if=spy)
+    b, be = make(max_batch=4, behaviour=behaviour, work_weight=4.0)
     first = Req(b, np.zeros((10, 10, 3), np.uint8))
     while not be.calls:
         time.sleep(0.001)

@@ -52,11 +52,7 @@ class BatchOutcomes:
     def _measured(self, inst: Instance, shape: tuple[int, ...], n: int, dt: float) -> None:
         bs, th, tw = shape[0], shape[1], shape[2]
         if self.costs is not None:
-            self.costs.observe(th, tw, bs, dt)
-            if self.metrics is not None and th == tw and th in self.tiles:
-                self.metrics.call_cost.labels(self.model, f"{th}x{tw}", str(bs)).set(
-                    self.costs.call_s(th, tw, bs)
-                )
+            self.costs.observe(th, tw, bs, dt)  # the gauge reads the table at scrape time
         units = n * th * tw / (self.tile * self.tile)
         with self._lock:
             inst.failures = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import math
 import time
@@ -135,9 +136,10 @@ class ModelRuntime:
         self.batcher.start(timings)
         b = self.batcher
         self._shapes = EngineShapes.of(self.manifest.tile, b.tiles, b.dynamic, self.settings, b.max_batch)
-        for row in b.costs.rows() if b.costs is not None else []:
-            shape = f"{row['height']}x{row['width']}"
-            self.metrics.call_cost.labels(self.name, shape, str(row["batch"])).set(row["seconds"])
+        costs = b.costs
+        for h, w, n in costs.entries() if costs is not None else []:  # read at scrape time, not per batch
+            gauge = self.metrics.call_cost.labels(self.name, f"{h}x{w}", str(n))
+            gauge.set_function(functools.partial(costs.call_s, h, w, n))  # type: ignore[union-attr]
         info = self.info
         self.metrics.build_info.labels(
             self.name, __version__, info.name, info.precision, info.engine_key

@@ -122,9 +122,6 @@ def engine_env(system: systems.System, engine: str, prep: dict[str, Any]) -> dic
         # peers run every image whole too; per-call memory of these two engines at 1 MP is small
         "GENDR_WHOLE_IMAGE_MAX_PIXELS": os.environ.get("PEERS_WHOLE_IMAGE_MAX_PIXELS", str(1 << 20)),
         "GENDR_INSTANCES_PER_DEVICE": "1",
-        # glibc malloc as the image runs it (Dockerfile, compose, k8s): RSS returns after large images
-        "MALLOC_ARENA_MAX": "2",
-        "MALLOC_MMAP_THRESHOLD_": "1048576",
         "GENDR_PNG_COMPRESS_LEVEL": str(engines.PNG_LEVEL),
         "GENDR_LOG_LEVEL": "warning",
     }

@@ -17,6 +17,9 @@ Shape = tuple[int, int]  # (height, width) of one engine input
 
 #: Weight of a new measurement in an entry (the rest is the entry's history).
 EWMA = 0.2
+#: Entries at most: whole-image shapes are the client's sizes, so new ones stop being added here (the
+#: line through the batch-1 entries keeps estimating them).
+MAX_ENTRIES = 256
 
 
 class CostTable:
@@ -35,6 +38,8 @@ class CostTable:
         key = (h, w, batch)
         with self._lock:
             old = self._calls.get(key)
+            if old is None and len(self._calls) >= MAX_ENTRIES:
+                return
             self._calls[key] = seconds if old is None else (1 - EWMA) * old + EWMA * seconds
             if batch == 1 and old is None:
                 self._fit = self._fit_line()

@@ -229,6 +229,18 @@ class Manifest(_Strict):
             return None
         return next((s for s in v.shapes if s.tile == tile), None)
 
+    def shape_files(
+        self, precision: str, *, buckets: bool = True, dynamic: bool = True
+    ) -> dict[int | None, tuple[Artifact, Artifact | None]]:
+        """(graph, external data) per served shape of `precision`: the primary tile, then each static
+        bucket and (key None) the dynamic graph, as asked; what a backend opens one session per."""
+        v = self.onnx[precision]
+        out: dict[int | None, tuple[Artifact, Artifact | None]] = {self.tile.tile: (v.graph, v.external_data)}
+        for sg in v.shapes:
+            if (sg.tile is not None and buckets) or (sg.tile is None and dynamic):
+                out[sg.tile] = (sg.graph, sg.external_data)
+        return out
+
     def engine_for(
         self, precision: str, compute_capability: str, tensorrt_version: str, tile: int | None = None
     ) -> Engine | None:

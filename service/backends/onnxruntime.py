@@ -36,7 +36,7 @@ from service.backends.base import (
     dynamic_sample_shapes,
     timed_warmup,
 )
-from service.manifest import Artifact, Manifest, OnnxVariant, verify_artifact
+from service.manifest import Manifest, OnnxVariant, verify_artifact
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -130,13 +130,8 @@ class OnnxRuntimeBackend:
         self.cache_dir = cache_dir or Path(tempfile.gettempdir()) / "gendr-ort-trt-cache" / manifest.name
         # graph per shape: tile edge → (graph, external data); None = the dynamic-shape graph
         p = self.variant.precision
-        self._graphs: dict[int | None, tuple[Artifact, Artifact | None]] = {
-            manifest.tile.tile: (self.variant.graph, self.variant.external_data)
-        }
-        if provider != "trt":
-            for sg in self.variant.shapes:
-                if sg.tile is not None or max_call_pixels > 0:
-                    self._graphs[sg.tile] = (sg.graph, sg.external_data)
+        served = provider != "trt"  # the TensorRT EP builds engines per static shape: primary tile only
+        self._graphs = manifest.shape_files(p, buckets=served, dynamic=served and max_call_pixels > 0)
         self.tiles = tuple(sorted(t for t in self._graphs if t is not None))
         self.dynamic = None in self._graphs
         self.max_call_pixels = max_call_pixels

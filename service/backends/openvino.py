@@ -98,10 +98,12 @@ class OpenVinoBackend:
         self.threads = intra_op_threads or max(1, available_cpus() // instances)
         self.max_batch = max_batch
         # tile edge → (graph, external data): the primary tile and every static bucket
-        self._graphs = {manifest.tile.tile: (self.variant.graph, self.variant.external_data)}
-        for sg in self.variant.shapes:
-            if sg.tile is not None:  # a dynamic graph would recompile per shape: left to ONNX Runtime
-                self._graphs[sg.tile] = (sg.graph, sg.external_data)
+        # a dynamic graph would recompile per shape: left to ONNX Runtime
+        self._graphs = {
+            t: files
+            for t, files in manifest.shape_files(self.variant.precision, dynamic=False).items()
+            if t is not None
+        }
         self.tiles = tuple(sorted(self._graphs))
         self._requests: dict[int, list[Any]] = {}
         self._healthy = False

@@ -75,6 +75,16 @@ def test_cost_table_estimates_unmeasured_shapes_by_a_line_through_batch_one() ->
     assert A + 4 * B < c.call_s(128, 128, 4) < 0.5
 
 
+def test_cost_table_stays_bounded_whatever_sizes_clients_send() -> None:
+    from service.costs import MAX_ENTRIES
+
+    c = linear_costs((128,), dynamic=True)
+    for i in range(2 * MAX_ENTRIES):
+        c.observe(8 * (i + 1), 8, 1, 0.01)
+    assert len(c.entries()) == MAX_ENTRIES
+    assert c.call_s(128, 128, 1) == pytest.approx(A + B)  # measured entries are untouched
+
+
 def test_batch_size_by_cost_per_useful_tile() -> None:
     c = linear_costs((128,))
     assert c.batch_for(128, 128, 8) == (8, 8)

@@ -4,12 +4,13 @@
 #   chromium, chromium-driver  headless browser + its WebDriver (Selenium is told their paths, so
 #                              selenium-manager never downloads a browser)
 #   prometheus                 the server and promtool
+#   redis-server               the shared job store's tests start real servers (tests/service/jobs)
 # Idempotent: when every binary is already there it returns at once, without `apt-get update`.
 # Needs root (or passwordless sudo). Set SYSTEM_PACKAGES_FORCE=1 to reinstall.
 set -euo pipefail
 
-PACKAGES=(chromium chromium-driver prometheus)
-BINARIES=(/usr/bin/chromium /usr/bin/chromedriver /usr/bin/prometheus /usr/bin/promtool)
+PACKAGES=(chromium chromium-driver prometheus redis-server)
+BINARIES=(/usr/bin/chromium /usr/bin/chromedriver /usr/bin/prometheus /usr/bin/promtool /usr/bin/redis-server)
 
 have_all() {
   local b
@@ -36,6 +37,6 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 "${SUDO[@]}" apt-get update -q
 "${SUDO[@]}" apt-get install -y -q "${PACKAGES[@]}"
-# The Debian package starts a Prometheus service where systemd runs; the tests start their own.
+# The Debian packages start Prometheus and Redis services where systemd runs; the tests start their own.
 have_all || { echo "install-system-packages: a binary is still missing after the install" >&2; exit 1; }
 echo "system packages: installed (${PACKAGES[*]})"

@@ -41,8 +41,8 @@ def tiny_repo(tile: int = 64, overlap: int = 16, name: str | None = None) -> Pat
     name = name or f"tiny{tile}"
     repo = CACHE / "models"
     if not (repo / name / "manifest.json").is_file():
-        from engine_build.checkpoint import make_tiny
-        from engine_build.export import export_gendr
+        from engine_build.export.exporter import export_gendr
+        from engine_build.gendr.checkpoint import make_tiny
 
         ckpt = make_tiny(CACHE / "ckpt-tiny", seed=0)
         export_gendr(ckpt, repo / name, tile=tile, overlap=overlap, precisions=("fp32",))

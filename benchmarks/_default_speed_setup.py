@@ -92,7 +92,7 @@ def ensure_model(
     from service.manifest import MANIFEST_FILE
 
     if build or tile is not None:
-        from engine_build.commands.sr import build_default
+        from engine_build.commands.sr.cli import build_default
 
         build_default(
             model_dir.parent,

@@ -101,7 +101,7 @@ def make_fns(
 
 
 def per_tile(args: argparse.Namespace, manifest: Any, photos: list, peaks: dict[str, float]) -> list[dict]:
-    from engine_build.verify import graph_input_tiles
+    from engine_build.verify.parity import graph_input_tiles
 
     model_dir = Path(args.model_dir)
     rows: list[dict] = []
@@ -151,8 +151,8 @@ def per_tile(args: argparse.Namespace, manifest: Any, photos: list, peaks: dict[
 
 
 def sizes(args: argparse.Namespace, manifest: Any, photos: list) -> list[dict]:
-    from service.imageops import resize_rgb
-    from service.pipeline import run_sync
+    from service.pixels.imageops import resize_rgb
+    from service.pixels.pipeline import run_sync
 
     fns = make_fns(Path(args.model_dir), manifest, manifest.tile.tile, args.threads, {})
     s = manifest.native_scale
@@ -186,7 +186,7 @@ def sizes(args: argparse.Namespace, manifest: Any, photos: list) -> list[dict]:
 
 def threads_instances(args: argparse.Namespace, manifest: Any, photos: list) -> list[dict]:
     """Tiles/s with every instance busy: instances × threads-per-instance filling the cores."""
-    from engine_build.verify import graph_input_tiles
+    from engine_build.verify.parity import graph_input_tiles
 
     fp32 = Path(args.model_dir) / manifest.onnx["fp32"].graph.path
     cores = len(os.sched_getaffinity(0))
@@ -224,8 +224,8 @@ def served_vs_raw(args: argparse.Namespace, manifest: Any, photos: list) -> dict
     from _default_speed_setup import free_port, png_bytes, proc_cpu_seconds, stop_server, wait_ready
 
     from service.backends import select
-    from service.imageops import resize_rgb
-    from service.pipeline import run_sync
+    from service.pixels.imageops import resize_rgb
+    from service.pixels.pipeline import run_sync
     from service.settings import Settings
 
     model_dir = Path(args.model_dir).resolve()
@@ -294,7 +294,7 @@ def served_vs_raw(args: argparse.Namespace, manifest: Any, photos: list) -> dict
 def pictures(
     args: argparse.Namespace, manifest: Any, photos: list, size_rows: list[dict], info: dict
 ) -> None:
-    from engine_build.verify import graph_input_tiles
+    from engine_build.verify.parity import graph_input_tiles
 
     fns = make_fns(Path(args.model_dir), manifest, manifest.tile.tile, args.threads, {})
     g = manifest.tile
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     args.extra = {k: Path(v) for k, v in (g.split("=", 1) for g in args.graph)}
     skip = set(args.skip.split(","))
 
-    from engine_build.verify import builtin_photos
+    from engine_build.verify.parity import builtin_photos
     from service.manifest import read_manifest
 
     manifest = read_manifest(Path(args.model_dir), verify=True)

@@ -7,7 +7,7 @@ Two measurements:
     fp32) over the model repository entry, waits for ``GET /readyz``, then POSTs real photos
     (``multipart/form-data`` field ``image``, PNG) to ``/upscale`` and times each response. The same
     photos go through the raw backend in this process: ``OnnxRuntimeBackend`` (the service's own
-    class, same session options and threads) driven by ``service.pipeline.run_sync`` with the same
+    class, same session options and threads) driven by ``service.pixels.pipeline.run_sync`` with the same
     tile geometry and batch size, i.e. exactly the tiles the server computes, minus HTTP, image
     decode/encode, queueing and batching. Raw and server runs alternate per photo so that load from
     other processes hits both alike. Prints s/MP for both and their ratio; writes JSON.
@@ -64,7 +64,7 @@ SWEEP_SIZES = ((128, 128), (256, 256), (480, 640), (1024, 1024))
 
 def tile_sweep(args: argparse.Namespace) -> dict[str, Any]:
     from service.manifest import TileGeometry
-    from service.pipeline import make_plan
+    from service.pixels.pipeline import make_plan
 
     tiles = [int(t) for t in args.tile_sweep.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
@@ -162,9 +162,9 @@ def tile_sweep(args: argparse.Namespace) -> dict[str, Any]:
 def serve_vs_raw(args: argparse.Namespace) -> dict[str, Any]:
     import httpx
 
-    from service.imageops import resize_rgb
     from service.manifest import read_manifest
-    from service.pipeline import run_sync
+    from service.pixels.imageops import resize_rgb
+    from service.pixels.pipeline import run_sync
 
     model_dir = ensure_model(Path(args.model_dir), cache=args.cache, build=args.build)
     manifest = read_manifest(model_dir, verify=True)

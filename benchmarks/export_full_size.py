@@ -40,7 +40,7 @@ def _dir_bytes(p: Path) -> int:
 
 
 def _photo_tile(tile: int):
-    from engine_build.verify import builtin_photos, graph_input_tiles
+    from engine_build.verify.parity import builtin_photos, graph_input_tiles
 
     return graph_input_tiles(builtin_photos(("astronaut",)), tile, 1, 4, n=1, seed=0)
 
@@ -52,15 +52,15 @@ def run_step(step: str, work: Path, tile: int) -> dict:
     out: dict = {}
     t0 = time.perf_counter()
     if step == "checkpoint":
-        from engine_build.checkpoint import save_checkpoint
-        from engine_build.model import build_gendr, count_parameters
+        from engine_build.gendr.checkpoint import save_checkpoint
+        from engine_build.gendr.model import build_gendr, count_parameters
 
         m = build_gendr("gendr", seed=0)
         out["unet_params"], out["vae_params"] = count_parameters(m.unet), count_parameters(m.vae)
         save_checkpoint(m, ckpt)
         out["bytes"] = _dir_bytes(ckpt)
     elif step in ("export-fp32", "export-again", "export-fp16"):
-        from engine_build.export import export_gendr
+        from engine_build.export.exporter import export_gendr
 
         precisions = ("fp32", "fp16") if step == "export-fp16" else ("fp32",)
         res = export_gendr(
@@ -84,7 +84,7 @@ def run_step(step: str, work: Path, tile: int) -> dict:
     elif step in ("ort-fp32", "ort-fp16"):
         import numpy as np
 
-        from engine_build.verify import compare, onnx_runner, reference_net, torch_runner
+        from engine_build.verify.parity import compare, onnx_runner, reference_net, torch_runner
         from service.manifest import read_manifest
 
         p = step.split("-")[1]
@@ -109,7 +109,7 @@ def run_step(step: str, work: Path, tile: int) -> dict:
     elif step == "stages":
         from export_stages import measure_stages
 
-        from engine_build.checkpoint import load_checkpoint
+        from engine_build.gendr.checkpoint import load_checkpoint
         from service.manifest import read_manifest
 
         manifest = read_manifest(model_dir, verify=False)

@@ -20,8 +20,8 @@ import onnx
 import torch
 from torch import nn
 
-from engine_build.export import DEFAULT_OPSET
-from engine_build.model import GenDR
+from engine_build.export.exporter import DEFAULT_OPSET
+from engine_build.gendr.model import GenDR
 
 
 class EncodeStage(nn.Module):
@@ -168,7 +168,7 @@ def measure_stages(
 
     `fused_repo` is the model repository whose fp32 graph is the fused one (run by the service backend).
     """
-    from engine_build.verify import compare, onnx_runner
+    from engine_build.verify.parity import compare, onnx_runner
 
     report: dict[str, Any] = {"tile": tile, "stages": export_stages(model, tile, out_dir, opset)}
     fused = onnx_runner(fused_repo, "fp32")

@@ -60,7 +60,7 @@ async def one_round(m: Any, images: list[np.ndarray], scale: int) -> tuple[float
 def run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     import torch
 
-    from engine_build.model import build_gendr
+    from engine_build.gendr.model import build_gendr
     from engine_build.torch_backend import TorchBackend
     from service.manifest import TileGeometry
     from service.metrics import Metrics

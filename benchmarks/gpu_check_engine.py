@@ -2,12 +2,12 @@
 """GPU check of the TensorRT path on the tiny model, through the production backend.
 
 Exports the tiny GenDR (fp32, fp16 with fp32 attention islands, fp16 with fp16 attention, int8 Q/DQ,
-fp8 where the GPU has it), checks every graph against TensorRT's rules (engine_build.trt_rules), then —
+fp8 where the GPU has it), checks every graph against TensorRT's rules (engine_build.trt.rules), then —
 where TensorRT and a GPU exist — builds each engine (one plan per tile the graphs cover), checks
 idempotency and the timing cache, records which layers run in which precision (engine inspector), and
 measures parity (against ONNX Runtime on the same graph and the PyTorch fp32 reference) and latency
 per batch size, with and without CUDA graphs, all through `service.backends.tensorrt.TensorRTBackend`
-(engine_build.runners.tensorrt_runner).
+(engine_build.verify.runners.tensorrt_runner).
 The JSON is rewritten after every row.
 
     python benchmarks/gpu_check_engine.py                 # GPU + TensorRT
@@ -53,7 +53,7 @@ def photos() -> list[tuple[str, Any]]:
     """scikit-image's bundled photos, or (on the GPU machine, which lacks it) a textured stand-in."""
     import numpy as np
 
-    from engine_build.verify import VerifyError, builtin_photos
+    from engine_build.verify.parity import VerifyError, builtin_photos
 
     try:
         return builtin_photos()
@@ -72,9 +72,9 @@ def export_variants(
     """label → (repository, precision): the graphs the engines are built from (what could not be made
     here, e.g. Q/DQ graphs without ModelOpt on the GPU machine, goes into `skipped` with the reason).
     `bucket`: a smaller static tile exported beside the primary one in the main repository (0: none)."""
-    from engine_build.checkpoint import make_tiny
-    from engine_build.export import Fp16Options, export_gendr
-    from engine_build.quantize import quantize_model
+    from engine_build.export.exporter import Fp16Options, export_gendr
+    from engine_build.gendr.checkpoint import make_tiny
+    from engine_build.quantize.quantizer import quantize_model
 
     ckpt = make_tiny(work / "ckpt", seed=0)
     repo = work / "models" / "tiny"
@@ -92,7 +92,7 @@ def export_variants(
 
 
 def check_rules(rep: Report, variants: dict[str, tuple[Path, str]], tile: int) -> bool:
-    from engine_build.trt_rules import check_graph
+    from engine_build.trt.rules import check_graph
     from service.manifest import read_manifest
 
     ok = True
@@ -111,9 +111,9 @@ def check_rules(rep: Report, variants: dict[str, tuple[Path, str]], tile: int) -
 def build_and_measure(
     rep: Report, variants: dict[str, tuple[Path, str]], tiles: Any, ref: Any, args: argparse.Namespace
 ) -> bool:
-    from engine_build.runners import onnx_runner, tensorrt_runner
-    from engine_build.trt_build import build_engine
-    from engine_build.verify import compare
+    from engine_build.trt.build import build_engine
+    from engine_build.verify.parity import compare
+    from engine_build.verify.runners import onnx_runner, tensorrt_runner
 
     ok = True
     for label, (repo, p) in variants.items():
@@ -160,7 +160,7 @@ def _check_buckets(row: dict[str, Any], fn: Any, repo: Path, p: str, tiles: Any,
     import numpy as np
     import onnxruntime as ort
 
-    from engine_build.verify import compare
+    from engine_build.verify.parity import compare
     from service.manifest import read_manifest
 
     m = read_manifest(repo, verify=False)
@@ -200,11 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         args.tile, args.batch_sizes, args.repeats = 64, [1, 2], 2
     if args.bucket < 0:
         args.bucket = args.tile // 2
-    from engine_build.checkpoint import load_checkpoint
+    from engine_build.gendr.checkpoint import load_checkpoint
     from engine_build.gpu_targets import PRECISION_MIN_CC
-    from engine_build.runners import onnx_runner, torch_runner
-    from engine_build.trt_build import detect_gpu, parse_cc
-    from engine_build.verify import compare, graph_input_tiles
+    from engine_build.trt.build import detect_gpu, parse_cc
+    from engine_build.verify.parity import compare, graph_input_tiles
+    from engine_build.verify.runners import onnx_runner, torch_runner
     from service.hardware import tensorrt_version
 
     gpu = None if args.dry_run else detect_gpu()

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from engine_build.model import build_gendr
+    from engine_build.gendr.model import build_gendr
     from engine_build.torch_backend import TorchBackend
     from service.manifest import TileGeometry
 

@@ -1,6 +1,6 @@
 """Host work per output megapixel, by stage: what the service does around the engine call.
 
-The stages a request goes through besides the engine (service/pipeline.py, batcher gather, stitcher):
+The stages a request goes through besides the engine (service/pixels/pipeline.py, batcher gather, stitcher):
 prepare (resize + reflect-pad), gather (tiles copied into the engine's input batch), stitch (blend
 outputs into the result), and for reference the PNG encode every system pays. Two planners on the
 same sizes: the fixed primary tile (128² LR tiles, 16 px overlap, ×4 — the peer benchmark's cost
@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.costs import CostTable
-from service.planner import EngineShapes, choose
-from service.tiling import Stitcher, TilePlan, pad_image, plan_tiles
+from service.pixels.tiling import Stitcher, TilePlan, pad_image, plan_tiles
+from service.scheduling.costs import CostTable
+from service.scheduling.planner import EngineShapes, choose
 
 TILE, OVERLAP, SCALE = 128, 16, 4
 A, B = 0.015, 0.004

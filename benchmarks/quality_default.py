@@ -7,7 +7,7 @@ flower — no download) and each degradation:
 * ``blur-jpeg``: Gaussian blur (σ = 1) → bicubic ×¼ → JPEG quality 75: closer to real uploads;
 
 the LR image is upscaled ×4 by bicubic and by Real-ESRGAN through the exported ONNX graph in ONNX
-Runtime (CPU) driven by ``service.pipeline.run_sync`` (the service's own tiling and stitching), and
+Runtime (CPU) driven by ``service.pixels.pipeline.run_sync`` (the service's own tiling and stitching), and
 both are compared with the original:
 
 * PSNR (RGB, peak 255, ``--shave`` = 4 border pixels ignored as usual for ×4 SR) and SSIM (luma);
@@ -106,7 +106,7 @@ def prepare_hr(img: np.ndarray, max_side: int) -> np.ndarray:
 def degrade(hr: np.ndarray, kind: str) -> np.ndarray:
     from PIL import Image, ImageFilter
 
-    from service.imageops import resize_rgb
+    from service.pixels.imageops import resize_rgb
 
     h, w = hr.shape[:2]
     if kind == "bicubic":
@@ -206,9 +206,9 @@ def evaluate(
 ) -> dict[str, Any]:
     from PIL import Image
 
-    from service.imageops import resize_rgb
     from service.manifest import read_manifest
-    from service.pipeline import run_sync
+    from service.pixels.imageops import resize_rgb
+    from service.pixels.pipeline import run_sync
 
     manifest = read_manifest(model_dir, verify=True)
     if manifest.native_scale != SCALE or "fp32" not in manifest.onnx:
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     if args.build:
-        from engine_build.commands.sr import build_default
+        from engine_build.commands.sr.cli import build_default
 
         build_default(args.model_dir.parent, name=args.model_dir.name, cache_dir=args.cache)
     if not (args.model_dir / "manifest.json").is_file():

@@ -34,11 +34,11 @@ from _common import machine, tiny_repo
 from service.backends.base import Backend
 from service.backends.fake import FakeBackend, FakeBehaviour
 from service.backends.onnxruntime import OnnxRuntimeBackend
-from service.batcher import TileBatcher
 from service.manifest import Manifest, TileGeometry, read_manifest
 from service.metrics import Metrics
-from service.pipeline import make_plan, prepare_input
-from service.tiling import Stitcher
+from service.pixels.pipeline import make_plan, prepare_input
+from service.pixels.tiling import Stitcher
+from service.scheduling.batcher import TileBatcher
 
 
 def photo(h: int, w: int) -> np.ndarray:

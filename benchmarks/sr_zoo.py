@@ -34,7 +34,7 @@ ENTRY_MEMORY_GB = 12
 def _run_one(entry: object, work: str, precisions: tuple[str, ...]) -> dict:
     import resource
 
-    from engine_build.sr_zoo_run import run_entry
+    from sr_zoo_harness import run_entry
 
     limit = ENTRY_MEMORY_GB << 30
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
 
-    from engine_build.sr_zoo import ZOO, entries
-    from engine_build.sr_zoo_table import render_table, replace_table
+    from sr_zoo_table import render_table, replace_table
+
+    from engine_build.sr.zoo import ZOO, entries
 
     chosen = entries(args.only or None)
     precisions = ("fp32",) if args.no_fp16 else ("fp32", "fp16")

@@ -18,7 +18,7 @@ COMMAND_MODULES = [
     "engine_build.commands.export",  # export, verify
     "engine_build.commands.quantize",  # quantize
     "engine_build.commands.engine",  # engine
-    "engine_build.commands.sr",  # default, import-sr
+    "engine_build.commands.sr.cli",  # default, import-sr
 ]
 
 

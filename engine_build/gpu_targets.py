@@ -21,6 +21,8 @@ TARGET_GPUS: dict[str, tuple[str, str]] = {
     "l20": ("8.9", "NVIDIA L20"),
     "h100": ("9.0", "NVIDIA H100"),
 }
+#: Precisions that need a Q/DQ graph first (engine_build/quantize).
+QUANT_PRECISIONS = ("int8", "fp8")
 #: The minimum compute capability per precision of service.manifest.PRECISIONS (bf16 tensor cores:
 #: Ampere 8.0; fp8: Ada 8.9 and Hopper 9.0).
 PRECISION_MIN_CC: dict[str, tuple[int, int]] = {

@@ -184,12 +184,12 @@ class TorchBackend:
             verify_artifact(self.model_dir, art)
         try:
             if self.manifest.kind == "gendr":
-                from engine_build.checkpoint import load_checkpoint
+                from engine_build.gendr.checkpoint import load_checkpoint
 
                 return load_checkpoint(self.model_dir / root)
-            from engine_build.model import UnitRangeAdapter
-            from engine_build.sr_models import load_sr_safetensors
-            from engine_build.sr_support import SpandrelCall
+            from engine_build.gendr.model import UnitRangeAdapter
+            from engine_build.sr.models import load_sr_safetensors
+            from engine_build.sr.support import SpandrelCall
 
             # the network called exactly as the export traced it (noise maps, trace fixes, clamp)
             return UnitRangeAdapter(SpandrelCall(load_sr_safetensors(self.model_dir / root)).eval())
@@ -203,7 +203,7 @@ class TorchBackend:
             import torch
         except ImportError as e:
             raise BackendUnavailable("torch is not installed (pip install 'gendr-serve[build]')") from e
-        from engine_build.model import TileGraph
+        from engine_build.gendr.model import TileGraph
 
         if self._device is None:
             self._device = f"cuda:{self.device_id}" if torch.cuda.is_available() else "cpu"

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gendr_client.errors import DeadlineExceeded, GendrError
+from gendr_client.errors import DeadlinePassed, GendrError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # Work above this many output pixels goes through /v1/jobs: a 4 MP result on a CPU can take minutes,
@@ -122,15 +122,19 @@ class Backoff:
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def next_wait(self, err: GendrError) -> float:
+    def reset(self) -> None:
+        """A call went through: the next failure starts the exponential series again."""
+        self.attempt = 0
+
+    def next_wait(self, err: GendrError, cap_s: float | None = None) -> float:
         """Seconds to sleep before the next try; raises when the deadline would pass first."""
-        exp = min(self.cap_s, self.base_s * 2**self.attempt)
+        exp = min(self.cap_s if cap_s is None else cap_s, self.base_s * 2**self.attempt)
         self.attempt += 1
         floor = err.retry_after_s or 0.0
         # Never earlier than Retry-After; up to 50 % later so a crowd of clients does not return at once.
         wait = max(floor, exp) * random.uniform(1.0, 1.5)
         if wait >= self.left():
-            raise DeadlineExceeded(
+            raise DeadlinePassed(
                 f"gave up after {self.attempt} attempt(s): {err} (the client deadline would pass first)",
                 code="deadline_exceeded",
                 status=err.status,
@@ -140,7 +144,7 @@ class Backoff:
 
     def check(self, what: str) -> None:
         if self.left() <= 0:
-            raise DeadlineExceeded(f"the client deadline passed while {what}")
+            raise DeadlinePassed(f"the client deadline passed while {what}")
 
 
 def server_deadline_ms(backoff: Backoff) -> str:

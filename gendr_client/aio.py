@@ -4,31 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from gendr_client._core import (
-    DEFAULT_URL,
-    Backoff,
-    Options,
-    Result,
-    read_image,
-    result_from,
-    server_deadline_ms,
-    wants_job,
-)
-from gendr_client.errors import (
-    ConnectionFailed,
-    GendrError,
-    JobNotFound,
-    Retryable,
-    from_error,
-    from_response,
-)
+from gendr_client._core import DEFAULT_URL, Backoff, Options, Result, read_image, wants_job
+from gendr_client._flow import Call, Flow, Progress, Tracker, Wait, direct_flow, job_flow
+from gendr_client.errors import ConnectionFailed, DeadlinePassed, GendrError, from_response
 from gendr_client.folder import FolderReport, plan_folder
-from gendr_client.sync import Progress, _bar
+from gendr_client.sync import _bar
 
 
 class AsyncClient:
@@ -42,9 +28,11 @@ class AsyncClient:
         deadline_s: float = 600.0,
         poll_s: float = 0.5,
         http: httpx.AsyncClient | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.deadline_s, self.poll_s = deadline_s, poll_s
+        self._sleep = sleep  # injectable: tests check the waits (Retry-After) without waiting them
         self._http = http or httpx.AsyncClient(
             base_url=url, headers=headers, timeout=httpx.Timeout(60.0, connect=10.0)
         )
@@ -65,28 +53,54 @@ class AsyncClient:
         use_job: bool | None = None,
         on_progress: Progress | None = None,
         deadline_s: float | None = None,
+        idempotency_key: str | None = None,
         **options: Any,
     ) -> Result:
         """Upscale one image (a path or bytes). Large work runs as a job (`use_job=None`: decided by size)."""
         data = await asyncio.to_thread(read_image, image) if not isinstance(image, bytes) else image
         opts = Options(**options)
         backoff = Backoff(self.deadline_s if deadline_s is None else deadline_s)
-        job = wants_job(data, opts, use_job)
+        if not wants_job(data, opts, use_job):
+            return await self._run(direct_flow(data, opts, backoff), Tracker())
+        tracker = Tracker()
+        flow = job_flow(
+            data,
+            opts,
+            backoff,
+            poll_s=self.poll_s,
+            on_progress=on_progress,
+            tracker=tracker,
+            key=idempotency_key,
+        )
+        return await self._run(flow, tracker)
+
+    async def _run(self, flow: Flow, tracker: Tracker) -> Result:
+        """Drive a flow; when the caller gives up (deadline, task cancelled) its unfinished job is deleted."""
+        try:
+            return await self._drive(flow)
+        except BaseException as e:
+            if tracker.active and (isinstance(e, DeadlinePassed) or not isinstance(e, GendrError)):
+                await asyncio.shield(self._forget(tracker.active))
+            raise
+
+    async def _drive(self, flow: Flow) -> Result:
+        reply: Any = None
+        error: GendrError | None = None
         while True:
             try:
-                if job:
-                    created = (
-                        await self._send("POST", "/v1/jobs", params=opts.params(), content=data)
-                    ).json()
-                    return await self._follow(created, backoff, on_progress)
-                headers = {
-                    "Content-Type": "application/octet-stream",
-                    "X-Deadline-Ms": server_deadline_ms(backoff),
-                }
-                r = await self._send("POST", "/upscale", params=opts.params(), content=data, headers=headers)
-                return result_from(r.content, r.headers)
-            except Retryable as e:
-                await asyncio.sleep(backoff.next_wait(e))
+                step = flow.send(reply) if error is None else flow.throw(error)
+            except StopIteration as stop:
+                result: Result = stop.value
+                return result
+            reply, error = None, None
+            if isinstance(step, Wait):
+                await self._sleep(step.seconds)
+                continue
+            assert isinstance(step, Call)
+            try:
+                reply = await self._send(step.method, step.url, **step.kw)
+            except GendrError as e:
+                error = e
 
     async def _send(self, method: str, url: str, **kw: Any) -> httpx.Response:
         try:
@@ -97,32 +111,8 @@ class AsyncClient:
             raise from_response(r.status_code, r.content, r.headers)
         return r
 
-    async def _follow(self, job: dict[str, Any], backoff: Backoff, on_progress: Progress | None) -> Result:
-        url = f"/v1/jobs/{job['id']}"
-        try:
-            while job["state"] in ("queued", "running"):
-                if on_progress:
-                    on_progress(job["tiles"]["done"], job["tiles"]["total"])
-                backoff.check(f"job {job['id']} was {job['state']}")
-                await asyncio.sleep(min(self.poll_s, max(0.0, backoff.left())))
-                try:
-                    job = (await self._send("GET", url)).json()
-                except ConnectionFailed:
-                    continue
-                except JobNotFound as e:
-                    raise ConnectionFailed(f"job {job['id']} was lost: {e.message}") from e
-        except BaseException:
-            await asyncio.shield(self._forget(url))
-            raise
-        if job["state"] != "succeeded":
-            raise from_error(job.get("error") or {"code": "job_failed", "message": job["state"]}, 409)
-        if on_progress:
-            on_progress(job["tiles"]["total"], job["tiles"]["total"])
-        r = await self._send("GET", job["result_url"])
-        await self._forget(url)
-        return result_from(r.content, r.headers, job_id=job["id"])
-
     async def _forget(self, url: str) -> None:
+        """Delete the job the caller gave up on (cancels it, frees its tiles); best effort."""
         try:
             await self._send("DELETE", url)
         except GendrError:

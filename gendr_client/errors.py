@@ -1,7 +1,8 @@
 """Typed errors from the service's JSON error codes (docs/http.md): catch what you can act on.
 
 Every error response of gendr-serve is `{"error": {"code", "message", ...}}`; the code picks the class.
-`Retryable` ones (503: overloaded, draining, not_ready) are retried by the client until its deadline.
+`Retryable` ones (503: overloaded, draining, not_ready, job_store_unavailable) and connection failures
+are retried by the client until its deadline.
 """
 
 from __future__ import annotations
@@ -79,6 +80,24 @@ class JobExpired(GendrError):
     code = "job_expired"
 
 
+class JobLost(JobFailed):
+    """The job was lost after too many replica deaths; the client submits the image again (a new job)."""
+
+    code = "job_lost"
+
+
+class Interrupted(JobFailed):
+    """The job was interrupted by a restart; the client submits the image again (a new job)."""
+
+    code = "interrupted"
+
+
+class IdempotencyKeyReused(GendrError):
+    """409: this `Idempotency-Key` was already used for a different body or options."""
+
+    code = "idempotency_key_reused"
+
+
 class EngineFailure(GendrError):
     code = "engine_failure"
 
@@ -99,10 +118,20 @@ class NotReady(Retryable):
     code = "not_ready"
 
 
+class JobStoreUnavailable(Retryable):
+    """503: the shared job store (Redis) cannot be reached; it comes back by itself."""
+
+    code = "job_store_unavailable"
+
+
 class DeadlineExceeded(GendrError):
     """The server's deadline passed (504), or the client's total deadline ran out while retrying."""
 
     code = "deadline_exceeded"
+
+
+class DeadlinePassed(DeadlineExceeded):
+    """The client's own total deadline ran out: the caller gave up, so an unfinished job is deleted."""
 
 
 class ConnectionFailed(Retryable):
@@ -123,10 +152,14 @@ _BY_CODE: dict[str, type[GendrError]] = {
         UndecodableImage,
         JobFailed,
         JobExpired,
+        JobLost,
+        Interrupted,
+        IdempotencyKeyReused,
         EngineFailure,
         Overloaded,
         Draining,
         NotReady,
+        JobStoreUnavailable,
         DeadlineExceeded,
     )
 }
@@ -174,3 +207,9 @@ def from_response(status: int, body: bytes, headers: Any) -> GendrError:
         except ValueError:
             pass
     return e
+
+
+def is_transient(e: GendrError) -> bool:
+    """Worth sending the same idempotent request again: a 503, no answer at all, or a proxy's 502/504 (a body
+    that is not ours: an ingress whose pod just died), as opposed to the service's own 504 deadline."""
+    return isinstance(e, Retryable) or (e.status in (502, 504) and e.code == GendrError.code)

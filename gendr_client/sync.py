@@ -11,28 +11,10 @@ from typing import Any
 
 import httpx
 
-from gendr_client._core import (
-    CONTENT_TYPES,
-    DEFAULT_URL,
-    Backoff,
-    Options,
-    Result,
-    read_image,
-    result_from,
-    server_deadline_ms,
-    wants_job,
-)
-from gendr_client.errors import (
-    ConnectionFailed,
-    GendrError,
-    JobNotFound,
-    Retryable,
-    from_error,
-    from_response,
-)
+from gendr_client._core import CONTENT_TYPES, DEFAULT_URL, Backoff, Options, Result, read_image, wants_job
+from gendr_client._flow import Call, Flow, Progress, Tracker, Wait, direct_flow, job_flow
+from gendr_client.errors import ConnectionFailed, DeadlinePassed, GendrError, from_response
 from gendr_client.folder import FolderReport, plan_folder
-
-Progress = Callable[[int, int], None]  # (tiles done, tiles total)
 
 
 class Client:
@@ -46,9 +28,11 @@ class Client:
         deadline_s: float = 600.0,
         poll_s: float = 0.5,
         http: httpx.Client | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.deadline_s, self.poll_s = deadline_s, poll_s
+        self._sleep = sleep  # injectable: tests check the waits (Retry-After) without waiting them
         self._http = http or httpx.Client(
             base_url=url, headers=headers, timeout=httpx.Timeout(60.0, connect=10.0)
         )
@@ -71,19 +55,58 @@ class Client:
         use_job: bool | None = None,
         on_progress: Progress | None = None,
         deadline_s: float | None = None,
+        idempotency_key: str | None = None,
         **options: Any,
     ) -> Result:
-        """Upscale one image (a path or bytes). Large work runs as a job (`use_job=None`: decided by size)."""
+        """Upscale one image (a path or bytes). Large work runs as a job (`use_job=None`: decided by size).
+
+        `idempotency_key` (jobs only; a fresh uuid4 by default) lets a caller that crashed submit again
+        and get the same job back instead of a second one.
+        """
         data = read_image(image)
         opts = Options(**options)
         backoff = Backoff(self.deadline_s if deadline_s is None else deadline_s)
-        if wants_job(data, opts, use_job):
-            return self._job(data, opts, backoff, on_progress)
+        if not wants_job(data, opts, use_job):
+            return self._run(direct_flow(data, opts, backoff), Tracker())
+        tracker = Tracker()
+        flow = job_flow(
+            data,
+            opts,
+            backoff,
+            poll_s=self.poll_s,
+            on_progress=on_progress,
+            tracker=tracker,
+            key=idempotency_key,
+        )
+        return self._run(flow, tracker)
+
+    def _run(self, flow: Flow, tracker: Tracker) -> Result:
+        """Drive a flow; when the caller gives up (deadline, Ctrl-C) its unfinished job is deleted."""
+        try:
+            return self._drive(flow)
+        except BaseException as e:
+            if tracker.active and (isinstance(e, DeadlinePassed) or not isinstance(e, GendrError)):
+                self._forget(tracker.active)
+            raise
+
+    def _drive(self, flow: Flow) -> Result:
+        reply: Any = None
+        error: GendrError | None = None
         while True:
             try:
-                return self._direct(data, opts, backoff)
-            except Retryable as e:
-                time.sleep(backoff.next_wait(e))
+                step = flow.send(reply) if error is None else flow.throw(error)
+            except StopIteration as stop:
+                result: Result = stop.value
+                return result
+            reply, error = None, None
+            if isinstance(step, Wait):
+                self._sleep(step.seconds)
+                continue
+            assert isinstance(step, Call)
+            try:
+                reply = self._send(step.method, step.url, **step.kw)
+            except GendrError as e:
+                error = e
 
     def _send(self, method: str, url: str, **kw: Any) -> httpx.Response:
         try:
@@ -94,47 +117,8 @@ class Client:
             raise from_response(r.status_code, r.content, r.headers)
         return r
 
-    def _direct(self, data: bytes, opts: Options, backoff: Backoff) -> Result:
-        headers = {"Content-Type": "application/octet-stream", "X-Deadline-Ms": server_deadline_ms(backoff)}
-        r = self._send("POST", "/upscale", params=opts.params(), content=data, headers=headers)
-        return result_from(r.content, r.headers)
-
-    def _job(self, data: bytes, opts: Options, backoff: Backoff, on_progress: Progress | None) -> Result:
-        """Submit, poll, fetch; a job lost to a drain or a restart is submitted again (same deadline)."""
-        while True:
-            try:
-                job = self._send("POST", "/v1/jobs", params=opts.params(), content=data).json()
-                return self._follow(job, backoff, on_progress)
-            except Retryable as e:
-                time.sleep(backoff.next_wait(e))
-
-    def _follow(self, job: dict[str, Any], backoff: Backoff, on_progress: Progress | None) -> Result:
-        url = f"/v1/jobs/{job['id']}"
-        try:
-            while job["state"] in ("queued", "running"):
-                if on_progress:
-                    on_progress(job["tiles"]["done"], job["tiles"]["total"])
-                backoff.check(f"job {job['id']} was {job['state']}")
-                time.sleep(min(self.poll_s, max(0.0, backoff.left())))
-                try:
-                    job = self._send("GET", url).json()
-                except ConnectionFailed:
-                    continue  # a restarting server: keep polling until the deadline
-                except JobNotFound as e:  # restarted without its job folder: submit again
-                    raise ConnectionFailed(f"job {job['id']} was lost: {e.message}") from e
-        except BaseException:
-            self._forget(url)
-            raise
-        if job["state"] != "succeeded":
-            raise from_error(job.get("error") or {"code": "job_failed", "message": job["state"]}, 409)
-        if on_progress:
-            on_progress(job["tiles"]["total"], job["tiles"]["total"])
-        r = self._send("GET", job["result_url"])
-        self._forget(url)
-        return result_from(r.content, r.headers, job_id=job["id"])
-
     def _forget(self, url: str) -> None:
-        """Delete the job (cancels it if unfinished, frees the stored result); best effort."""
+        """Delete the job the caller gave up on (cancels it, frees its tiles); best effort."""
         try:
             self._send("DELETE", url)
         except GendrError:
@@ -183,4 +167,4 @@ def _bar(total: int, enabled: bool) -> Any:
     return tqdm(total=total, unit="img", desc="upscaling")
 
 
-__all__ = ["CONTENT_TYPES", "Client"]
+__all__ = ["CONTENT_TYPES", "Client", "Progress"]

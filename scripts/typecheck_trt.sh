@@ -24,7 +24,7 @@ FILES=("$@")
 # The TensorRT build and backend, and the modules that call TensorRT or the CUDA runtime for them
 # (those present: the build side may be split into more modules).
 if [ ${#FILES[@]} -eq 0 ]; then
-  for f in engine_build/trt_build.py engine_build/trt_tools.py service/backends/tensorrt.py \
+  for f in engine_build/trt/build.py engine_build/trt/tools.py service/backends/tensorrt.py \
     service/backends/trt_plans.py service/backends/trt_instances.py service/backends/cuda_rt.py \
     service/hardware.py; do
     if [ -f "$f" ]; then FILES+=("$f"); fi

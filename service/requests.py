@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.pipeline import RequestPlan, finish, prepare_input
-from service.tiling import Stitcher, TilePlan
+from service.pixels.pipeline import RequestPlan, finish, prepare_input
+from service.pixels.tiling import Stitcher, TilePlan
 
 
 @dataclass(frozen=True)

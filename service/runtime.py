@@ -1,7 +1,7 @@
 """The runtime behind the HTTP layer (contract: docs/runtime-api.md). No FastAPI, no torch.
 
 One `ModelRuntime` per served model: its backend, its tile batcher (one queue per model and tile
-shape) and the per-request steps of service.pipeline around it — resize and pad before the queue,
+shape) and the per-request steps of service.pixels.pipeline around it — resize and pad before the queue,
 stitching as batches complete, post-resize and colour fix after. Pixel work runs in a thread pool,
 never on the event loop.
 """
@@ -21,14 +21,12 @@ import numpy as np
 
 from service import __version__
 from service.backends.base import Backend, BackendInfo
-from service.batcher import TileBatcher
 from service.errors import BadRequest, DeadlineExceeded, ImageTooLarge, ModelNotFound, NotReady
 from service.hardware import available_cpus
 from service.manifest import COLOR_FIXES, Manifest, ManifestError, list_models, read_manifest
 from service.metrics import Metrics
-from service.pipeline import RequestPlan, make_plan
-from service.planner import EngineShapes, choose
-from service.pools import SizeClassPool, pool_for
+from service.pixels.pipeline import RequestPlan, make_plan
+from service.pixels.tiling import TilePlan
 from service.requests import (
     UpscaleJob,
     UpscaleOutcome,
@@ -37,9 +35,11 @@ from service.requests import (
     request_sink,
     shape_label,
 )
+from service.scheduling.batcher import TileBatcher
+from service.scheduling.planner import EngineShapes, choose
+from service.scheduling.pools import SizeClassPool, pool_for
+from service.scheduling.tickets import Reservation, Ticket, TicketResult
 from service.settings import Settings
-from service.tickets import Reservation, Ticket, TicketResult
-from service.tiling import TilePlan
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from service.backends.base import BackendInfo
-    from service.batcher import TileBatcher
-    from service.pipeline import RequestPlan
+    from service.pixels.pipeline import RequestPlan
     from service.requests import UpscaleJob, UpscaleOutcome
-    from service.tickets import Reservation
+    from service.scheduling.batcher import TileBatcher
+    from service.scheduling.tickets import Reservation
 
 
 class ModelClient(Protocol):

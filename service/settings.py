@@ -182,12 +182,57 @@ class Settings(BaseSettings):
     jobs_max: int = Field(
         256, ge=1, description="Jobs held at once (unfinished + finished); all unfinished: 503."
     )
+    # --- shared job layer on Redis Streams (docs/jobs.md#several-replicas) ----------------------
+    redis_url: str | None = Field(
+        None,
+        description="redis://, rediss:// or unix:// URL of the shared job store; unset: the embedded store.",
+    )
+    redis_password_file: Path | None = Field(
+        None, description="File holding the Redis password (a mounted Secret); overrides the URL's."
+    )
+    redis_prefix: str = Field(
+        "gendr", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="Key prefix of every Redis key we write."
+    )
+    jobs_lease_s: float = Field(
+        30.0,
+        gt=0,
+        description="A claimed job whose replica stops heartbeating for this long is reclaimed by another.",
+    )
+    jobs_max_attempts: int = Field(
+        3,
+        ge=1,
+        le=20,
+        description="Starts of one job (a start per replica lost) before it fails (`job_lost`).",
+    )
+    jobs_idempotency_ttl_s: float = Field(
+        86400.0, gt=0, description="How long an `Idempotency-Key` of POST /v1/jobs is remembered."
+    )
+    jobs_max_backlog_tiles: int = Field(
+        100_000,
+        ge=1,
+        description="Shared store: queued tiles of a model beyond which POST /v1/jobs is a 503.",
+    )
+    # --- webhooks and URLs of a job (docs/jobs.md#webhooks) ------------------------------------
+    webhook_secret: str | None = Field(
+        None, description="Standard Webhooks signing secret (`whsec_` + base64); unset: webhooks refused."
+    )
+    webhook_max_s: float = Field(
+        3600.0, gt=0, description="A webhook delivery is retried with back-off for at most this long."
+    )
+    url_allowlist: list[str] = Field(
+        default_factory=list,
+        description="Hosts or CIDRs that input_url/output_url/webhook_url may reach although private.",
+    )
+    url_allow_http: bool = Field(False, description="Allow plain http:// for input_url/output_url/webhooks.")
+    url_timeout_s: float = Field(30.0, gt=0, description="Time limit of one fetch or upload of a job URL.")
 
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level (`gendr-serve --log-level` overrides it)."
     )
 
-    @field_validator("api_keys", "models", "cors_origins", "image_formats", "fake_tiles", mode="before")
+    @field_validator(
+        "api_keys", "models", "cors_origins", "image_formats", "fake_tiles", "url_allowlist", mode="before"
+    )
     @classmethod
     def _split_list(cls, v: object) -> object:
         # Allow a plain comma-separated list in env files and Kubernetes Secrets, or a JSON list.

@@ -48,7 +48,7 @@ def _auto_backend_without_openvino(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("torch")
-    from engine_build.checkpoint import make_tiny
+    from engine_build.gendr.checkpoint import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
 

@@ -1,5 +1,6 @@
-"""The module graph docs/architecture.md draws: one-way (the runtime never imports the build stage),
-and free of import cycles, counting imports inside functions too."""
+"""The module and package graph docs/architecture.md draws: one-way (the runtime never imports the build
+stage), free of import cycles (imports inside functions count too), and every package importing only
+the packages `ALLOWED` names."""
 
 from __future__ import annotations
 
@@ -8,6 +9,82 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("service", "engine_build", "gendr_client")
+
+
+# A module belongs to the first entry of LAYERS its dotted name starts with (the longest prefix wins);
+# each layer may import itself and what ALLOWED names for it, nothing else. Written once, as data.
+SERVICE_BASE = "service"  # errors, settings, manifest, metrics, hardware: everything may use them
+ALLOWED: dict[str, set[str]] = {
+    "service": set(),
+    "service.backends": {"service"},
+    "service.pixels": {"service"},
+    "service.scheduling": {"service", "service.backends", "service.pixels"},
+    "service.runtime": {"service", "service.backends", "service.pixels", "service.scheduling"},
+    "service.jobs": {"service", "service.runtime", "service.pixels", "service.scheduling"},
+    "service.http": {
+        "service",
+        "service.backends",
+        "service.pixels",
+        "service.scheduling",
+        "service.runtime",
+        "service.jobs",
+    },
+    "service.cli": {"service", "service.http"},
+    "engine_build": {"service"},  # errors, repository, gpu_targets
+    "engine_build.gendr": {"engine_build", "service", "service.pixels"},
+    "engine_build.sr": {"engine_build", "engine_build.gendr", "service"},
+    "engine_build.torch_backend": {"engine_build.gendr", "engine_build.sr", "service", "service.backends"},
+    "engine_build.verify": {
+        "engine_build",
+        "engine_build.gendr",
+        "engine_build.sr",
+        "engine_build.torch_backend",
+        "service",
+        "service.backends",
+        "service.pixels",
+    },
+    "engine_build.trt": {"engine_build", "service"},
+    "engine_build.export": {
+        "engine_build",
+        "engine_build.gendr",
+        "engine_build.trt",
+        "engine_build.verify",
+        "service",
+    },
+    "engine_build.quantize": {
+        "engine_build",
+        "engine_build.export",
+        "engine_build.verify",
+        "service",
+        "service.backends",
+    },
+    "engine_build.commands": {
+        "engine_build",
+        "engine_build.export",
+        "engine_build.gendr",
+        "engine_build.quantize",
+        "engine_build.sr",
+        "engine_build.trt",
+        "engine_build.verify",
+        "service",
+        "service.backends",
+        "service.pixels",
+    },
+    "engine_build.cli": {"engine_build"},  # finds engine_build.commands by name (importlib)
+    "gendr_client": set(),
+}
+# Modules that form a layer with a package: the runtime's contract and its request type sit above the
+# scheduler and the pixel path they compose.
+LAYER_OF = {"service.runtime_api": "service.runtime", "service.requests": "service.runtime"}
+
+
+def layer(module: str) -> str:
+    module = LAYER_OF.get(module, module)
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in ALLOWED:
+            return ".".join(parts[:n])
+    raise AssertionError(f"{module} is in no layer of ALLOWED")
 
 
 def module_graph() -> dict[str, set[str]]:
@@ -95,4 +172,46 @@ def test_only_the_http_package_imports_a_web_framework() -> None:
             if isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
             bad += [f"{rel}: {n}" for n in names if n.split(".")[0] in web]
+    assert not bad, bad
+
+
+def test_every_package_imports_only_what_the_package_graph_allows() -> None:
+    bad = sorted(
+        f"{m} -> {t}"
+        for m, ts in module_graph().items()
+        for t in ts
+        if layer(t) != layer(m) and layer(t) not in ALLOWED[layer(m)]
+    )
+    assert not bad, bad
+
+
+def test_the_package_graph_itself_has_no_cycle() -> None:
+    assert cycles({k: set(v) for k, v in ALLOWED.items()}) == []
+
+
+def test_the_package_check_catches_a_forbidden_import() -> None:
+    assert layer("service.pixels.tiling") == "service.pixels"
+    assert layer("service.requests") == "service.runtime"
+    assert "service.http" not in ALLOWED[layer("service.jobs.records")]
+
+
+def test_every_package_says_what_it_holds_and_may_import() -> None:
+    """Each package's __init__ docstring names what it holds (and, for the layers, what it may import)."""
+    missing = []
+    for pkg in PACKAGES:
+        for init in (ROOT / pkg).rglob("__init__.py"):
+            tree = ast.parse(init.read_text())
+            if not (ast.get_docstring(tree) or "").strip():
+                missing.append(init.relative_to(ROOT).as_posix())
+    assert not missing, missing
+
+
+def test_no_module_file_names_repeat_their_package_name() -> None:
+    """`engine_build/trt/rules.py`, not `trt_rules.py`: a prefix is a package not yet made."""
+    bad = [
+        p.relative_to(ROOT).as_posix()
+        for pkg in PACKAGES
+        for p in (ROOT / pkg).rglob("*.py")
+        if p.parent.name not in PACKAGES and p.stem.startswith(p.parent.name + "_")
+    ]
     assert not bad, bad

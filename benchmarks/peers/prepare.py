@@ -52,7 +52,7 @@ def _network() -> object:
 
 def checkpoint(work: Path = WORK) -> Path:
     sys.path.insert(0, str(ROOT))
-    from engine_build.sr_models import save_sr_checkpoint
+    from engine_build.sr.models import save_sr_checkpoint
 
     path = work / "compact-x4.safetensors"
     if not path.is_file():

@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_engine(args: argparse.Namespace) -> int:
-    from engine_build.trt_build import build_engine
+    from engine_build.trt.build import build_engine
     from service.manifest import ManifestError
 
     try:

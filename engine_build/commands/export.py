@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from engine_build.presets import GENDR_BUCKETS, GENDR_OVERLAP, GENDR_TILE
+from engine_build.gendr.presets import GENDR_BUCKETS, GENDR_OVERLAP, GENDR_TILE
 
 log = logging.getLogger(__name__)
 
@@ -151,10 +151,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from engine_build.checkpoint import CheckpointError
-    from engine_build.export import ExportError, Fp16Options, describe, export_gendr
-    from engine_build.export_keys import resolve_buckets
-    from engine_build.export_shapes import check_whole_image
+    from engine_build.export.exporter import ExportError, Fp16Options, describe, export_gendr
+    from engine_build.export.keys import resolve_buckets
+    from engine_build.export.shapes import check_whole_image
+    from engine_build.gendr.checkpoint import CheckpointError
     from service.manifest import ManifestError
 
     check_whole_image("gendr", args.whole_image)  # before the checkpoint is read: a one-line refusal
@@ -195,7 +195,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from engine_build.verify import VerifyError, failures, load_photos, parse_thresholds, verify_model
+    from engine_build.verify.parity import VerifyError, failures, load_photos, parse_thresholds, verify_model
     from service.manifest import ManifestError
 
     try:

@@ -87,8 +87,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from engine_build.quantize import DEFAULT_EXCLUDES, QuantizeError, quantize_model
-    from engine_build.verify import VerifyError
+    from engine_build.quantize.quantizer import DEFAULT_EXCLUDES, QuantizeError, quantize_model
+    from engine_build.verify.parity import VerifyError
     from service.manifest import ManifestError
 
     excludes = ([] if args.no_default_excludes else list(DEFAULT_EXCLUDES)) + list(args.exclude)

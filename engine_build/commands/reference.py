@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
-    from engine_build.checkpoint import make_tiny
+    from engine_build.gendr.checkpoint import make_tiny
 
     path = make_tiny(args.out, seed=args.seed)
     print(f"wrote tiny GenDR checkpoint to {path}")
@@ -91,23 +91,23 @@ def load_rgb(path: Path) -> tuple[np.ndarray, np.ndarray | None, Image.Image]:
 
 def _load_runner(args: argparse.Namespace):
     """(runner, geometry, default colour fix, native scale) for a GenDR folder or an SR .safetensors."""
-    from engine_build.presets import SR_OVERLAP, SR_TILE
-    from engine_build.reference import DEFAULT_OVERLAP, DEFAULT_TILE, gendr_geometry
-    from engine_build.runners import torch_runner
+    from engine_build.gendr.presets import SR_OVERLAP, SR_TILE
+    from engine_build.gendr.reference import DEFAULT_OVERLAP, DEFAULT_TILE, gendr_geometry
+    from engine_build.verify.runners import torch_runner
     from service.manifest import TileGeometry
 
     ck: Path = args.checkpoint
     if ck.is_file() and ck.suffix == ".safetensors":
-        from engine_build.model import UnitRangeAdapter
-        from engine_build.sr_models import load_sr_safetensors
-        from engine_build.sr_support import SpandrelCall
+        from engine_build.gendr.model import UnitRangeAdapter
+        from engine_build.sr.models import load_sr_safetensors
+        from engine_build.sr.support import SpandrelCall
 
         desc = load_sr_safetensors(ck)
         net = UnitRangeAdapter(SpandrelCall(desc).eval())  # called as the export traced it
         tile, overlap = args.tile or SR_TILE, SR_OVERLAP if args.overlap is None else args.overlap
         geo = TileGeometry(tile=tile, overlap=overlap, graph_scale=int(desc.scale), size_multiple=1)
         return torch_runner(net, args.device, args.dtype, geo, args.batch), geo, "none", int(desc.scale)
-    from engine_build.checkpoint import load_checkpoint
+    from engine_build.gendr.checkpoint import load_checkpoint
 
     model = load_checkpoint(ck)
     tile = args.tile or DEFAULT_TILE
@@ -137,7 +137,7 @@ def save_image(
     pil_fmt, suffix = FORMATS[fmt]
     im = Image.fromarray(rgb)
     if alpha is not None and fmt != "jpeg":
-        from service.imageops import resize_rgb
+        from service.pixels.imageops import resize_rgb
 
         a = resize_rgb(alpha[:, :, None], rgb.shape[0], rgb.shape[1])[:, :, 0]
         im.putalpha(Image.fromarray(a))
@@ -152,7 +152,7 @@ def save_image(
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
-    from service.imageops import target_size
+    from service.pixels.imageops import target_size
 
     if args.quality < 1 or args.quality > 100:
         print("error: --quality must be 1-100", file=sys.stderr)
@@ -183,7 +183,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
                 oh, ow = target_size(
                     h, w, scale=args.scale, out_width=args.width, out_height=args.height, default_scale=native
                 )
-                from service.pipeline import make_plan, run_sync
+                from service.pixels.pipeline import make_plan, run_sync
 
                 n = make_plan(h, w, oh, ow, geo).n_tiles
                 with tqdm(total=n, desc="  tiles", unit="tile", leave=False) as tbar:

@@ -40,7 +40,7 @@ class BackendInfo:
 
 
 #: Measured seconds per engine call, keyed by (height, width, batch) of the input: the cost table the
-#: planner chooses shapes with (service/costs.py).
+#: planner chooses shapes with (service/scheduling/costs.py).
 Timings = dict[tuple[int, int, int], float]
 
 

@@ -37,11 +37,12 @@ from service.http import images
 from service.http.auth import ApiKeys
 from service.http.jobs_routes import add_routes
 from service.http.lifecycle import UPSCALE_PATH, GendrState, RequestContext
+from service.http.shared_jobs import SharedJobs
 from service.http.upscale import Context, UpscaleParams, handle_upscale, validation_message
 from service.metrics import Metrics
-from service.pools import SizeClassPool
 from service.runtime import Runtime
 from service.runtime_api import RuntimeClient
+from service.scheduling.pools import SizeClassPool
 from service.settings import Settings
 
 log = logging.getLogger("gendr.http")
@@ -137,19 +138,24 @@ def create_app(
     )
     ctx = Context(settings, runtime, metrics, st.pool, lambda: st.draining)
 
+    shared = SharedJobs(st) if settings.redis_url else None  # the job layer on Redis (docs/jobs.md)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         st._start_task = asyncio.create_task(st.start(), name="gendr-runtime-start")
+        if shared is not None:
+            app.state.gendr_jobs = shared
+            await shared.start()
         try:
             yield
         finally:
             # After a SIGTERM drain (the CLI) everything left was answered: only the deadline remains.
-            if st.draining:
-                await st.close(st.time_left(1.0))
-            else:
-                if not await st.drain(settings.drain_timeout_s):
-                    st.cut_off()
-                await st.close(max(1.0, st.time_left(5.0)))
+            drained_by_cli = st.draining
+            if not drained_by_cli and not await st.drain(settings.drain_timeout_s):
+                st.cut_off()
+            if shared is not None:
+                await shared.close()  # jobs still held go back to the stream for another replica
+            await st.close(st.time_left(1.0) if drained_by_cli else max(1.0, st.time_left(5.0)))
 
     errors = {
         s: {"model": ErrorBody, "description": d}

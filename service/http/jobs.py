@@ -9,7 +9,7 @@
 - Drain: queued jobs (no tile done yet) fail with code `draining`; running jobs count as in-flight work,
   so the app's drain waits for them, encode and write included.
 
-The `Job` record, its errors and its files are in service/http/job_records.py.
+The `Job` record, its errors and its files are in service/jobs/records.py.
 """
 
 from __future__ import annotations
@@ -25,11 +25,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from starlette.responses import FileResponse, JSONResponse, Response
+
 from service.errors import ImageTooLarge, Overloaded, ServiceError
 from service.http import images
-from service.http.job_records import (
+from service.http.upscale import DEADLINE_HEADER, Admitted
+from service.jobs.records import (
     ACTIVE,
     ID_BYTES,
+    IdempotencyKeyReused,
     Job,
     JobExpired,
     JobFailed,
@@ -38,9 +42,8 @@ from service.http.job_records import (
     JobNotFound,
     iso,
 )
-from service.http.upscale import DEADLINE_HEADER, Admitted
-from service.pools import pool_for
 from service.runtime_api import RuntimeClient
+from service.scheduling.pools import pool_for
 from service.settings import Settings
 
 log = logging.getLogger("gendr.jobs")
@@ -66,7 +69,66 @@ class JobStore:
         self._jobs: dict[str, Job] = {}
         self._seq = 0
         self._watcher: asyncio.Task[None] | None = None
+        self._idem: dict[tuple[str, str], tuple[str, str, float]] = {}  # (owner, key) → digest, id, expiry
+        self._runtime: RuntimeClient | None = None
         self._load()
+
+    shared = False
+
+    # ------------------------------------------------------------------ the routes' calls (as SharedJobs)
+    def hooks(self, owner: str | None, key: str | None, runtime: RuntimeClient) -> dict[str, Any]:
+        """How POST /v1/jobs hands an admitted request to this store (service.http.upscale.Context)."""
+        self._runtime = runtime
+        self.make_room()
+
+        async def hand_off(a: Admitted) -> Response:
+            if key is not None:
+                known = self._idempotent(owner, key, a.digest or "")
+                if known is not None:
+                    a.reservation.release()
+                    return self._accepted(known, 200)
+            job = self.start(a, owner)
+            if key is not None:
+                self._idem[(owner or "", key)] = (
+                    a.digest or "",
+                    job.id,
+                    time.time() + self.settings.jobs_idempotency_ttl_s,
+                )
+            return self._accepted(job, 202)
+
+        return {"hand_off": hand_off, "idempotency_key": key}
+
+    def _accepted(self, job: Job, status: int) -> Response:
+        assert self._runtime is not None
+        body = self.describe(job, self._runtime)
+        return JSONResponse(body, status_code=status, headers={"Location": f"/v1/jobs/{job.id}"})
+
+    def _idempotent(self, owner: str | None, key: str, digest: str) -> Job | None:
+        now = time.time()
+        for k in [k for k, v in self._idem.items() if v[2] < now]:
+            del self._idem[k]
+        known = self._idem.get((owner or "", key))
+        if known is None or known[1] not in self._jobs:
+            return None
+        if known[0] != digest:
+            raise IdempotencyKeyReused("this Idempotency-Key was used for another image or other options")
+        return self._jobs[known[1]]
+
+    async def get_view(self, job_id: str, owner: str | None, runtime: RuntimeClient) -> dict[str, Any]:
+        return self.describe(self.get(job_id, owner), runtime)
+
+    async def result(self, job_id: str, owner: str | None) -> Response:
+        job = self.get(job_id, owner)
+        path = self.result_path(job)
+        if not path.is_file():
+            raise JobExpired(f"the result of job {job.id} is no longer stored")
+        headers = {**job.headers, "Cache-Control": "no-store"}
+        return FileResponse(path, media_type=images.CONTENT_TYPES[job.format], headers=headers)
+
+    async def delete(self, job_id: str, owner: str | None, runtime: RuntimeClient) -> dict[str, Any]:
+        job = self.get(job_id, owner)
+        await self.cancel(job)
+        return {**self.describe(job, runtime), "deleted": True}
 
     def _load(self) -> None:
         """Records of an earlier process: finished jobs stay readable; unfinished ones were interrupted."""

@@ -15,10 +15,11 @@ from fastapi import Path as PathParam
 from fastapi.staticfiles import StaticFiles
 from starlette.responses import FileResponse, JSONResponse, Response
 
-from service.http import images
-from service.http.job_records import JobExpired, owner_of
+from service.errors import BadRequest
 from service.http.jobs import JobStore
-from service.http.upscale import Admitted, Context, UpscaleParams, handle_upscale
+from service.http.shared_jobs import SharedJobs
+from service.http.upscale import Context, UpscaleParams, handle_upscale
+from service.jobs.records import IDEMPOTENCY_KEY, owner_of
 
 STATIC_DIR = Path(__file__).parent / "static"
 JobId = Annotated[
@@ -43,10 +44,11 @@ def _state(request: Request) -> Any:
     return request.app.state.gendr  # service.http.app.GendrState
 
 
-def job_store(request: Request) -> JobStore:
-    """The app's store, made on first use (the folder is created then, not at import or app build)."""
+def job_store(request: Request) -> JobStore | SharedJobs:
+    """The app's store: the shared one (made at start-up when `GENDR_REDIS_URL` is set), else the embedded
+    one, made on first use (its folder is created then, not at import or app build)."""
     app_state = request.app.state
-    store: JobStore | None = getattr(app_state, "gendr_jobs", None)
+    store: JobStore | SharedJobs | None = getattr(app_state, "gendr_jobs", None)
     if store is None:
         st = _state(request)
         store = JobStore(st.settings, st.pool, st.enter, st.leave, lambda: st.draining)
@@ -62,6 +64,13 @@ def _owner(request: Request) -> str | None:
     return owner_of(auth, st.keys.enabled)
 
 
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and not IDEMPOTENCY_KEY.match(key):
+        raise BadRequest("Idempotency-Key must be 1 to 255 printable ASCII characters without spaces")
+    return key
+
+
 def jobs_router() -> APIRouter:
     router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -69,30 +78,44 @@ def jobs_router() -> APIRouter:
         "",
         status_code=202,
         summary="Start a job: same body and options as POST /upscale; poll the Location",
-        responses={202: {"description": "Admitted: the job's state (as GET /v1/jobs/{id})."}},
-        openapi_extra={"requestBody": _BODY},
+        responses={
+            202: {"description": "Admitted: the job's state (as GET /v1/jobs/{id})."},
+            200: {"description": "The job this Idempotency-Key already made (same image and options)."},
+            409: {"description": "The Idempotency-Key was used with another image or options."},
+        },
+        openapi_extra={
+            "requestBody": _BODY,
+            "parameters": [
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string", "maxLength": 255},
+                    "description": "Same key + same body → the same job (kept 24 h); another body → 409.",
+                }
+            ],
+        },
     )
     async def create_job(request: Request, params: Annotated[UpscaleParams, Query()]) -> Response:
         owner = _owner(request)
+        key = _idempotency_key(request)
         st = _state(request)
         store = job_store(request)
-        store.make_room()
-
-        async def hand_off(a: Admitted) -> Response:
-            job = store.start(a, owner)
-            body = store.describe(job, st.runtime)
-            return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
-
-        ctx = Context(st.settings, st.runtime, st.metrics, st.pool, lambda: st.draining, hand_off=hand_off)
+        if isinstance(store, SharedJobs):
+            hooks: dict[str, Any] = {"enqueue": lambda c: store.enqueue(c, owner), "idempotency_key": key}
+        else:
+            hooks = store.hooks(owner, key, st.runtime)
+        ctx = Context(st.settings, st.runtime, st.metrics, st.pool, lambda: st.draining, **hooks)
         return await handle_upscale(request, params, ctx)
 
     @router.get("/{job_id}", summary="State, tiles done of total, queue position and ETA of a job")
     async def get_job(request: Request, job_id: JobId) -> JSONResponse:
         store = job_store(request)
-        job = store.get(job_id, _owner(request))
-        return JSONResponse(
-            store.describe(job, _state(request).runtime), headers={"Cache-Control": "no-store"}
-        )
+        if isinstance(store, SharedJobs):
+            body = await store.get(job_id, _owner(request))
+        else:
+            body = await store.get_view(job_id, _owner(request), _state(request).runtime)
+        return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
     @router.get(
         "/{job_id}/result",
@@ -101,20 +124,16 @@ def jobs_router() -> APIRouter:
         responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}},
     )
     async def get_result(request: Request, job_id: JobId) -> Response:
-        store = job_store(request)
-        job = store.get(job_id, _owner(request))
-        path = store.result_path(job)
-        if not path.is_file():
-            raise JobExpired(f"the result of job {job.id} is no longer stored")
-        headers = {**job.headers, "Cache-Control": "no-store"}
-        return FileResponse(path, media_type=images.CONTENT_TYPES[job.format], headers=headers)
+        return await job_store(request).result(job_id, _owner(request))
 
     @router.delete("/{job_id}", summary="Cancel an unfinished job (its tiles are freed) or delete a result")
     async def delete_job(request: Request, job_id: JobId) -> JSONResponse:
         store = job_store(request)
-        job = store.get(job_id, _owner(request))
-        await store.cancel(job)
-        return JSONResponse({**store.describe(job, _state(request).runtime), "deleted": True})
+        if isinstance(store, SharedJobs):
+            body = await store.cancel(job_id, _owner(request))
+        else:
+            body = await store.delete(job_id, _owner(request), _state(request).runtime)
+        return JSONResponse(body)
 
     return router
 

@@ -31,14 +31,15 @@ from service.errors import (
 )
 from service.http import images
 from service.http.body import read_upload
-from service.imageops import target_size
+from service.jobs.records import request_digest
 from service.manifest import MODEL_NAME_PATTERN
 from service.metrics import Metrics
-from service.pools import pool_for
+from service.pixels.imageops import target_size
 from service.requests import UpscaleJob
 from service.runtime_api import ModelClient, RuntimeClient
+from service.scheduling.pools import pool_for
+from service.scheduling.tickets import Reservation
 from service.settings import Settings
-from service.tickets import Reservation
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -129,6 +130,24 @@ class Context:
     is_draining: Callable[[], bool]
     # POST /v1/jobs (service/http/jobs_routes.py): gets the admitted, decoded request and answers instead
     hand_off: Callable[[Admitted], Awaitable[Response]] | None = None
+    # POST /v1/jobs on the shared store: gets the checked upload before any local admission or decode
+    enqueue: Callable[[Checked], Awaitable[Response]] | None = None
+    idempotency_key: str | None = None  # bind it to the upload and options (a digest of both)
+
+
+@dataclass(frozen=True)
+class Checked:
+    """An upload past every check that needs no pixels: its size, output, format and cost are known."""
+
+    request: Request
+    params: UpscaleParams
+    model: ModelClient
+    data: bytes
+    out_width: int
+    out_height: int
+    fmt: str
+    tiles: int
+    digest: str | None
 
 
 @dataclass(frozen=True)
@@ -144,6 +163,7 @@ class Admitted:
     fmt: str
     quality: int
     tiles: int
+    digest: str | None = None
 
 
 def _deadline_budget(request: Request, params: UpscaleParams, s: Settings) -> float:
@@ -228,6 +248,9 @@ async def handle_upscale(request: Request, params: UpscaleParams, ctx: Context) 
         _check_scale(params, s)
     mr = runtime.get(params.model)
     request.state.model = mr.name
+    digest = None
+    if ctx.idempotency_key is not None:
+        digest = request_digest(upload.data, params.model_dump(exclude_none=True))
 
     probe = await _run(
         pool_for(ctx.pool, 0),
@@ -263,6 +286,10 @@ async def handle_upscale(request: Request, params: UpscaleParams, ctx: Context) 
         fmt = params.format or probe.default_output
         images.check_output_size(fmt, out_h, out_w)
         plan = mr.plan(probe.height, probe.width, out_h, out_w)
+        if ctx.enqueue is not None:
+            return await ctx.enqueue(
+                Checked(request, params, mr, probe.data, out_w, out_h, fmt, plan.n_tiles, digest)
+            )
         # 503 overloaded / draining / not ready — before decoding; released on leaving the block
         # unless a job took it over (hand_over: the job releases it when it ends)
         with mr.reserve(plan) as reservation:
@@ -283,7 +310,7 @@ async def handle_upscale(request: Request, params: UpscaleParams, ctx: Context) 
             if ctx.hand_off is not None:
                 q = params.quality or s.output_quality
                 admitted = Admitted(
-                    request, params, job, reservation.hand_over(), mr, decoded, fmt, q, plan.n_tiles
+                    request, params, job, reservation.hand_over(), mr, decoded, fmt, q, plan.n_tiles, digest
                 )
                 return await ctx.hand_off(admitted)
             outcome = await _unless_disconnected(request, mr.upscale(job, reservation))

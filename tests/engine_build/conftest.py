@@ -34,7 +34,7 @@ def small_photos(photos: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
 @pytest.fixture(scope="session")
 def tiny_export(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     """models/tiny exported once (fp32 + fp16, tile 64, overlap 16)."""
-    from engine_build.export import export_gendr
+    from engine_build.export.exporter import export_gendr
 
     out = tmp_path_factory.mktemp("repo") / "tiny"
     return export_gendr(tiny_checkpoint, out, tile=TILE, overlap=OVERLAP)
@@ -56,7 +56,7 @@ def repo_copy(tiny_repo: Path, tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def int8_repo(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory):
     """A copy of the tiny repository with an int8 Q/DQ graph (max calibration on 8 real-photo tiles)."""
-    from engine_build.quantize import quantize_model
+    from engine_build.quantize.quantizer import quantize_model
 
     dst = tmp_path_factory.mktemp("int8") / "tiny"
     shutil.copytree(tiny_repo, dst)
@@ -67,7 +67,7 @@ def int8_repo(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def tiny_report(int8_repo, small_photos):
     """verify_model over fp32 / fp16 / int8 of the tiny repository (4 tiles + 1 whole image each)."""
-    from engine_build.verify import verify_model
+    from engine_build.verify.parity import verify_model
 
     return verify_model(int8_repo.model_dir, photos=small_photos, n_tiles=4, n_images=1, batch=8)
 
@@ -96,7 +96,7 @@ class ToySR(torch.nn.Module):
 
 @pytest.fixture(scope="session")
 def toy_sr_export(tmp_path_factory: pytest.TempPathFactory):
-    from engine_build.export import export_single
+    from engine_build.export.exporter import export_single
     from service.manifest import Source
 
     net = ToySR().eval()

@@ -13,7 +13,7 @@ pytest.importorskip("openvino")
 
 from test_quantize_cpu import photo_repo  # noqa: F401  (the photo-like ×4 test network)
 
-from engine_build.verify import compare, graph_input_tiles, onnx_runner
+from engine_build.verify.parity import compare, graph_input_tiles, onnx_runner
 from service.backends import select
 from service.backends.base import BackendUnavailable, TileFunction
 from service.backends.onnxruntime import INT8_MIN_PSNR_DB

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine_build.checkpoint import load_checkpoint
-from engine_build.runners import torch_runner
+from engine_build.gendr.checkpoint import load_checkpoint
 from engine_build.torch_backend import TorchBackend
+from engine_build.verify.runners import torch_runner
 from service.backends import select
 from service.backends.base import BackendUnavailable
 from service.manifest import read_manifest

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from reliability_helpers import encode, engine_calls, noise
 
-from service.imageops import target_size
+from service.pixels.imageops import target_size
 
 MAX_SCALE = 3.0
 SRC_H, SRC_W = 12, 10

@@ -30,7 +30,7 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_net(tiny_checkpoint: Path):
     """The tiny GenDR in PyTorch, for the tests about GenDR itself (tiling seams); needs torch."""
-    from engine_build.checkpoint import load_checkpoint
+    from engine_build.gendr.checkpoint import load_checkpoint
 
     return load_checkpoint(tiny_checkpoint)
 

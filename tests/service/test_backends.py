@@ -185,7 +185,8 @@ def test_tensorrt_backend_on_gpu(tiny_repo: Path, photos: dict[str, np.ndarray])
 def test_service_never_imports_torch_at_module_level() -> None:
     code = (
         "import sys\n"
-        "import service.runtime, service.batcher, service.backends.select, service.backends.onnxruntime\n"
+        "import service.runtime, service.scheduling.batcher, service.backends.select\n"
+        "import service.backends.onnxruntime\n"
         "import service.backends.tensorrt, service.backends.fake, service.hardware, service.http.app\n"
         "bad = [m for m in ('torch', 'tensorrt', 'engine_build') if m in sys.modules]\n"
         "assert not bad, bad\n"

@@ -13,12 +13,12 @@ from tiny_onnx import reference, write_bucket_repo
 
 from service.backends.base import BackendUnavailable
 from service.backends.onnxruntime import OnnxRuntimeBackend
-from service.costs import CostTable
 from service.manifest import read_manifest
 from service.metrics import Metrics
+from service.pixels.tiling import pad_image
 from service.runtime import Runtime, UpscaleJob
+from service.scheduling.costs import CostTable
 from service.settings import Settings
-from service.tiling import pad_image
 
 
 def test_backend_loads_a_session_per_shape_and_times_each(tmp_path: Path) -> None:

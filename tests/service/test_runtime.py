@@ -16,9 +16,9 @@ from runtime_helpers import nearest, write_fake_repo
 
 from service.backends.fake import FakeBackend, FakeBehaviour
 from service.errors import BadRequest, DeadlineExceeded, Draining, EngineFailure, ModelNotFound, NotReady
-from service.imageops import resize_rgb
 from service.metrics import Metrics
-from service.pipeline import make_plan, run_sync
+from service.pixels.imageops import resize_rgb
+from service.pixels.pipeline import make_plan, run_sync
 from service.runtime import ModelRuntime, Runtime, UpscaleJob, UpscaleOutcome
 from service.settings import Settings
 

@@ -12,8 +12,8 @@ from prometheus_client import generate_latest
 from runtime_helpers import nearest, write_fake_repo
 
 from service.backends.fake import FakeBackend
-from service.imageops import resize_rgb
 from service.metrics import Metrics
+from service.pixels.imageops import resize_rgb
 from service.runtime import Runtime, UpscaleJob
 from service.settings import Settings
 

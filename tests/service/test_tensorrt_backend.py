@@ -16,12 +16,12 @@ from trt_repo import nearest_up, write_engine_repo
 from service.backends import select
 from service.backends.base import BackendUnavailable
 from service.backends.tensorrt import TensorRTBackend
-from service.batcher import TileBatcher
 from service.hardware import gpu_info
 from service.manifest import read_manifest
 from service.metrics import Metrics
+from service.pixels.tiling import Stitcher, pad_image, plan_tiles
+from service.scheduling.batcher import TileBatcher
 from service.settings import Settings
-from service.tiling import Stitcher, pad_image, plan_tiles
 
 
 @pytest.fixture

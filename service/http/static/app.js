@@ -1,9 +1,14 @@
 // gendr-serve web page: upload → POST /v1/jobs → poll GET /v1/jobs/{id} → fetch the result.
+// Any replica answers any request; a busy (503, Retry-After) or unreachable server is retried with the
+// same Idempotency-Key, so a retried upload never makes a second job.
 // Plain browser JavaScript, no build step, no dependencies (docs/jobs.md describes the API).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const POLL_MS = 250;
+const RETRY_FOR_MS = 10 * 60 * 1000; // how long the page keeps retrying a busy or unreachable server
+const TRANSIENT = new Set([502, 503, 504]); // busy, draining, job store away, or a proxy whose pod died
+const RESTARTED = new Set(["draining", "job_lost", "interrupted"]); // failed by the service, not the image
 let file = null;
 let current = null; // {id, xhr, stopped}
 let urls = [];
@@ -26,6 +31,58 @@ async function errorMessage(response) {
     }
   } catch (_) { /* not JSON */ }
   return `HTTP ${response.status}`;
+}
+
+// One key per upload: a retry after a lost answer gets the same job back instead of a second one.
+function newKey() {
+  if (crypto.randomUUID) return crypto.randomUUID();
+  const b = crypto.getRandomValues(new Uint8Array(16)); // plain http on a LAN address: no randomUUID there
+  b[6] = (b[6] & 0x0f) | 0x40;
+  b[8] = (b[8] & 0x3f) | 0x80;
+  const h = [...b].map((x) => x.toString(16).padStart(2, "0")).join("");
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+}
+
+// The wait before the next try: at least Retry-After, else exponential; up to 50 % more so that many
+// pages refused together do not come back together.
+function retryDelay(response, attempt) {
+  const after = Number(response && response.headers.get("Retry-After"));
+  const base = Math.min(30, 0.5 * 2 ** attempt);
+  return Math.max(after > 0 ? after : 0, base) * (1 + Math.random() / 2);
+}
+
+// Waits `seconds`, counting down in the status line; false when the user cancelled meanwhile.
+async function waitRetry(me, seconds, why) {
+  const end = Date.now() + seconds * 1000;
+  while (!me.stopped && Date.now() < end) {
+    const left = Math.ceil((end - Date.now()) / 1000);
+    setProgress(Number($("progress").value), `${why}, retrying in ${left} s`);
+    await new Promise((ok) => setTimeout(ok, Math.min(250, end - Date.now())));
+  }
+  return !me.stopped;
+}
+
+// Sends a request until it gets an answer that is not a busy or unreachable server; `send` makes one
+// try (the same Idempotency-Key each time for a submission). Gives up after RETRY_FOR_MS.
+async function withRetries(me, send) {
+  const start = Date.now();
+  for (let attempt = 0; ; attempt++) {
+    let r = null;
+    let why;
+    try {
+      r = await send();
+      if (!TRANSIENT.has(r.status)) return r;
+      why = "Server busy";
+    } catch (e) {
+      if (me.stopped || e.message === "cancelled") throw e;
+      why = "Server unreachable";
+    }
+    const wait = retryDelay(r, attempt);
+    if (Date.now() + wait * 1000 - start > RETRY_FOR_MS) {
+      throw new Error(r ? await errorMessage(r) : "the server cannot be reached (network error)");
+    }
+    if (!(await waitRetry(me, wait, why))) throw new Error("cancelled");
+  }
 }
 
 function setProgress(value, text) {
@@ -55,17 +112,23 @@ function query() {
 }
 
 // XMLHttpRequest, not fetch: only it reports upload progress.
-function upload(url, blob) {
+function upload(url, blob, idempotencyKey) {
   return new Promise((resolve, reject) => {
     const xhr = new XMLHttpRequest();
     current.xhr = xhr;
     xhr.open("POST", url);
     for (const [k, v] of Object.entries(keyHeader())) xhr.setRequestHeader(k, v);
     xhr.setRequestHeader("Content-Type", blob.type || "application/octet-stream");
+    xhr.setRequestHeader("Idempotency-Key", idempotencyKey);
     xhr.upload.onprogress = (e) => {
       if (e.lengthComputable) setProgress(0.1 * e.loaded / e.total, `Uploading ${Math.round(100 * e.loaded / e.total)} %`);
     };
-    xhr.onload = () => resolve(new Response(xhr.response, { status: xhr.status, headers: { "Content-Type": "application/json" } }));
+    xhr.onload = () => {
+      const headers = { "Content-Type": "application/json" };
+      const after = xhr.getResponseHeader("Retry-After");
+      if (after) headers["Retry-After"] = after;
+      resolve(new Response(xhr.response, { status: xhr.status, headers }));
+    };
     xhr.onerror = () => reject(new Error("the upload failed (network error)"));
     xhr.onabort = () => reject(new Error("cancelled"));
     xhr.send(blob);
@@ -95,24 +158,38 @@ async function run(ev) {
   const me = current;
   try {
     const q = query();
-    const r = await upload(`/v1/jobs${q ? "?" + q : ""}`, file);
-    if (r.status !== 202) throw new Error(await errorMessage(r));
+    const key = newKey();
+    const r = await withRetries(me, () => upload(`/v1/jobs${q ? "?" + q : ""}`, file, key));
+    if (r.status !== 202 && r.status !== 200) throw new Error(await errorMessage(r));
     let job = await r.json();
     me.id = job.id;
     while (job.state === "queued" || job.state === "running") {
       setProgress(...describe(job));
       await new Promise((ok) => setTimeout(ok, POLL_MS));
       if (me.stopped) return;
-      const s = await fetch(`/v1/jobs/${job.id}`, { headers: keyHeader() });
+      // Any replica answers; a busy or unreachable one is asked again, it is not the job failing.
+      const s = await withRetries(me, () => fetch(`/v1/jobs/${job.id}`, { headers: keyHeader() }));
+      if (s.status === 404) {
+        me.id = null;
+        throw new Error("The server no longer has this job (it expired or was lost). "
+          + "Please upload the image again.");
+      }
       if (!s.ok) throw new Error(await errorMessage(s));
       job = await s.json();
     }
     if (job.state !== "succeeded") {
       const e = job.error || {};
+      if (RESTARTED.has(e.code)) {
+        throw new Error(`The server restarted before the job could finish (${e.code}). `
+          + "Please upload the image again.");
+      }
       throw new Error(`${e.message || "the job " + job.state} (${e.code || job.state})`);
     }
     setProgress(0.97, "Downloading the result");
-    const res = await fetch(job.result_url, { headers: keyHeader() });
+    const res = await withRetries(me, () => fetch(job.result_url, { headers: keyHeader() }));
+    if (res.status === 404 || res.status === 410) {
+      throw new Error("The result is no longer stored on the server. Please upload the image again.");
+    }
     if (!res.ok) throw new Error(await errorMessage(res));
     show(await res.blob(), job);
     setProgress(1, `Done: ${job.tiles.total} tiles`);

@@ -25,8 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.http import images
 from service.http.app import create_app
-from service.imageops import resize_rgb
 from service.metrics import Metrics
+from service.pixels.imageops import resize_rgb
 from service.runtime import Runtime
 from service.settings import Settings
 

@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 
 from service.errors import ImageTooLarge, UndecodableImage, UnsupportedMediaType
 from service.http import images
-from service.imageops import resize_rgb
+from service.pixels.imageops import resize_rgb
 
 FORMATS = ["JPEG", "PNG", "WEBP"]
 LIMIT = 4_000_000

@@ -223,7 +223,7 @@ def test_oversized_chunked_body_is_refused_while_reading(server: Server) -> None
 
 def test_client_disconnect_cancels_the_work(fake_server: Server, tiny_repo: Path) -> None:
     from service.manifest import read_manifest
-    from service.pipeline import make_plan
+    from service.pixels.pipeline import make_plan
 
     server = fake_server
     before = server.metric("gendr_requests_total", model="tiny", status="499")

@@ -1,16 +1,21 @@
 """The web page at `/` in a real browser: Debian's headless Chromium driven by Selenium and chromedriver.
 
 A real photo goes through the page against a real gendr-serve (fake backend, engine gated by the test),
-so the progress bar is seen at "Tiles 1 of N" before the result appears. Skipped without Chromium
-(fails under CI=true: .ci/install-system-packages.sh installs it). GENDR_WEB_SCREENSHOT=path keeps
-the screenshot (docs/web-page.png was made so).
+so the progress bar is seen at "Tiles 1 of N" before the result appears. For busy and lost replicas a
+small reverse proxy on loopback stands in front of it and answers chosen requests itself (a 503 with
+Retry-After, a 404), as a load balancer in front of a busy or restarted replica would. Skipped without
+Chromium (fails under CI=true: .ci/install-system-packages.sh installs it). GENDR_WEB_SCREENSHOT=path
+keeps the screenshot (docs/web-page.png was made so).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +71,89 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
     with live_server(tmp_path_factory.mktemp("web"), GENDR_MAX_BATCH="1") as srv:
         yield srv
+
+
+class ScriptedProxy:
+    """Forwards to the real server, except the next requests of a route named in `script` ("submit":
+    POST /v1/jobs, "poll": GET /v1/jobs/{id}), answered here with (status, code, Retry-After or None).
+    Records the Idempotency-Key of every submission, answered here or not."""
+
+    HOP = frozenset(
+        {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "host"}
+    )
+
+    def __init__(self, upstream: str) -> None:
+        import httpx
+
+        self.http = httpx.Client(base_url=upstream, timeout=60)
+        self.script: dict[str, list[tuple[int, str, str | None]]] = {"submit": [], "poll": []}
+        self.submissions: list[str | None] = []
+        self.lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.http.close()
+
+    def _route(self, method: str, path: str) -> str | None:
+        parts = path.split("?")[0].strip("/").split("/")
+        if method == "POST" and parts == ["v1", "jobs"]:
+            return "submit"
+        if method == "GET" and len(parts) == 3 and parts[:2] == ["v1", "jobs"]:
+            return "poll"
+        return None
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _reply(self, status: int, headers: dict[str, str], body: bytes) -> None:
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _any(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                route = proxy._route(self.command, self.path)
+                with proxy.lock:
+                    if route == "submit":
+                        proxy.submissions.append(self.headers.get("Idempotency-Key"))
+                    canned = proxy.script[route].pop(0) if route and proxy.script[route] else None
+                if canned is not None:
+                    status, code, after = canned
+                    err = json.dumps({"error": {"code": code, "message": f"scripted {code}"}}).encode()
+                    hdr = {"Content-Type": "application/json"} | ({"Retry-After": after} if after else {})
+                    self._reply(status, hdr, err)
+                    return
+                fwd = {k: v for k, v in self.headers.items() if k.lower() not in ScriptedProxy.HOP}
+                r = proxy.http.request(self.command, self.path, content=body, headers=fwd)
+                back = {k: v for k, v in r.headers.items() if k.lower() not in ScriptedProxy.HOP}
+                self._reply(r.status_code, back, r.content)
+
+            do_GET = do_POST = do_DELETE = _any
+
+        return Handler
+
+
+@pytest.fixture
+def proxy(server: object) -> Iterator[ScriptedProxy]:
+    p = ScriptedProxy(server.url)  # type: ignore[attr-defined]
+    try:
+        yield p
+    finally:
+        p.close()
 
 
 def _wait(driver: object, pred: object, timeout: float = 30) -> None:
@@ -137,6 +225,59 @@ def test_errors_show_the_json_message(browser: object, server: object, tmp_path:
     _wait(d, lambda _: err.is_displayed() and err.text)
     assert "(unsupported_media_type)" in err.text
     assert not d.find_element(By.ID, "result").is_displayed()  # type: ignore[attr-defined]
+
+
+def _upload(d: object, url: str, photo: Path) -> object:
+    from selenium.webdriver.common.by import By
+
+    d.get(url + "/")  # type: ignore[attr-defined]
+    d.find_element(By.ID, "file").send_keys(str(photo))  # type: ignore[attr-defined]
+    d.find_element(By.ID, "go").click()  # type: ignore[attr-defined]
+    return d.find_element(By.ID, "status")  # type: ignore[attr-defined]
+
+
+def test_a_busy_server_is_retried_with_the_same_idempotency_key(
+    browser: object, server: object, proxy: ScriptedProxy, tmp_path: Path
+) -> None:
+    """The upload meets a 503 (Retry-After: 1), then a poll does: the page says it is busy and retries,
+    with the same Idempotency-Key on the second upload, and the photo still comes back."""
+    from selenium.webdriver.common.by import By
+
+    d = browser
+    photo = tmp_path / "chelsea.png"
+    photo.write_bytes(encode(small("chelsea.png", 48)))
+    server.hold()  # type: ignore[attr-defined]  # the job stays queued until the poll's 503 is met
+    proxy.script["submit"] = [(503, "overloaded", "1")]
+    proxy.script["poll"] = [(503, "job_store_unavailable", "1")]
+    status = _upload(d, proxy.url, photo)
+    _wait(d, lambda _: "busy, retrying in" in status.text)
+    _wait(d, lambda _: not proxy.script["poll"])
+    _wait(d, lambda _: "busy, retrying in" in status.text)
+    server.release()  # type: ignore[attr-defined]
+    _wait(d, lambda _: status.text.startswith("Done"))
+    assert len(proxy.submissions) == 2 and proxy.submissions[0] == proxy.submissions[1]
+    assert proxy.submissions[0] and len(proxy.submissions[0]) == 36  # a UUID
+    assert not d.find_element(By.ID, "error").is_displayed()  # type: ignore[attr-defined]
+
+
+def test_a_job_gone_while_polling_is_said_plainly(
+    browser: object, server: object, proxy: ScriptedProxy, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    d = browser
+    photo = tmp_path / "chelsea.png"
+    photo.write_bytes(encode(small("chelsea.png", 48)))
+    server.hold()  # type: ignore[attr-defined]  # queued: the page must poll
+    proxy.script["poll"] = [(404, "job_not_found", None)]
+    try:
+        _upload(d, proxy.url, photo)
+        err = d.find_element(By.ID, "error")  # type: ignore[attr-defined]
+        _wait(d, lambda _: err.is_displayed() and err.text)
+    finally:
+        server.release()  # type: ignore[attr-defined]
+    assert "no longer has this job" in err.text and "job_not_found" not in err.text
+    assert len(proxy.submissions) == 1
 
 
 def test_static_files_are_served_without_a_cdn(server: object) -> None:

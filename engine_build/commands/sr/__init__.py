@@ -1,0 +1,1 @@
+"""`gendr-build default` and `gendr-build import-sr`: the SR commands, their shared steps and progress."""

@@ -1,0 +1,240 @@
+"""/v1/jobs on the shared Redis store (`GENDR_REDIS_URL`, docs/jobs.md#several-replicas): the HTTP side.
+
+POST checks and probes the upload exactly as /upscale does, then stores it and appends the job to its
+model's stream (no local admission: any replica with room takes it). `run_job` is how this replica runs
+a job it pulled: the /upscale steps from the stored bytes. The stream mechanics are service/jobs/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from typing import Any
+
+from starlette.responses import JSONResponse, Response
+
+from service.errors import Draining, NotReady, Overloaded
+from service.http import images
+from service.http.upscale import Checked, UpscaleParams
+from service.jobs.records import ACTIVE, JobExpired, JobFailed, JobNotFinished, JobNotFound, iso
+from service.jobs.redis_store import RedisJobs, connect
+from service.jobs.worker import HandBack, JobOutput, Worker
+from service.requests import UpscaleJob
+from service.scheduling.pools import pool_for
+
+log = logging.getLogger("gendr.jobs")
+
+
+def _state_of(rec: dict[str, str]) -> str:
+    phase = rec.get("phase", "active")
+    if phase != "active":
+        return phase
+    return "running" if int(rec.get("tiles_done", 0) or 0) > 0 else "queued"
+
+
+class SharedJobs:
+    """The job API over Redis for one app; its worker pulls jobs for every model this replica serves."""
+
+    shared = True
+
+    def __init__(self, st: Any) -> None:
+        self.st = st  # service.http.lifecycle.GendrState
+        self.s = st.settings
+        self.jobs = RedisJobs(connect(self.s), self.s)
+        self.worker = Worker(
+            self.jobs,
+            list(st.runtime.models),
+            capacity=self._capacity,
+            run=self.run_job,
+            is_draining=lambda: st.draining,
+            enter=st.enter,
+            leave=st.leave,
+            on_finished=self._finished,
+        )
+        self.on_finished: list[Any] = []  # webhooks (service/http/job_webhooks.py) subscribe here
+
+    async def start(self) -> None:
+        self.worker.start()
+
+    async def close(self) -> None:
+        await self.worker.close()
+        await self.jobs.r.aclose()
+
+    def _capacity(self, model: str) -> tuple[int, int] | None:
+        """(tiles reserved here, one round of work: a full batch per engine instance) — None if not ready."""
+        if not self.st.started or self.st.draining:
+            return None
+        mr = self.st.runtime.models.get(model)
+        if mr is None or not mr.ready:
+            return None
+        stats = mr.batcher.stats()
+        instances = sum(1 for i in stats["instances"] if i["healthy"]) or 1
+        return int(stats["reserved_tiles"]), mr.batcher.max_batch * instances
+
+    async def _finished(self, rec: dict[str, str], phase: str) -> None:
+        for hook in self.on_finished:
+            await hook(self, rec, phase)
+
+    # ------------------------------------------------------------------ the routes' calls
+    async def enqueue(self, c: Checked, owner: str | None, extra: dict[str, Any] | None = None) -> Response:
+        q = c.params.quality or self.s.output_quality
+        fields = {
+            "model": c.model.name,
+            "tiles_total": c.tiles,
+            "tiles_done": 0,
+            "out_width": c.out_width,
+            "out_height": c.out_height,
+            "format": c.fmt,
+            "quality": q,
+            "created_at": time.time(),
+            "params": c.params.model_dump(exclude_none=True),
+            "attempts": 0,
+            "worker": "",
+            **(extra or {}),
+        }
+        idem = (c.request.headers["idempotency-key"], c.digest or "") if c.digest is not None else None
+        job_id, created = await self.jobs.submit(
+            model=c.model.name, data=c.data, tiles=c.tiles, fields=fields, owner=owner, idempotency=idem
+        )
+        body = await self.describe(await self._record(job_id, owner))
+        return JSONResponse(
+            body, status_code=202 if created else 200, headers={"Location": f"/v1/jobs/{job_id}"}
+        )
+
+    async def _record(self, job_id: str, owner: str | None) -> dict[str, str]:
+        rec = await self.jobs.record(job_id)
+        if rec is None or (rec.get("owner") and not secrets.compare_digest(rec["owner"], owner or "")):
+            raise JobNotFound(f"no job {job_id!r} (finished jobs are kept {self.s.jobs_ttl_s:g} s)")
+        return rec
+
+    async def get(self, job_id: str, owner: str | None) -> dict[str, Any]:
+        return await self.describe(await self._record(job_id, owner))
+
+    async def result(self, job_id: str, owner: str | None) -> Response:
+        rec = await self._record(job_id, owner)
+        state = _state_of(rec)
+        if state in ACTIVE:
+            raise JobNotFinished(f"job {job_id} is {state}; poll GET /v1/jobs/{job_id}")
+        if state == "expired":
+            raise JobExpired(f"the result of job {job_id} was removed to make room (jobs_max_bytes)")
+        if state != "succeeded":
+            err = json.loads(rec.get("error") or "null") or {}
+            raise JobFailed(f"job {job_id} {state}: {err.get('message', 'no result')}")
+        body = await self.jobs.result(job_id)
+        if body is None:
+            raise JobExpired(f"the result of job {job_id} is no longer stored")
+        headers = {**json.loads(rec.get("headers") or "{}"), "Cache-Control": "no-store"}
+        return Response(body, media_type=images.CONTENT_TYPES[rec["format"]], headers=headers)
+
+    async def cancel(self, job_id: str, owner: str | None) -> dict[str, Any]:
+        rec = await self._record(job_id, owner)
+        before = await self.describe(rec)
+        phase = await self.jobs.cancel(job_id, rec["model"])
+        if phase == "active":
+            before.update(state="cancelled", error={"code": "cancelled", "message": "the job was cancelled"})
+        return {**before, "deleted": True}
+
+    async def describe(self, rec: dict[str, str]) -> dict[str, Any]:
+        state = _state_of(rec)
+        done, total = int(rec.get("tiles_done", 0) or 0), int(rec.get("tiles_total", 1) or 1)
+        out: dict[str, Any] = {
+            "id": rec["id"],
+            "state": state,
+            "model": rec["model"],
+            "tiles": {"done": done, "total": total},
+            "progress": round(done / max(1, total), 4),
+            "queue_position": None,
+            "eta_s": None,
+            "attempt": max(1, int(rec.get("attempts", 0) or 0)),
+            "created_at": iso(float(rec["created_at"])),
+            "finished_at": iso(float(rec["finished_at"])) if rec.get("finished_at") else None,
+            "output": {
+                "width": int(rec["out_width"]),
+                "height": int(rec["out_height"]),
+                "format": rec["format"],
+            },
+            "result_url": f"/v1/jobs/{rec['id']}/result" if state == "succeeded" else None,
+            "error": json.loads(rec.get("error") or "null"),
+        }
+        extra = json.loads(rec.get("extra") or "{}")
+        if extra:
+            out.update(extra)
+        for k in ("webhook", "input_url"):
+            if rec.get(k):
+                out[k] = json.loads(rec[k])
+        if state == "succeeded":
+            out["output"]["bytes"] = int(rec.get("result_bytes", 0) or 0)
+        if state in ACTIVE:
+            pos = await self.jobs.queue_position(rec["model"], rec["id"])
+            out["queue_position"] = 0 if pos is None else pos
+            out["eta_s"] = await self._eta(rec["model"], total - done, state == "queued")
+        return out
+
+    async def _eta(self, model: str, left: int, queued: bool) -> float | None:
+        """Remaining tiles (a queued job: plus the shared backlog ahead) over this replica's measured rate."""
+        mr = self.st.runtime.models.get(model)
+        rate = float(mr.batcher.tiles_per_s) if mr is not None else 0.0
+        if not rate:
+            return None
+        if queued:
+            backlog, _ = await self.jobs.backlog(model)
+            left = max(left, backlog)
+        return round(left / rate, 3)
+
+    async def backlog(self, model: str) -> tuple[int, int]:
+        return await self.jobs.backlog(model)
+
+    # ------------------------------------------------------------------ running a pulled job here
+    async def run_job(self, rec: dict[str, str], data: bytes, progress: Any) -> JobOutput:
+        s, pool = self.s, self.st.pool
+        loop = asyncio.get_running_loop()
+        params = UpscaleParams.model_validate(json.loads(rec.get("params") or "{}"))
+        mr = self.st.runtime.get(rec["model"])
+        probe = await loop.run_in_executor(
+            pool_for(pool, 0), images.probe, data, s.image_formats, s.max_input_pixels, s.max_pixels_per_byte
+        )
+        out_h, out_w, fmt = int(rec["out_height"]), int(rec["out_width"]), rec["format"]
+        try:
+            plan = mr.plan(probe.height, probe.width, out_h, out_w)
+            while True:  # pulled because there was room; /upscale traffic may have taken it meanwhile
+                try:
+                    reservation = mr.reserve(plan)
+                    break
+                except Draining as e:
+                    raise HandBack() from e
+                except (Overloaded, NotReady):
+                    await asyncio.sleep(0.05)
+            with reservation:
+                decoded = await loop.run_in_executor(pool_for(pool, probe.pixels), images.decode, probe)
+                job = UpscaleJob(
+                    image=decoded.rgb,
+                    out_height=out_h,
+                    out_width=out_w,
+                    color_fix=params.color_fix,
+                    deadline=time.monotonic() + s.max_deadline_s,
+                    request_id=f"job-{rec['id']}",
+                    progress=progress,
+                )
+                outcome = await mr.upscale(job, reservation)
+        finally:
+            probe.close()
+        body = await loop.run_in_executor(
+            pool_for(pool, out_h * out_w),
+            images.encode,
+            outcome.image,
+            decoded,
+            fmt,
+            int(rec.get("quality") or s.output_quality),
+            s.png_compress_level,
+        )
+        headers = {
+            "X-Model": outcome.model,
+            "X-Backend": outcome.backend,
+            "X-Precision": outcome.precision,
+            "X-Tiles": str(outcome.tiles),
+            "X-Image-Size": f"{out_w}x{out_h}",
+        }
+        return JobOutput(body=body, headers=headers)

@@ -91,6 +91,18 @@ class Metrics:
             ["model", "shape"],
             registry=r,
         )
+        self.jobs_backlog_tiles = Gauge(
+            "gendr_jobs_backlog_tiles",
+            "Shared job store: remaining tiles of queued and running jobs (every replica reports the same).",
+            ["model"],
+            registry=r,
+        )
+        self.jobs_backlog_jobs = Gauge(
+            "gendr_jobs_backlog_jobs",
+            "Shared job store: entries in the model's stream (not yet read + pending), as KEDA counts them.",
+            ["model"],
+            registry=r,
+        )
         self.instance_busy = Gauge(
             "gendr_instance_busy_ratio",
             "Share of the last window an engine instance was computing.",

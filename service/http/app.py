@@ -285,6 +285,8 @@ def create_app(
     async def metrics_page() -> Response:
         st.metrics.ready.set(1 if st.ready else 0)
         await asyncio.to_thread(st.metrics.refresh_gpu_memory)
+        if shared is not None:
+            await shared.report_backlog(st.metrics)
         return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     add_routes(app)  # /v1/jobs and the web page at / (service/http/jobs_routes.py)

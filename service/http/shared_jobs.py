@@ -8,6 +8,7 @@ a job it pulled: the /upscale steps from the stored bytes. The stream mechanics 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -19,7 +20,15 @@ from starlette.responses import JSONResponse, Response
 from service.errors import Draining, NotReady, Overloaded
 from service.http import images
 from service.http.upscale import Checked, UpscaleParams
-from service.jobs.records import ACTIVE, JobExpired, JobFailed, JobNotFinished, JobNotFound, iso
+from service.jobs.records import (
+    ACTIVE,
+    JobExpired,
+    JobFailed,
+    JobNotFinished,
+    JobNotFound,
+    JobStoreUnavailable,
+    iso,
+)
 from service.jobs.redis_store import RedisJobs, connect
 from service.jobs.worker import HandBack, JobOutput, Worker
 from service.requests import UpscaleJob
@@ -54,6 +63,7 @@ class SharedJobs:
             leave=st.leave,
             on_finished=self._finished,
         )
+        self.consumers: dict[str, int] = {}  # replicas pulling each model, as last seen in Redis
         self.on_finished: list[Any] = []  # webhooks (service/http/job_webhooks.py) subscribe here
 
     async def start(self) -> None:
@@ -96,9 +106,16 @@ class SharedJobs:
             **(extra or {}),
         }
         idem = (c.request.headers["idempotency-key"], c.digest or "") if c.digest is not None else None
-        job_id, created = await self.jobs.submit(
-            model=c.model.name, data=c.data, tiles=c.tiles, fields=fields, owner=owner, idempotency=idem
-        )
+        try:
+            job_id, created = await self.jobs.submit(
+                model=c.model.name, data=c.data, tiles=c.tiles, fields=fields, owner=owner, idempotency=idem
+            )
+        except Overloaded as e:  # the shared queue is full: say when the fleet will have room
+            tiles, _ = await self.jobs.backlog(c.model.name)
+            with contextlib.suppress(Exception):
+                self.consumers[c.model.name] = await self.jobs.consumers(c.model.name)
+            e.retry_after_s = self.retry_after(c.model.name, tiles - self.s.jobs_max_backlog_tiles + c.tiles)
+            raise
         body = await self.describe(await self._record(job_id, owner))
         return JSONResponse(
             body, status_code=202 if created else 200, headers={"Location": f"/v1/jobs/{job_id}"}
@@ -186,6 +203,25 @@ class SharedJobs:
 
     async def backlog(self, model: str) -> tuple[int, int]:
         return await self.jobs.backlog(model)
+
+    async def report_backlog(self, metrics: Any) -> None:
+        """The global backlog as gauges at scrape time (the HPA's and KEDA's one truth); Redis away → skip."""
+        for model in self.st.runtime.models:
+            try:
+                tiles, entries = await self.jobs.backlog(model)
+            except JobStoreUnavailable:
+                return
+            metrics.jobs_backlog_tiles.labels(model=model).set(tiles)
+            metrics.jobs_backlog_jobs.labels(model=model).set(entries)
+
+    def retry_after(self, model: str, backlog_tiles: int) -> float:
+        """Seconds until the whole fleet has worked off `backlog_tiles`, from this replica's measured rate
+        times the replicas pulling (the consumers of the stream); the setting when nothing is measured."""
+        mr = self.st.runtime.models.get(model)
+        rate = float(mr.batcher.tiles_per_s) if mr is not None else 0.0
+        if rate <= 0:
+            return self.s.retry_after_s
+        return min(300.0, max(1.0, backlog_tiles / (rate * max(1, self.consumers.get(model, 1)))))
 
     # ------------------------------------------------------------------ running a pulled job here
     async def run_job(self, rec: dict[str, str], data: bytes, progress: Any) -> JobOutput:

@@ -132,13 +132,17 @@ return 'ok'
 # KEYS: job, queued, backlog, input, result, stream, stored, sizes, bytes
 # ARGV: now, group, error json  → the phase the job had; the job is forgotten (DELETE), result included
 CANCEL = """
-local h = redis.call('HMGET', KEYS[1], 'phase', 'tiles_total', 'tiles_done', 'entry', 'id')
+local h = redis.call('HMGET', KEYS[1], 'phase', 'tiles_total', 'tiles_done', 'entry', 'id', 'worker')
 if not h[1] then return 'gone' end
 if h[1] == 'active' then
   local left = tonumber(h[2]) - tonumber(h[3] or '0')
   if left > 0 then redis.call('DECRBY', KEYS[3], left) end
   redis.call('ZREM', KEYS[2], h[5])
-  if h[4] then redis.call('XACK', KEYS[6], ARGV[2], h[4]); redis.call('XDEL', KEYS[6], h[4]) end
+  -- A delivered entry is acknowledged and deleted here; one never delivered stays until a replica reads
+  -- it and finds no job (deleting it now would make the group's lag unknown to KEDA).
+  if h[4] and h[6] and h[6] ~= '' then
+    redis.call('XACK', KEYS[6], ARGV[2], h[4]); redis.call('XDEL', KEYS[6], h[4])
+  end
 end
 local b = tonumber(redis.call('HGET', KEYS[8], h[5]) or '0')
 if b > 0 then redis.call('DECRBY', KEYS[9], b) end

@@ -325,6 +325,16 @@ class RedisJobs:
             )
         )
 
+    @unavailable
+    async def consumers(self, model: str) -> int:
+        """Consumers that read within two leases: the replicas pulling this model now."""
+        live = 0
+        for c in await self.r.xinfo_consumers(self.stream(model), GROUP):
+            if int(c.get("inactive", c.get("idle", 0))) < 2 * self.s.jobs_lease_s * 1000:
+                live += 1
+        return live
+
+    @unavailable
     async def forget_dead_consumers(self, model: str, idle_s: float) -> int:
         """Consumers with nothing pending and idle for long (dead pods' names) are removed."""
         gone = 0

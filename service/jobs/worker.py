@@ -116,7 +116,7 @@ class Worker:
 
     # ------------------------------------------------------------------ pulling
     async def _pull(self, model: str) -> None:
-        backoff, last_reclaim, last_warn = 0.2, 0.0, 0.0
+        backoff, last_reclaim, last_warn, last_sweep = 0.2, 0.0, 0.0, time.monotonic()
         while not self._stopping:
             try:
                 if self._is_draining():
@@ -133,6 +133,9 @@ class Worker:
                     got = await self.jobs.reclaim(model, self.consumer)
                     if got:
                         log.info("job %s: reclaimed from a replica whose lease ran out", got[1])
+                if time.monotonic() - last_sweep > 60:  # dead pods' consumer names, once their work moved
+                    last_sweep = time.monotonic()
+                    await self.jobs.forget_dead_consumers(model, max(60.0, 10 * self.jobs.s.jobs_lease_s))
                 if got is None:
                     got = await self.jobs.read(model, self.consumer, block_ms=500)
                 if got is not None:

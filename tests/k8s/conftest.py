@@ -6,6 +6,7 @@ Helpers live in deploy_helpers.py (a unique module name: tests/ has no packages,
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -16,7 +17,17 @@ import pytest
 # Importable from the test modules whatever pytest's import mode.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from deploy_helpers import K8S, OVERLAYS, REPO, _kustomize_command, missing, need_module, render
+from deploy_helpers import (
+    K8S,
+    OVERLAYS,
+    REPO,
+    VARIANTS,
+    _kustomize_command,
+    missing,
+    need_module,
+    render,
+    variant_dir,
+)
 
 
 @pytest.fixture(scope="session")
@@ -34,10 +45,17 @@ def yaml_mod() -> ModuleType:
 
 
 @pytest.fixture(scope="session")
-def rendered_text(kustomize: list[str]) -> dict[str, str]:
-    """Rendered YAML of every overlay and of the base, keyed by name."""
+def rendered_text(
+    kustomize: list[str], yaml_mod: ModuleType, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
+    """Rendered YAML of every overlay, of the base, and of every VARIANTS combination of an overlay
+    or the base with components, keyed by name ("a10", "base", "a10+keda", ...)."""
     texts = {name: render(kustomize, K8S / "overlays" / name) for name in OVERLAYS}
     texts["base"] = render(kustomize, K8S / "base")
+    k8s_copy = tmp_path_factory.mktemp("k8s") / "k8s"
+    shutil.copytree(K8S, k8s_copy)
+    for name in VARIANTS:
+        texts[name] = render(kustomize, variant_dir(k8s_copy, name, yaml_mod))
     return texts
 
 
@@ -60,4 +78,12 @@ def adapter_rule(yaml_mod: ModuleType) -> dict[str, Any]:
     """The prometheus-adapter rule that publishes the HPA's metric."""
     values = yaml_mod.safe_load((REPO / "deploy" / "prometheus-adapter" / "values.yaml").read_text())
     (rule,) = [r for r in values["rules"]["custom"] if "gendr_queue_depth_tiles" in r["seriesQuery"]]
+    return rule
+
+
+@pytest.fixture(scope="session")
+def adapter_external_rule(yaml_mod: ModuleType) -> dict[str, Any]:
+    """The prometheus-adapter external rule that publishes the global job backlog (Redis mode)."""
+    values = yaml_mod.safe_load((REPO / "deploy" / "prometheus-adapter" / "values.yaml").read_text())
+    (rule,) = [r for r in values["rules"]["external"] if "gendr_jobs_backlog_tiles" in r["seriesQuery"]]
     return rule

@@ -22,6 +22,24 @@ REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 OVERLAYS = ("a10", "l20")
+COMPONENTS = K8S / "components"
+# What each overlay lists in `components:` as committed: the shared job store. keda and job-egress
+# are optional (commented out there); docs/deploy.md says how to switch them on.
+OVERLAY_COMPONENTS = ("redis",)
+# Every combination rendered and checked besides the committed overlays: the overlays with the
+# optional components switched on, and the base (embedded job store) with each valid set (keda
+# scales on the Redis stream, so it needs redis). Name -> (overlay or "base", components in order).
+VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    **{
+        f"{o}+{'+'.join(extra)}": (o, ("redis", *extra))
+        for o in OVERLAYS
+        for extra in (("keda",), ("job-egress",), ("keda", "job-egress"))
+    },
+    "base+redis": ("base", ("redis",)),
+    "base+redis+keda": ("base", ("redis", "keda")),
+    "base+job-egress": ("base", ("job-egress",)),
+    "base+redis+keda+job-egress": ("base", ("redis", "keda", "job-egress")),
+}
 INSTALL_HINT = "run `bash .ci/install-deploy-tools.sh`"
 
 # What each GPU pool can run (docs/export.md: fp8 needs Ada or Hopper) and how nodes are labelled.
@@ -90,6 +108,42 @@ def render(kustomize: list[str], path: Path) -> str:
     out = run([*kustomize, str(path)], timeout=60)
     assert out.returncode == 0, f"kustomize failed for {path}:\n{out.stderr}"
     return out.stdout
+
+
+def variant_dir(k8s_copy: Path, name: str, yaml_mod: ModuleType) -> Path:
+    """A kustomization for VARIANTS[name] inside a copy of k8s/ (the repository stays untouched): an
+    overlay's copy with its `components:` replaced, as a user would uncomment them, or a
+    kustomization over the base."""
+    target, components = VARIANTS[name]
+    if target == "base":
+        folder = k8s_copy / "variants" / name
+        folder.mkdir(parents=True)
+        kust: dict[str, Any] = {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            # As every kustomization over the base must (the base's own only covers its objects).
+            "namespace": "gendr",
+            "resources": ["../../base"],
+        }
+    else:
+        folder = k8s_copy / "overlays" / name
+        shutil.copytree(k8s_copy / "overlays" / target, folder)
+        kust = yaml_mod.safe_load((folder / "kustomization.yaml").read_text())
+    kust["components"] = [f"../../components/{c}" for c in components]
+    (folder / "kustomization.yaml").write_text(yaml_mod.safe_dump(kust, sort_keys=False))
+    return folder
+
+
+def pool_of(name: str) -> str | None:
+    """The GPU pool a rendered set belongs to: "a10" for "a10" and "a10+keda"; None for the base."""
+    first = name.split("+")[0]
+    return first if first in OVERLAYS else None
+
+
+def components_of(name: str) -> tuple[str, ...]:
+    if name in VARIANTS:
+        return VARIANTS[name][1]
+    return OVERLAY_COMPONENTS if name in OVERLAYS else ()
 
 
 # --- small helpers on rendered objects ------------------------------------------------------------

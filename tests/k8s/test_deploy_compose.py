@@ -29,7 +29,15 @@ def test_compose_cli_accepts_every_profile(tmp_path: Any) -> None:
     out = run([*args, "config", "--format", "json"], timeout=60)
     assert out.returncode == 0, out.stderr
     resolved = json.loads(out.stdout)
-    assert set(resolved["services"]) == {"gendr-gpu", "gendr-cpu", "build", "prometheus", "grafana"}
+    assert set(resolved["services"]) == {
+        "gendr-gpu",
+        "gendr-cpu",
+        "build",
+        "prometheus",
+        "grafana",
+        "redis",
+        "redis-secret",
+    }
 
 
 def test_compose_services(compose: dict[str, Any]) -> None:
@@ -37,8 +45,9 @@ def test_compose_services(compose: dict[str, Any]) -> None:
     gpu, cpu = services["gendr-gpu"], services["gendr-cpu"]
     assert gpu["profiles"] == ["gpu"] and cpu["profiles"] == ["cpu"]
     assert services["build"]["profiles"] == ["build"]
-    # Monitoring runs whichever server profile is chosen.
-    assert "profiles" not in services["prometheus"] and "profiles" not in services["grafana"]
+    # Monitoring and the job store run whichever server profile is chosen.
+    for name in ("prometheus", "grafana", "redis", "redis-secret"):
+        assert "profiles" not in services[name], name
 
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
@@ -66,4 +75,10 @@ def test_vendored_schemas_are_the_published_ones() -> None:
     spec = json.loads((SCHEMAS / "compose-spec.json").read_text())
     assert spec["title"] == "Compose Specification" and "services" in spec["properties"]
     readme = (SCHEMAS / "README.md").read_text()
-    assert "compose-spec.json" in readme and "monitoring.coreos.com_servicemonitors.yaml" in readme
+    for name in (
+        "compose-spec.json",
+        "monitoring.coreos.com_servicemonitors.yaml",
+        "keda.sh_scaledobjects.yaml",
+        "keda.sh_triggerauthentications.yaml",
+    ):
+        assert f"`{name}`" in readme and (SCHEMAS / name).is_file(), name

@@ -8,17 +8,38 @@ import re
 from typing import Any
 
 import pytest
-from deploy_helpers import OVERLAYS, POOLS, SCHEMAS, need_module, one, pod_templates, selects
+from deploy_helpers import (
+    OVERLAYS,
+    POOLS,
+    SCHEMAS,
+    VARIANTS,
+    components_of,
+    need_module,
+    one,
+    pod_templates,
+    pool_of,
+    selects,
+)
 
 # Oldest Kubernetes release we support, and the newest whose schemas kubernetes-validate bundles.
 K8S_VERSIONS = ("1.30.0", "latest")
+# Everything deployed into a pool's namespace: the overlays as committed and with the optional
+# components switched on.
+POOL_SETS = [*OVERLAYS, *(v for v in VARIANTS if pool_of(v))]
+# Custom resources validated against their vendored CRD (schemas/README.md): (apiVersion, kind) -> file.
+CRDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_servicemonitors.yaml",
+    ("keda.sh/v1alpha1", "ScaledObject"): "keda.sh_scaledobjects.yaml",
+    ("keda.sh/v1alpha1", "TriggerAuthentication"): "keda.sh_triggerauthentications.yaml",
+}
 
 
-def _servicemonitor_schema(yaml_mod: Any) -> dict[str, Any]:
-    """The ServiceMonitor CRD's openAPIV3Schema (vendored from prometheus-operator, see
-    schemas/README.md), tightened so an unknown field is an error rather than silently pruned."""
-    crd = yaml_mod.safe_load((SCHEMAS / "monitoring.coreos.com_servicemonitors.yaml").read_text())
-    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+def _crd_schema(yaml_mod: Any, api_version: str, kind: str) -> dict[str, Any]:
+    """A CRD's openAPIV3Schema for one served version (vendored, see schemas/README.md), tightened
+    so an unknown field is an error rather than silently pruned."""
+    crd = yaml_mod.safe_load((SCHEMAS / CRDS[(api_version, kind)]).read_text())
+    assert crd["spec"]["group"] == api_version.split("/")[0] and crd["spec"]["names"]["kind"] == kind
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == api_version.split("/")[1]]
     schema = copy.deepcopy(version["schema"]["openAPIV3Schema"])
 
     def tighten(node: Any) -> None:
@@ -39,16 +60,16 @@ def _servicemonitor_schema(yaml_mod: Any) -> dict[str, Any]:
     return schema
 
 
-@pytest.mark.parametrize("overlay", [*OVERLAYS, "base", "upload"])
+@pytest.mark.parametrize("overlay", [*OVERLAYS, "base", "upload", *VARIANTS])
 def test_schemas(overlay: str, rendered: dict[str, list[dict[str, Any]]], yaml_mod: Any) -> None:
     kv = need_module("kubernetes_validate")
     jsonschema = need_module("jsonschema")
-    sm_schema = _servicemonitor_schema(yaml_mod)
     errors = []
     for obj in rendered[overlay]:
         where = f"{obj['kind']}/{obj['metadata']['name']}"
-        if obj["apiVersion"] == "monitoring.coreos.com/v1" and obj["kind"] == "ServiceMonitor":
-            for e in jsonschema.Draft7Validator(sm_schema).iter_errors(obj):
+        if (obj["apiVersion"], obj["kind"]) in CRDS:
+            schema = _crd_schema(yaml_mod, obj["apiVersion"], obj["kind"])
+            for e in jsonschema.Draft7Validator(schema).iter_errors(obj):
                 errors.append(f"{where}: {'/'.join(map(str, e.absolute_path))}: {e.message}")
             continue
         for version in K8S_VERSIONS:
@@ -64,6 +85,7 @@ def test_schemas(overlay: str, rendered: dict[str, list[dict[str, Any]]], yaml_m
 
 def test_every_overlay_has_the_objects(rendered: dict[str, list[dict[str, Any]]]) -> None:
     want = {
+        ("StatefulSet", "apps/v1"),  # Redis, the shared job store (components/redis)
         ("Namespace", "v1"),
         ("ServiceAccount", "v1"),
         ("ConfigMap", "v1"),
@@ -79,17 +101,18 @@ def test_every_overlay_has_the_objects(rendered: dict[str, list[dict[str, Any]]]
     for overlay in OVERLAYS:
         have = {(o["kind"], o["apiVersion"]) for o in rendered[overlay]}
         assert want <= have, f"{overlay}: missing {want - have}"
-        # No Secret with data in the repository: API keys are only referenced.
-        assert not [o for o in rendered[overlay] if o["kind"] == "Secret"]
+    # No Secret with data in the repository: API keys and the Redis password are only referenced.
+    for name, objs in rendered.items():
+        assert not [o for o in objs if o["kind"] == "Secret"], name
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", POOL_SETS)
 def test_namespace_and_pod_security_admission(
     overlay: str, rendered: dict[str, list[dict[str, Any]]]
 ) -> None:
     objs = rendered[overlay]
     ns = one(objs, "Namespace")
-    assert ns["metadata"]["name"] == f"gendr-{overlay}"
+    assert ns["metadata"]["name"] == f"gendr-{pool_of(overlay)}"
     assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
     for o in objs:
         if o["kind"] != "Namespace":
@@ -123,10 +146,11 @@ def _check_restricted(where: str, spec: dict[str, Any]) -> None:
         assert ":latest" not in image and re.search(r":[0-9][\w.-]*$|@sha256:", image), image
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", [*POOL_SETS, "base", *(v for v in VARIANTS if not pool_of(v))])
 def test_restricted_pod_security(overlay: str, rendered: dict[str, list[dict[str, Any]]]) -> None:
     templates = pod_templates(rendered[overlay])
-    assert {o["kind"] for o, _ in templates} == {"Deployment", "Job"}
+    redis = {"StatefulSet"} if "redis" in components_of(overlay) else set()
+    assert {o["kind"] for o, _ in templates} == {"Deployment", "Job"} | redis
     for owner, tpl in templates:
         _check_restricted(f"{overlay} {owner['kind']}/{owner['metadata']['name']}", tpl["spec"])
 
@@ -173,9 +197,18 @@ def test_stage_labels(overlay: str, rendered: dict[str, list[dict[str, Any]]]) -
     assert stage("build") == {("Job", "gendr-engine-build"), ("NetworkPolicy", "gendr-engine-build")}
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", POOL_SETS)
 def test_gpu_resources(overlay: str, rendered: dict[str, list[dict[str, Any]]]) -> None:
     for owner, tpl in pod_templates(rendered[overlay]):
+        if owner["kind"] == "StatefulSet":
+            # Redis: CPU and memory only, and it stays off the GPU nodes (no toleration of their taint).
+            for c in tpl["spec"]["containers"]:
+                res = c["resources"]
+                assert not any("nvidia.com" in k for k in {**res["requests"], **res["limits"]})
+                for k in ("cpu", "memory", "ephemeral-storage"):
+                    assert k in res["requests"] and k in res["limits"], (owner["metadata"]["name"], k)
+            assert not tpl["spec"].get("tolerations") and not tpl["spec"].get("nodeSelector")
+            continue
         for c in tpl["spec"]["containers"]:
             res = c["resources"]
             assert int(res["limits"]["nvidia.com/gpu"]) == 1, owner["metadata"]["name"]
@@ -241,17 +274,17 @@ def test_probes_and_drain_budget(overlay: str, rendered: dict[str, list[dict[str
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", POOL_SETS)
 def test_labels_and_selectors(overlay: str, rendered: dict[str, list[dict[str, Any]]]) -> None:
     objs = rendered[overlay]
     dep = one(objs, "Deployment")
     job = one(objs, "Job")
     server_pod = dep["spec"]["template"]["metadata"]["labels"]
     build_pod = job["spec"]["template"]["metadata"]["labels"]
-    assert server_pod["gendr.io/pool"] == overlay == build_pod["gendr.io/pool"]
+    assert server_pod["gendr.io/pool"] == pool_of(overlay) == build_pod["gendr.io/pool"]
     assert selects(dep["spec"]["selector"], server_pod)
 
-    svc = one(objs, "Service")
+    svc = one(objs, "Service", "gendr")
     assert selects({"matchLabels": svc["spec"]["selector"]}, server_pod)
     assert not selects({"matchLabels": svc["spec"]["selector"]}, build_pod), (
         "Service must not route to the build Job"
@@ -271,6 +304,11 @@ def test_labels_and_selectors(overlay: str, rendered: dict[str, list[dict[str, A
     covering_server = [n for n, p in policies.items() if selects(p["spec"]["podSelector"], server_pod)]
     covering_build = [n for n, p in policies.items() if selects(p["spec"]["podSelector"], build_pod)]
     assert covering_server == ["gendr"] and covering_build == ["gendr-engine-build"]
+    # Redis: its own policy only; the server's Service, PDB and policy never pick its pod.
+    redis_pod = one(objs, "StatefulSet", "gendr-redis")["spec"]["template"]["metadata"]["labels"]
+    assert [n for n, p in policies.items() if selects(p["spec"]["podSelector"], redis_pod)] == ["gendr-redis"]
+    for selector in (svc["spec"]["selector"], pdb["spec"]["selector"].get("matchLabels", {})):
+        assert not selects({"matchLabels": selector}, redis_pod)
     server_np = policies["gendr"]
     assert set(server_np["spec"]["policyTypes"]) == {"Ingress", "Egress"}
     for rule in server_np["spec"]["ingress"]:
@@ -281,12 +319,21 @@ def test_labels_and_selectors(overlay: str, rendered: dict[str, list[dict[str, A
     assert not build_np["spec"].get("ingress") and not build_np["spec"].get("egress")
 
     sm = one(objs, "ServiceMonitor")
-    assert selects(sm["spec"]["selector"], svc["metadata"]["labels"])
+    scraped = [
+        o["metadata"]["name"]
+        for o in objs
+        if o["kind"] == "Service" and selects(sm["spec"]["selector"], o["metadata"]["labels"])
+    ]
+    assert scraped == [svc["metadata"]["name"]], scraped
     for ep in sm["spec"]["endpoints"]:
         assert ep["port"] in svc_ports and ep["path"] == "/metrics"
 
-    hpa = one(objs, "HorizontalPodAutoscaler")
-    ref = hpa["spec"]["scaleTargetRef"]
+    # Exactly one autoscaler owns the Deployment: our HPA, or KEDA's ScaledObject (which makes its own).
+    scalers = [o for o in objs if o["kind"] in ("HorizontalPodAutoscaler", "ScaledObject")]
+    assert [o["kind"] for o in scalers] == (
+        ["ScaledObject"] if "keda" in components_of(overlay) else ["HorizontalPodAutoscaler"]
+    )
+    ref = scalers[0]["spec"]["scaleTargetRef"]
     assert (ref["apiVersion"], ref["kind"], ref["name"]) == ("apps/v1", "Deployment", dep["metadata"]["name"])
 
     sa = one(objs, "ServiceAccount")
@@ -294,17 +341,29 @@ def test_labels_and_selectors(overlay: str, rendered: dict[str, list[dict[str, A
         assert tpl["spec"]["serviceAccountName"] == sa["metadata"]["name"]
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", [o for o in POOL_SETS if "keda" not in components_of(o)])
 def test_autoscaling(
-    overlay: str, rendered: dict[str, list[dict[str, Any]]], adapter_rule: dict[str, Any]
+    overlay: str,
+    rendered: dict[str, list[dict[str, Any]]],
+    adapter_rule: dict[str, Any],
+    adapter_external_rule: dict[str, Any],
 ) -> None:
     hpa = one(rendered[overlay], "HorizontalPodAutoscaler")
     spec = hpa["spec"]
     assert hpa["apiVersion"] == "autoscaling/v2"
     # With a PDB of maxUnavailable 1, two replicas keep serving through a node drain.
     assert 2 <= spec["minReplicas"] < spec["maxReplicas"]
-    (metric,) = spec["metrics"]
-    assert metric["type"] == "Pods"
+    # Per pod: tiles admitted on it. With the shared job store also the global job backlog, in
+    # tiles too, over the replica count, with the same target (jobs wait in Redis, not on a pod).
+    (metric,) = [m for m in spec["metrics"] if m["type"] == "Pods"]
+    external = [m for m in spec["metrics"] if m["type"] == "External"]
+    assert len(spec["metrics"]) == 1 + len(external)
+    if "redis" in components_of(overlay):
+        (backlog,) = external
+        assert backlog["external"]["metric"]["name"] == adapter_external_rule["name"]["as"]
+        assert backlog["external"]["target"] == metric["pods"]["target"]
+    else:
+        assert not external, "gendr_jobs_backlog_tiles comes from Redis: no such metric without it"
     assert metric["pods"]["metric"]["name"] == adapter_rule["name"]["as"], "HPA metric must be the adapter's"
     assert metric["pods"]["target"]["type"] == "AverageValue"
     target = float(metric["pods"]["target"]["averageValue"])
@@ -376,7 +435,7 @@ def test_overlays_differ_where_pools_differ(rendered: dict[str, list[dict[str, A
 
 
 def test_checkov_skips_are_justified(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    for overlay in [*OVERLAYS, "upload"]:
+    for overlay in rendered:
         for o in rendered[overlay]:
             for k, v in (o["metadata"].get("annotations") or {}).items():
                 if k.startswith("checkov.io/skip"):

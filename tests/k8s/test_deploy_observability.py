@@ -135,3 +135,22 @@ def test_adapter_rule(adapter_rule: dict[str, Any], exported_series: dict[str, s
     assert re.fullmatch(adapter_rule["name"]["matches"], name)
     for placeholder in ("<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>"):
         assert placeholder in adapter_rule["metricsQuery"]
+
+
+def test_adapter_external_rule(
+    adapter_external_rule: dict[str, Any], exported_series: dict[str, set[str]]
+) -> None:
+    """The global job backlog (Redis mode) as an external metric per namespace: every replica reports
+    the same number read from Redis, so the rule takes the max over pods, then sums the models."""
+    rule = adapter_external_rule
+    series = re.match(r"([a-z_:][a-z0-9_:]*)\{", rule["seriesQuery"])
+    assert series, rule["seriesQuery"]
+    name = series.group(1)
+    assert name == "gendr_jobs_backlog_tiles" and re.fullmatch(rule["name"]["matches"], name)
+    assert rule["name"]["as"] == name
+    assert 'namespace!=""' in rule["seriesQuery"]
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}}
+    assert "max by (namespace, model) (<<.Series>>{<<.LabelMatchers>>})" in rule["metricsQuery"]
+    assert rule["metricsQuery"].startswith("sum by (namespace) (")
+    assert name in exported_series, f"service/metrics.py does not export {name}"
+    assert "model" in exported_series[name]

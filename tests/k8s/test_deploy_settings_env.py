@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from deploy_helpers import OVERLAYS, REPO, pod_templates
+from deploy_helpers import OVERLAYS, REPO, VARIANTS, pod_templates
 
 from service.settings import Settings
 
@@ -90,7 +90,7 @@ def _load(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> Settings:
         return Settings()
 
 
-@pytest.mark.parametrize("overlay", [*OVERLAYS, "base"])
+@pytest.mark.parametrize("overlay", [*OVERLAYS, "base", *VARIANTS])
 def test_k8s_values_validate(
     overlay: str, rendered: dict[str, list[dict[str, Any]]], clean_env: pytest.MonkeyPatch
 ) -> None:

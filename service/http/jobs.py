@@ -30,6 +30,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from service.errors import ImageTooLarge, Overloaded, ServiceError
 from service.http import images
 from service.http.upscale import DEADLINE_HEADER, Admitted
+from service.jobs.extras import JobExtras, Notifier, put_output
 from service.jobs.records import (
     ACTIVE,
     ID_BYTES,
@@ -40,6 +41,7 @@ from service.jobs.records import (
     JobFiles,
     JobNotFinished,
     JobNotFound,
+    ResultElsewhere,
     iso,
 )
 from service.runtime_api import RuntimeClient
@@ -69,6 +71,7 @@ class JobStore:
         self._jobs: dict[str, Job] = {}
         self._seq = 0
         self._watcher: asyncio.Task[None] | None = None
+        self.notifier = Notifier(settings)
         self._idem: dict[tuple[str, str], tuple[str, str, float]] = {}  # (owner, key) → digest, id, expiry
         self._runtime: RuntimeClient | None = None
         self._load()
@@ -76,7 +79,9 @@ class JobStore:
     shared = False
 
     # ------------------------------------------------------------------ the routes' calls (as SharedJobs)
-    def hooks(self, owner: str | None, key: str | None, runtime: RuntimeClient) -> dict[str, Any]:
+    def hooks(
+        self, owner: str | None, key: str | None, runtime: RuntimeClient, extras: JobExtras | None = None
+    ) -> dict[str, Any]:
         """How POST /v1/jobs hands an admitted request to this store (service.http.upscale.Context)."""
         self._runtime = runtime
         self.make_room()
@@ -87,7 +92,7 @@ class JobStore:
                 if known is not None:
                     a.reservation.release()
                     return self._accepted(known, 200)
-            job = self.start(a, owner)
+            job = self.start(a, owner, extras)
             if key is not None:
                 self._idem[(owner or "", key)] = (
                     a.digest or "",
@@ -97,6 +102,24 @@ class JobStore:
             return self._accepted(job, 202)
 
         return {"hand_off": hand_off, "idempotency_key": key}
+
+    def _event(self, job: Job, event: str) -> None:
+        """A webhook event of `job` (its delivery state is saved in the job's record)."""
+        if self._runtime is None or not job.webhook:
+            return
+        runtime = self._runtime
+
+        def save(deliveries: list[dict[str, Any]]) -> None:
+            assert job.webhook is not None
+            job.webhook["deliveries"] = deliveries
+            with contextlib.suppress(OSError):
+                if job.id in self._jobs and job.phase != "active":
+                    self.files.save(job)
+
+        if event == "progress":
+            self.notifier.progress(job.id, job.webhook, lambda: self.describe(job, runtime), save)
+        else:
+            self.notifier.send(job.id, job.webhook, event, lambda: self.describe(job, runtime), save)
 
     def _accepted(self, job: Job, status: int) -> Response:
         assert self._runtime is not None
@@ -208,6 +231,8 @@ class JobStore:
     def result_path(self, job: Job) -> Path:
         if job.state in ACTIVE:
             raise JobNotFinished(f"job {job.id} is {job.state}; poll GET /v1/jobs/{job.id}")
+        if job.to_output_url:
+            raise ResultElsewhere(f"the result of job {job.id} was written to its output_url")
         if job.phase == "expired":
             raise JobExpired(f"the result of job {job.id} was removed to make room (jobs_max_bytes)")
         if job.phase != "succeeded":
@@ -222,7 +247,7 @@ class JobStore:
 
     # ------------------------------------------------------------------ running
 
-    def start(self, a: Admitted, owner: str | None) -> Job:
+    def start(self, a: Admitted, owner: str | None, extras: JobExtras | None = None) -> Job:
         """Take over an admitted request (its reservation included) and run it in the background."""
         try:
             self._seq += 1
@@ -237,10 +262,21 @@ class JobStore:
                 created_at=time.time(),
                 seq=self._seq,
             )
+            if extras is not None:
+                job.webhook = extras.record().get("webhook")
+                job.output_url = extras.output_url
             deadline = a.job.deadline
             if a.params.deadline_ms is None and DEADLINE_HEADER not in a.request.headers:
                 deadline = a.reservation.created + self.settings.max_deadline_s  # jobs are for long work
-            up = replace(a.job, deadline=deadline, progress=job.add_tiles)
+            progress = job.add_tiles
+            if self.notifier.wants(job.webhook, "progress"):
+                loop = asyncio.get_running_loop()
+
+                def progress(n: int) -> None:  # a batcher thread: count it, then maybe a progress event
+                    job.add_tiles(n)
+                    loop.call_soon_threadsafe(self._event, job, "progress")
+
+            up = replace(a.job, deadline=deadline, progress=progress)
             self.files.save(job)
         except BaseException:
             a.reservation.release()
@@ -262,10 +298,16 @@ class JobStore:
                 pool, images.encode, outcome.image, a.decoded, a.fmt, a.quality, s.png_compress_level
             )
             del outcome
-            if len(body) > s.jobs_max_bytes:
-                raise ImageTooLarge(f"the result ({len(body)} bytes) exceeds the job store's jobs_max_bytes")
-            await loop.run_in_executor(self._pool, self.files.write, job, body)
-            job.result_bytes = len(body)
+            if job.output_url:
+                await put_output(job.output_url, body, images.CONTENT_TYPES[a.fmt], s)
+                job.to_output_url = True
+            else:
+                if len(body) > s.jobs_max_bytes:
+                    raise ImageTooLarge(
+                        f"the result ({len(body)} bytes) exceeds the job store's jobs_max_bytes"
+                    )
+                await loop.run_in_executor(self._pool, self.files.write, job, body)
+                job.result_bytes = len(body)
             job.headers = {
                 "X-Model": a.model.name,
                 "X-Backend": a.model.info.name,
@@ -291,6 +333,8 @@ class JobStore:
                 job.finished_at = time.time()
             if job.phase == "failed":
                 log.info("job %s failed: %s", job.id, (job.error or {}).get("message"))
+            if job.phase in ("succeeded", "failed"):
+                self._event(job, "completed" if job.phase == "succeeded" else "failed")
             with contextlib.suppress(OSError):
                 if job.id in self._jobs:
                     self.files.save(job)
@@ -337,11 +381,17 @@ class JobStore:
             "created_at": iso(job.created_at),
             "finished_at": iso(job.finished_at),
             "output": {"width": job.out_width, "height": job.out_height, "format": job.format},
-            "result_url": f"/v1/jobs/{job.id}/result" if state == "succeeded" else None,
+            "result_url": f"/v1/jobs/{job.id}/result"
+            if state == "succeeded" and not job.to_output_url
+            else None,
             "error": job.error,
         }
         if state == "succeeded":
             out["output"]["bytes"] = job.result_bytes
+        if job.to_output_url or job.output_url:
+            out["output"]["to_output_url"] = True
+        if job.webhook:
+            out["webhook"] = job.webhook
         if state in ACTIVE:
             ahead = self.unfinished_ahead(job)
             out["queue_position"] = 0 if state == "running" else len(ahead)

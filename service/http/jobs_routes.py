@@ -13,13 +13,17 @@ from typing import Annotated, Any
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.staticfiles import StaticFiles
+from pydantic import Field
 from starlette.responses import FileResponse, JSONResponse, Response
 
 from service.errors import BadRequest
 from service.http.jobs import JobStore
 from service.http.shared_jobs import SharedJobs
 from service.http.upscale import Context, UpscaleParams, handle_upscale
+from service.jobs.extras import JobExtras, fetch_input
+from service.jobs.extras import check as check_extras
 from service.jobs.records import IDEMPOTENCY_KEY, owner_of
+from service.jobs.webhooks import DEFAULT_EVENTS
 
 STATIC_DIR = Path(__file__).parent / "static"
 JobId = Annotated[
@@ -71,6 +75,31 @@ def _idempotency_key(request: Request) -> str | None:
     return key
 
 
+class JobParams(UpscaleParams):
+    """POST /v1/jobs: the options of /upscale, plus where the input comes from and the result goes."""
+
+    input_url: str | None = Field(
+        None, max_length=4096, description="Fetch the image from this URL (https) instead of an upload."
+    )
+    output_url: str | None = Field(
+        None, max_length=8192, description="PUT the result to this (presigned) URL instead of keeping it."
+    )
+    webhook_url: str | None = Field(None, max_length=2048, description="Signed POSTs when the job ends.")
+    webhook_events: str | None = Field(
+        None,
+        max_length=64,
+        description="Comma-separated: completed, failed, progress (default: the first two).",
+    )
+
+    def extras(self) -> JobExtras:
+        events = tuple(e.strip() for e in (self.webhook_events or "").split(",") if e.strip())
+        return JobExtras(self.webhook_url, events or DEFAULT_EVENTS, self.output_url)
+
+
+def _has_body(request: Request) -> bool:
+    return int(request.headers.get("content-length") or 0) > 0 or "transfer-encoding" in request.headers
+
+
 def jobs_router() -> APIRouter:
     router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -96,15 +125,25 @@ def jobs_router() -> APIRouter:
             ],
         },
     )
-    async def create_job(request: Request, params: Annotated[UpscaleParams, Query()]) -> Response:
+    async def create_job(request: Request, params: Annotated[JobParams, Query()]) -> Response:
         owner = _owner(request)
         key = _idempotency_key(request)
         st = _state(request)
         store = job_store(request)
+        extras = params.extras()
+        await check_extras(extras, st.settings)
         if isinstance(store, SharedJobs):
-            hooks: dict[str, Any] = {"enqueue": lambda c: store.enqueue(c, owner), "idempotency_key": key}
+            hooks: dict[str, Any] = {
+                "enqueue": lambda c: store.enqueue(c, owner, extras),
+                "idempotency_key": key,
+            }
         else:
-            hooks = store.hooks(owner, key, st.runtime)
+            hooks = store.hooks(owner, key, st.runtime, extras)
+        if params.input_url:
+            if _has_body(request):
+                raise BadRequest("give either an upload or input_url, not both")
+            url = params.input_url
+            hooks["fetch_input"] = lambda: fetch_input(url, st.settings)
         ctx = Context(st.settings, st.runtime, st.metrics, st.pool, lambda: st.draining, **hooks)
         return await handle_upscale(request, params, ctx)
 

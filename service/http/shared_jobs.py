@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from service.errors import Draining, NotReady, Overloaded
 from service.http import images
 from service.http.upscale import Checked, UpscaleParams
+from service.jobs.extras import JobExtras, Notifier, put_output
 from service.jobs.records import (
     ACTIVE,
     JobExpired,
@@ -27,6 +28,7 @@ from service.jobs.records import (
     JobNotFinished,
     JobNotFound,
     JobStoreUnavailable,
+    ResultElsewhere,
     iso,
 )
 from service.jobs.redis_store import RedisJobs, connect
@@ -64,13 +66,14 @@ class SharedJobs:
             on_finished=self._finished,
         )
         self.consumers: dict[str, int] = {}  # replicas pulling each model, as last seen in Redis
-        self.on_finished: list[Any] = []  # webhooks (service/http/job_webhooks.py) subscribe here
+        self.notifier = Notifier(self.s)
 
     async def start(self) -> None:
         self.worker.start()
 
     async def close(self) -> None:
         await self.worker.close()
+        await self.notifier.close()
         await self.jobs.r.aclose()
 
     def _capacity(self, model: str) -> tuple[int, int] | None:
@@ -85,11 +88,23 @@ class SharedJobs:
         return int(stats["reserved_tiles"]), mr.batcher.max_batch * instances
 
     async def _finished(self, rec: dict[str, str], phase: str) -> None:
-        for hook in self.on_finished:
-            await hook(self, rec, phase)
+        event = {"succeeded": "completed", "failed": "failed"}.get(phase)
+        webhook = json.loads(rec.get("webhook") or "null")
+        if event is not None and webhook:
+            self._send(rec["id"], webhook, event)
+
+    def _send(self, job_id: str, webhook: dict[str, Any], event: str) -> None:
+        async def view() -> dict[str, Any]:
+            rec = await self.jobs.record(job_id)
+            return await self.describe(rec) if rec is not None else {"id": job_id}
+
+        async def save(deliveries: list[dict[str, Any]]) -> None:
+            await self.jobs.set_field(job_id, "webhook", {**webhook, "deliveries": deliveries})
+
+        self.notifier.send(job_id, webhook, event, view, save)
 
     # ------------------------------------------------------------------ the routes' calls
-    async def enqueue(self, c: Checked, owner: str | None, extra: dict[str, Any] | None = None) -> Response:
+    async def enqueue(self, c: Checked, owner: str | None, extras: JobExtras | None = None) -> Response:
         q = c.params.quality or self.s.output_quality
         fields = {
             "model": c.model.name,
@@ -103,8 +118,11 @@ class SharedJobs:
             "params": c.params.model_dump(exclude_none=True),
             "attempts": 0,
             "worker": "",
-            **(extra or {}),
         }
+        if extras is not None:
+            fields.update(extras.record())
+            if extras.output_url:
+                fields["output_url"] = extras.output_url  # a credential: kept for the worker, never shown
         idem = (c.request.headers["idempotency-key"], c.digest or "") if c.digest is not None else None
         try:
             job_id, created = await self.jobs.submit(
@@ -140,6 +158,8 @@ class SharedJobs:
         if state != "succeeded":
             err = json.loads(rec.get("error") or "null") or {}
             raise JobFailed(f"job {job_id} {state}: {err.get('message', 'no result')}")
+        if rec.get("output_url"):
+            raise ResultElsewhere(f"the result of job {job_id} was written to its output_url")
         body = await self.jobs.result(job_id)
         if body is None:
             raise JobExpired(f"the result of job {job_id} is no longer stored")
@@ -184,6 +204,9 @@ class SharedJobs:
                 out[k] = json.loads(rec[k])
         if state == "succeeded":
             out["output"]["bytes"] = int(rec.get("result_bytes", 0) or 0)
+        if rec.get("output_url"):
+            out["output"]["to_output_url"] = True
+            out["result_url"] = None
         if state in ACTIVE:
             pos = await self.jobs.queue_position(rec["model"], rec["id"])
             out["queue_position"] = 0 if pos is None else pos
@@ -227,7 +250,21 @@ class SharedJobs:
     async def run_job(self, rec: dict[str, str], data: bytes, progress: Any) -> JobOutput:
         s, pool = self.s, self.st.pool
         loop = asyncio.get_running_loop()
-        params = UpscaleParams.model_validate(json.loads(rec.get("params") or "{}"))
+        params = UpscaleParams.model_validate(
+            {
+                k: v
+                for k, v in json.loads(rec.get("params") or "{}").items()
+                if k in UpscaleParams.model_fields
+            }
+        )
+        webhook = json.loads(rec.get("webhook") or "null")
+        if self.notifier.wants(webhook, "progress"):
+            inner = progress
+
+            def progress(n: int) -> None:  # a batcher thread: count it, then maybe a progress event
+                inner(n)
+                loop.call_soon_threadsafe(self._progress_event, rec["id"], webhook)
+
         mr = self.st.runtime.get(rec["model"])
         probe = await loop.run_in_executor(
             pool_for(pool, 0), images.probe, data, s.image_formats, s.max_input_pixels, s.max_pixels_per_byte
@@ -273,4 +310,17 @@ class SharedJobs:
             "X-Tiles": str(outcome.tiles),
             "X-Image-Size": f"{out_w}x{out_h}",
         }
+        if rec.get("output_url"):
+            await put_output(rec["output_url"], body, images.CONTENT_TYPES[fmt], s)
+            return JobOutput(body=b"", headers=headers, extra={"output_bytes": len(body)})
         return JobOutput(body=body, headers=headers)
+
+    def _progress_event(self, job_id: str, webhook: dict[str, Any]) -> None:
+        async def view() -> dict[str, Any]:
+            rec = await self.jobs.record(job_id)
+            return await self.describe(rec) if rec is not None else {"id": job_id}
+
+        async def save(deliveries: list[dict[str, Any]]) -> None:
+            await self.jobs.set_field(job_id, "webhook", {**webhook, "deliveries": deliveries})
+
+        self.notifier.progress(job_id, webhook, view, save)

@@ -30,7 +30,7 @@ from service.errors import (
     ImageTooLarge,
 )
 from service.http import images
-from service.http.body import read_upload
+from service.http.body import Upload, read_upload
 from service.jobs.records import request_digest
 from service.manifest import MODEL_NAME_PATTERN
 from service.metrics import Metrics
@@ -114,7 +114,7 @@ def merge_fields(params: UpscaleParams, fields: dict[str, str]) -> UpscaleParams
     if both:
         raise BadRequest(f"option(s) {', '.join(both)} given both in the query and the form")
     try:
-        return UpscaleParams.model_validate({**given, **fields})
+        return type(params).model_validate({**given, **fields})
     except ValidationError as e:
         raise BadRequest(validation_message(e.errors())) from e
 
@@ -133,6 +133,7 @@ class Context:
     # POST /v1/jobs on the shared store: gets the checked upload before any local admission or decode
     enqueue: Callable[[Checked], Awaitable[Response]] | None = None
     idempotency_key: str | None = None  # bind it to the upload and options (a digest of both)
+    fetch_input: Callable[[], Awaitable[bytes]] | None = None  # a job's input_url instead of a body
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,10 @@ async def handle_upscale(request: Request, params: UpscaleParams, ctx: Context) 
 
     try:
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-            upload = await read_upload(request, s.max_body_bytes)
+            if ctx.fetch_input is not None:
+                upload = Upload(await ctx.fetch_input())
+            else:
+                upload = await read_upload(request, s.max_body_bytes)
     except TimeoutError as e:
         raise DeadlineExceeded("the deadline passed while the request body was being received") from e
     t_read = time.monotonic()

@@ -42,6 +42,12 @@ class JobExpired(ServiceError):
     status, code = 410, "job_expired"
 
 
+class ResultElsewhere(ServiceError):
+    """The job's result went to its `output_url`; the server keeps no copy."""
+
+    status, code = 409, "result_at_output_url"
+
+
 class IdempotencyKeyReused(ServiceError):
     """The same `Idempotency-Key` with another body or options: a client bug, never a second job."""
 
@@ -95,6 +101,9 @@ class Job:
     result_bytes: int = 0
     headers: dict[str, str] = field(default_factory=dict)
     error: dict[str, Any] | None = None
+    webhook: dict[str, Any] | None = None  # url, events, deliveries (service/jobs/extras.py)
+    to_output_url: bool = False  # the result was PUT to the job's output_url, not kept here
+    output_url: str | None = field(default=None, repr=False)  # a credential: memory only, never written
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -121,6 +130,8 @@ class Job:
             result_bytes=self.result_bytes,
             headers=self.headers,
             error=self.error,
+            webhook=self.webhook,
+            to_output_url=self.to_output_url,
         )
         return rec
 

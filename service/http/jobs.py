@@ -34,7 +34,7 @@ from service.jobs.extras import JobExtras, Notifier, put_output
 from service.jobs.records import (
     ACTIVE,
     ID_BYTES,
-    IdempotencyKeyReused,
+    IdempotencyKeys,
     Job,
     JobExpired,
     JobFailed,
@@ -72,7 +72,7 @@ class JobStore:
         self._seq = 0
         self._watcher: asyncio.Task[None] | None = None
         self.notifier = Notifier(settings)
-        self._idem: dict[tuple[str, str], tuple[str, str, float]] = {}  # (owner, key) → digest, id, expiry
+        self._idem = IdempotencyKeys(settings.jobs_idempotency_ttl_s)
         self._runtime: RuntimeClient | None = None
         self._load()
 
@@ -87,18 +87,13 @@ class JobStore:
         self.make_room()
 
         async def hand_off(a: Admitted) -> Response:
-            if key is not None:
-                known = self._idempotent(owner, key, a.digest or "")
-                if known is not None:
-                    a.reservation.release()
-                    return self._accepted(known, 200)
+            known = self._idem.find(owner, key, a.digest) if key is not None else None
+            if known is not None and known in self._jobs:
+                a.reservation.release()
+                return self._accepted(self._jobs[known], 200)
             job = self.start(a, owner, extras)
             if key is not None:
-                self._idem[(owner or "", key)] = (
-                    a.digest or "",
-                    job.id,
-                    time.time() + self.settings.jobs_idempotency_ttl_s,
-                )
+                self._idem.remember(owner, key, a.digest, job.id)
             return self._accepted(job, 202)
 
         return {"hand_off": hand_off, "idempotency_key": key}
@@ -125,17 +120,6 @@ class JobStore:
         assert self._runtime is not None
         body = self.describe(job, self._runtime)
         return JSONResponse(body, status_code=status, headers={"Location": f"/v1/jobs/{job.id}"})
-
-    def _idempotent(self, owner: str | None, key: str, digest: str) -> Job | None:
-        now = time.time()
-        for k in [k for k, v in self._idem.items() if v[2] < now]:
-            del self._idem[k]
-        known = self._idem.get((owner or "", key))
-        if known is None or known[1] not in self._jobs:
-            return None
-        if known[0] != digest:
-            raise IdempotencyKeyReused("this Idempotency-Key was used for another image or other options")
-        return self._jobs[known[1]]
 
     async def get_view(self, job_id: str, owner: str | None, runtime: RuntimeClient) -> dict[str, Any]:
         return self.describe(self.get(job_id, owner), runtime)

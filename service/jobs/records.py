@@ -63,6 +63,29 @@ class JobStoreUnavailable(ServiceError):
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, no spaces
 
 
+class IdempotencyKeys:
+    """The embedded store's `Idempotency-Key`s: (owner, key) → the digest it was used with and its job."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._keys: dict[tuple[str, str], tuple[str, str, float]] = {}
+
+    def find(self, owner: str | None, key: str, digest: str | None) -> str | None:
+        """The job this key made, if it is still remembered (another digest: IdempotencyKeyReused)."""
+        now = time.time()
+        for k in [k for k, v in self._keys.items() if v[2] < now]:
+            del self._keys[k]
+        known = self._keys.get((owner or "", key))
+        if known is None:
+            return None
+        if known[0] != (digest or ""):
+            raise IdempotencyKeyReused("this Idempotency-Key was used for another image or other options")
+        return known[1]
+
+    def remember(self, owner: str | None, key: str, digest: str | None, job_id: str) -> None:
+        self._keys[(owner or "", key)] = (digest or "", job_id, time.time() + self.ttl_s)
+
+
 def request_digest(data: bytes, params: dict[str, Any]) -> str:
     """What an `Idempotency-Key` is bound to: the upload's bytes and every option, canonically."""
     h = hashlib.sha256(data)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-from gendr_client._core import Backoff, Options, Result, result_from, server_deadline_ms
+from gendr_client._core import Backoff, Options, Result, result_from, server_deadline_ms, wants_job
 from gendr_client.errors import (
     GendrError,
     JobExpired,
@@ -189,3 +189,25 @@ def _forget(url: str) -> Generator[Step, Any, None]:
         yield Call("DELETE", url)
     except GendrError:
         pass
+
+
+def upscale_flow(
+    data: bytes,
+    options: dict[str, Any],
+    deadline_s: float,
+    use_job: bool | None,
+    *,
+    poll_s: float,
+    on_progress: Progress | None,
+    idempotency_key: str | None,
+) -> tuple[Flow, Tracker]:
+    """One image's flow for either client: one request, or a job when the image is large (or asked)."""
+    opts = Options(**options)
+    backoff = Backoff(deadline_s)
+    tracker = Tracker()
+    if not wants_job(data, opts, use_job):
+        return direct_flow(data, opts, backoff), tracker
+    flow = job_flow(
+        data, opts, backoff, poll_s=poll_s, on_progress=on_progress, tracker=tracker, key=idempotency_key
+    )
+    return flow, tracker

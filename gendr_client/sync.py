@@ -11,8 +11,8 @@ from typing import Any
 
 import httpx
 
-from gendr_client._core import CONTENT_TYPES, DEFAULT_URL, Backoff, Options, Result, read_image, wants_job
-from gendr_client._flow import Call, Flow, Progress, Tracker, Wait, direct_flow, job_flow
+from gendr_client._core import CONTENT_TYPES, DEFAULT_URL, Options, Result, read_image
+from gendr_client._flow import Call, Flow, Progress, Tracker, Wait, upscale_flow
 from gendr_client.errors import ConnectionFailed, DeadlinePassed, GendrError, from_response
 from gendr_client.folder import FolderReport, plan_folder
 
@@ -64,19 +64,14 @@ class Client:
         and get the same job back instead of a second one.
         """
         data = read_image(image)
-        opts = Options(**options)
-        backoff = Backoff(self.deadline_s if deadline_s is None else deadline_s)
-        if not wants_job(data, opts, use_job):
-            return self._run(direct_flow(data, opts, backoff), Tracker())
-        tracker = Tracker()
-        flow = job_flow(
+        flow, tracker = upscale_flow(
             data,
-            opts,
-            backoff,
+            options,
+            self.deadline_s if deadline_s is None else deadline_s,
+            use_job,
             poll_s=self.poll_s,
             on_progress=on_progress,
-            tracker=tracker,
-            key=idempotency_key,
+            idempotency_key=idempotency_key,
         )
         return self._run(flow, tracker)
 

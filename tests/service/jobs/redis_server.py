@@ -12,14 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from live_server import free_port
 
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -66,7 +61,7 @@ def redis_server(tmp: Path) -> Iterator[RedisServer]:
     if not Path(REDIS).exists():
         pytest.skip("redis-server is not installed (.ci/install-system-packages.sh installs it)")
     tmp.mkdir(parents=True, exist_ok=True)
-    srv = RedisServer(tmp, _free_port())
+    srv = RedisServer(tmp, free_port())
     srv.start()
     try:
         yield srv

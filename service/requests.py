@@ -21,6 +21,7 @@ class UpscaleJob:
     deadline: float  # time.monotonic() after which the job fails with DeadlineExceeded
     request_id: str
     progress: Callable[[int], None] | None = None  # gets each batch's tile count as it lands (jobs)
+    strength: float = 1.0  # share of the model's result against the plain resize (1: the model's only)
 
 
 @dataclass(frozen=True)
@@ -56,5 +57,7 @@ def prepare_request(image: np.ndarray, plan: RequestPlan) -> tuple[np.ndarray, S
     return prepare_input(image, plan), Stitcher(plan.tiles)
 
 
-def finish_request(stitcher: Stitcher, image: np.ndarray, plan: RequestPlan, color_fix: str) -> np.ndarray:
-    return finish(stitcher.result(), image, plan, color_fix)
+def finish_request(
+    stitcher: Stitcher, image: np.ndarray, plan: RequestPlan, color_fix: str, strength: float = 1.0
+) -> np.ndarray:
+    return finish(stitcher.result(), image, plan, color_fix, strength)

@@ -237,7 +237,9 @@ class ModelRuntime:
         del padded  # the ticket holds it until its last tile has been cut
         result = await self._wait(ticket, job.deadline)
         del ticket  # frees the padded input before the colour fix allocates
-        out = await loop.run_in_executor(pixels, finish_request, stitcher, img, plan, color_fix)
+        out = await loop.run_in_executor(
+            pixels, finish_request, stitcher, img, plan, color_fix, job.strength
+        )
         now = time.monotonic()
         self.metrics.output_megapixels.labels(self.name).inc(job.out_height * job.out_width / 1e6)
         self.metrics.tile_occupancy.labels(self.name).observe(plan.tiles.occupancy)

@@ -7,21 +7,37 @@ are listed in service/http/images.py and docs/http.md.
 
 from __future__ import annotations
 
+import functools
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
 from PIL import Image
 
-from service.errors import ImageTooLarge
+from service.errors import ImageTooLarge, UnsupportedMediaType
 from service.http.png16 import write_png16
 
-OutputFormat = Literal["png", "jpeg", "webp"]
-OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("png", "jpeg", "webp")
-CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-# Largest side each output format can store.
-MAX_SIDE: dict[str, int] = {"png": 2**31 - 1, "jpeg": 65_535, "webp": 16_383}
+OutputFormat = Literal["png", "jpeg", "webp", "avif"]
+CONTENT_TYPES: dict[str, str] = {
+    "png": "image/png",
+    "jpeg": "image/jpeg",
+    "webp": "image/webp",
+    "avif": "image/avif",
+}
+# Largest side each output format can store (AVIF: the AV1 level limits of libavif's encoders).
+MAX_SIDE: dict[str, int] = {"png": 2**31 - 1, "jpeg": 65_535, "webp": 16_383, "avif": 16_384}
+EXIF_GPS_IFD, EXIF_IFD, MAKER_NOTE, ORIENTATION = 0x8825, 0x8769, 0x927C, 0x0112
+
+
+@functools.cache
+def output_formats() -> tuple[OutputFormat, ...]:
+    """What this server writes: AVIF only where the installed Pillow has an AVIF encoder."""
+    Image.init()
+    return ("png", "jpeg", "webp", *(("avif",) if "AVIF" in Image.SAVE else ()))
+
+
+OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("png", "jpeg", "webp")  # always available
 
 
 @dataclass
@@ -37,6 +53,38 @@ class Decoded:
     bits: int
     icc_profile: bytes | None  # matches the output colour space, else None
     source_format: str
+    exif: bytes | None = None  # the input's EXIF and XMP, for metadata=keep (never interpreted further)
+    xmp: bytes | None = None
+
+
+def crop(d: Decoded, box: tuple[int, int, int, int]) -> Decoded:
+    """The (top, left, height, width) part of a decoded image: colour, alpha and 16-bit detail alike."""
+    y, x, h, w = box
+
+    def cut(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else np.ascontiguousarray(a[y : y + h, x : x + w])
+
+    return replace(d, rgb=cut(d.rgb), alpha=cut(d.alpha), residual=cut(d.residual))
+
+
+def kept_exif(raw: bytes, keep_all: bool) -> bytes:
+    """The input's EXIF for the output: orientation reset (the pixels are already turned), GPS and maker
+    notes dropped unless `keep_all` (where a photo was taken is not the upscaler's to pass on)."""
+    exif = Image.Exif()
+    exif.load(raw)
+    exif[ORIENTATION] = 1
+    if not keep_all:
+        exif.pop(EXIF_GPS_IFD, None)
+        sub = exif.get_ifd(EXIF_IFD)
+        sub.pop(MAKER_NOTE, None)
+    return exif.tobytes()
+
+
+def check_output_format(fmt: str, height: int, width: int) -> None:
+    """The format is one this server writes, and the size fits it (415 / 413)."""
+    if fmt not in output_formats():
+        raise UnsupportedMediaType(f"this server cannot write {fmt}; it writes {', '.join(output_formats())}")
+    check_output_size(fmt, height, width)
 
 
 def check_output_size(fmt: str, height: int, width: int) -> None:
@@ -69,7 +117,9 @@ def _resize_alpha(alpha: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.clip(resize_float(alpha.astype(np.float32) / 65535.0, height, width), 0.0, 1.0)
 
 
-def encode(out_rgb: np.ndarray, src: Decoded, fmt: str, quality: int, png_level: int = 3) -> bytes:
+def encode(
+    out_rgb: np.ndarray, src: Decoded, fmt: str, quality: int, png_level: int = 3, metadata: str = "strip"
+) -> bytes:
     """Merge the model's RGB output with the source's alpha / gray / 16-bit detail and encode."""
     if fmt not in CONTENT_TYPES:
         raise ValueError(f"unknown output format {fmt!r}")
@@ -102,12 +152,19 @@ def encode(out_rgb: np.ndarray, src: Decoded, fmt: str, quality: int, png_level:
     im = Image.fromarray(np.ascontiguousarray(arr))  # L, LA, RGB or RGBA from the shape
     buf = io.BytesIO()
     extra: dict[str, object] = {"icc_profile": icc} if icc else {}
+    if metadata != "strip":
+        if src.exif:
+            extra["exif"] = kept_exif(src.exif, metadata == "keep_all")
+        if src.xmp:
+            extra["xmp"] = src.xmp
     if fmt == "png":
         im.save(buf, format="PNG", compress_level=png_level, **extra)
     elif fmt == "jpeg":
         # 4:4:4 chroma at high quality: super-resolved detail is what the client paid for.
         im.save(buf, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2, **extra)
-    else:
+    elif fmt == "webp":
         # method 2: ~2.5x faster than Pillow's default 4 for about the same size at q 90.
         im.save(buf, format="WEBP", quality=quality, method=2, **extra)
+    else:
+        im.save(buf, format="AVIF", quality=quality, speed=8, **extra)
     return buf.getvalue()

@@ -61,8 +61,11 @@ from service.http.imageencode import MAX_SIDE as MAX_SIDE
 from service.http.imageencode import OUTPUT_FORMATS as OUTPUT_FORMATS
 from service.http.imageencode import Decoded as Decoded
 from service.http.imageencode import OutputFormat as OutputFormat
+from service.http.imageencode import check_output_format as check_output_format
 from service.http.imageencode import check_output_size as check_output_size
+from service.http.imageencode import crop as crop
 from service.http.imageencode import encode as encode
+from service.http.imageencode import output_formats as output_formats
 from service.http.imageencode import resize_float as resize_float
 from service.http.png16 import low_bytes
 from service.http.png16 import read_png16 as read_png16  # re-exported: tests and tools
@@ -72,6 +75,9 @@ log = logging.getLogger(__name__)
 
 # Input format → output format when the request names none.
 _DEFAULT_OUTPUT: dict[str, OutputFormat] = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp"}
+# Flat graphics compress far beyond photos: for these formats the structure checks (check_work) bound
+# the work of a decode, and the pixel limit its size, so pixels per byte sent is not asked of them.
+LOSSLESS_FORMATS = ("PNG", "GIF", "BMP")
 _GRAY_MODES = {"1", "L", "LA", "La", "I;16", "I;16B", "I;16L", "I;16N"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError, TypeError)
@@ -206,7 +212,8 @@ def probe(data: bytes, formats: list[str], max_pixels: int, max_pixels_per_byte:
         if w * h > max_pixels:
             raise ImageTooLarge(f"image is {w}×{h} = {w * h} pixels; the limit is {max_pixels}")
         fmt = im.format or "?"
-        check_work(data, fmt, w * h, max_pixels_per_byte)
+        lossless = fmt in LOSSLESS_FORMATS or (fmt == "WEBP" and data[12:16] == b"VP8L")
+        check_work(data, fmt, w * h, 0.0 if lossless else max_pixels_per_byte)
         if fmt != "MPO" and (getattr(im, "is_animated", False) or getattr(im, "n_frames", 1) > 1):
             raise UnsupportedMediaType("animated images are not supported; send a single frame")
         mode, rawmode = im.mode, _tile_rawmode(im)
@@ -249,6 +256,7 @@ def decode(p: Probe) -> Decoded:
     im = p.image
     try:
         im.load()
+        info = dict(im.info)
         icc = im.info.get("icc_profile") or None
         mode = im.mode
         alpha: np.ndarray | None = None
@@ -306,7 +314,10 @@ def decode(p: Probe) -> Decoded:
     if rgb.shape[:2] != (p.height, p.width):
         raise UndecodableImage(f"decoded size {rgb.shape[1]}×{rgb.shape[0]} differs from the header")
     icc_out = icc_profiles.sanitize(icc, b"GRAY" if gray else b"RGB ")
+    xmp = info.get("xmp") or info.get("XML:com.adobe.xmp")
     return Decoded(
+        exif=info.get("exif") if isinstance(info.get("exif"), bytes) else None,
+        xmp=xmp.encode() if isinstance(xmp, str) else xmp if isinstance(xmp, bytes) else None,
         rgb=rgb,
         alpha=None if alpha is None else np.ascontiguousarray(alpha),
         residual=None if residual is None else np.ascontiguousarray(residual),

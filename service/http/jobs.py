@@ -243,6 +243,7 @@ class JobStore:
                 out_width=a.job.out_width,
                 out_height=a.job.out_height,
                 format=a.fmt,
+                scale=a.scale,
                 created_at=time.time(),
                 seq=self._seq,
             )
@@ -279,7 +280,14 @@ class JobStore:
             s = self.settings
             pool = pool_for(self._pool, outcome.image.shape[0] * outcome.image.shape[1])
             body = await loop.run_in_executor(
-                pool, images.encode, outcome.image, a.decoded, a.fmt, a.quality, s.png_compress_level
+                pool,
+                images.encode,
+                outcome.image,
+                a.decoded,
+                a.fmt,
+                a.quality,
+                s.png_compress_level,
+                a.params.metadata or "strip",
             )
             del outcome
             if job.output_url:
@@ -364,7 +372,12 @@ class JobStore:
             "eta_s": None,
             "created_at": iso(job.created_at),
             "finished_at": iso(job.finished_at),
-            "output": {"width": job.out_width, "height": job.out_height, "format": job.format},
+            "output": {
+                "width": job.out_width,
+                "height": job.out_height,
+                "format": job.format,
+                "scale": job.scale,
+            },
             "result_url": f"/v1/jobs/{job.id}/result"
             if state == "succeeded" and not job.to_output_url
             else None,

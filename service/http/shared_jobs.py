@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 
 from service.errors import Draining, NotReady, Overloaded
 from service.http import images
+from service.http.output_size import output_size
 from service.http.upscale import Checked, UpscaleParams
 from service.jobs.extras import JobExtras, Notifier, put_output
 from service.jobs.records import (
@@ -113,6 +114,7 @@ class SharedJobs:
             "out_width": c.out_width,
             "out_height": c.out_height,
             "format": c.fmt,
+            "scale": c.scale,
             "quality": q,
             "created_at": time.time(),
             "params": c.params.model_dump(exclude_none=True),
@@ -271,7 +273,9 @@ class SharedJobs:
         )
         out_h, out_w, fmt = int(rec["out_height"]), int(rec["out_width"]), rec["format"]
         try:
-            plan = mr.plan(probe.height, probe.width, out_h, out_w)
+            size = output_size(probe.height, probe.width, params, s, float(mr.manifest.native_scale))
+            in_h, in_w = size.in_size or (probe.height, probe.width)
+            plan = mr.plan(in_h, in_w, out_h, out_w)
             while True:  # pulled because there was room; /upscale traffic may have taken it meanwhile
                 try:
                     reservation = mr.reserve(plan)
@@ -282,6 +286,8 @@ class SharedJobs:
                     await asyncio.sleep(0.05)
             with reservation:
                 decoded = await loop.run_in_executor(pool_for(pool, probe.pixels), images.decode, probe)
+                if size.crop is not None:
+                    decoded = images.crop(decoded, size.crop)
                 job = UpscaleJob(
                     image=decoded.rgb,
                     out_height=out_h,
@@ -290,6 +296,7 @@ class SharedJobs:
                     deadline=time.monotonic() + s.max_deadline_s,
                     request_id=f"job-{rec['id']}",
                     progress=progress,
+                    strength=1.0 if params.strength is None else params.strength,
                 )
                 outcome = await mr.upscale(job, reservation)
         finally:
@@ -302,6 +309,7 @@ class SharedJobs:
             fmt,
             int(rec.get("quality") or s.output_quality),
             s.png_compress_level,
+            params.metadata or "strip",
         )
         headers = {
             "X-Model": outcome.model,

@@ -27,14 +27,13 @@ from service.errors import (
     DeadlineExceeded,
     Draining,
     EngineFailure,
-    ImageTooLarge,
 )
 from service.http import images
 from service.http.body import Upload, read_upload
+from service.http.output_size import output_size
 from service.jobs.records import request_digest
 from service.manifest import MODEL_NAME_PATTERN
 from service.metrics import Metrics
-from service.pixels.imageops import target_size
 from service.requests import UpscaleJob
 from service.runtime_api import ModelClient, RuntimeClient
 from service.scheduling.pools import pool_for
@@ -66,8 +65,22 @@ class UpscaleParams(BaseModel):
         description="Output width; with only one of width/height the aspect ratio is kept.",
     )
     height: int | None = Field(None, ge=1, le=65535, description="Output height.")
-    format: Literal["png", "jpeg", "webp"] | None = Field(
-        None, description="Output format; default: the input's (PNG for other inputs). `jpg` is accepted."
+    format: Literal["png", "jpeg", "webp", "avif"] | None = Field(
+        None,
+        description="Output format; default: the input's (PNG for other inputs). `jpg` is accepted; `avif` "
+        "where the server's Pillow writes it (GET /v1/models: output_formats).",
+    )
+    fit: Literal["contain", "cover", "fill"] | None = Field(
+        None,
+        description="With width and height: contain (default; inside the box), cover (fill it, centred "
+        "crop) or fill (stretch).",
+    )
+    strength: float | None = Field(
+        None, ge=0, le=1, description="Share of the model's result against the plain resize (default 1)."
+    )
+    metadata: Literal["strip", "keep", "keep_all"] | None = Field(
+        None,
+        description="strip (default), keep (EXIF without GPS and maker notes, XMP) or keep_all; ICC always.",
     )
     quality: int | None = Field(None, ge=1, le=100, description="JPEG/WebP quality; ignored for PNG.")
     color_fix: Literal["none", "adain", "wavelet"] | None = Field(
@@ -80,7 +93,7 @@ class UpscaleParams(BaseModel):
         description="Time budget from arrival; also header X-Deadline-Ms. Capped by the server.",
     )
 
-    @field_validator("format", "color_fix", mode="before")
+    @field_validator("format", "color_fix", "fit", "metadata", mode="before")
     @classmethod
     def _lower(cls, v: object) -> object:
         if isinstance(v, str):
@@ -149,6 +162,7 @@ class Checked:
     fmt: str
     tiles: int
     digest: str | None
+    scale: float  # output over input, as X-Scale says
 
 
 @dataclass(frozen=True)
@@ -165,6 +179,7 @@ class Admitted:
     quality: int
     tiles: int
     digest: str | None = None
+    scale: float = 0.0
 
 
 def _deadline_budget(request: Request, params: UpscaleParams, s: Settings) -> float:
@@ -267,38 +282,23 @@ async def handle_upscale(request: Request, params: UpscaleParams, ctx: Context) 
     del upload
     probe_s = time.monotonic() - t_read
     try:
-        try:
-            out_h, out_w = target_size(
-                probe.height,
-                probe.width,
-                scale=params.scale,
-                out_width=params.width,
-                out_height=params.height,
-                default_scale=float(mr.manifest.native_scale),
-            )
-        except ValueError as e:
-            raise BadRequest(str(e)) from e
-        eff_scale = max(out_h / probe.height, out_w / probe.width)
-        if eff_scale > s.max_scale + 1e-9:
-            raise BadRequest(
-                f"output {out_w}×{out_h} is ×{eff_scale:.2f} the input; the limit is ×{s.max_scale:g}"
-            )
-        if out_h * out_w > s.max_output_pixels:
-            raise ImageTooLarge(
-                f"output {out_w}×{out_h} = {out_h * out_w} pixels exceeds the limit of {s.max_output_pixels}"
-            )
+        size = output_size(probe.height, probe.width, params, s, float(mr.manifest.native_scale))
+        out_h, out_w = size.out_h, size.out_w
+        in_h, in_w = size.in_size or (probe.height, probe.width)
         fmt = params.format or probe.default_output
-        images.check_output_size(fmt, out_h, out_w)
-        plan = mr.plan(probe.height, probe.width, out_h, out_w)
+        images.check_output_format(fmt, out_h, out_w)
+        plan = mr.plan(in_h, in_w, out_h, out_w)
         if ctx.enqueue is not None:
             return await ctx.enqueue(
-                Checked(request, params, mr, probe.data, out_w, out_h, fmt, plan.n_tiles, digest)
+                Checked(request, params, mr, probe.data, out_w, out_h, fmt, plan.n_tiles, digest, size.scale)
             )
         # 503 overloaded / draining / not ready — before decoding; released on leaving the block
         # unless a job took it over (hand_over: the job releases it when it ends)
         with mr.reserve(plan) as reservation:
             t = time.monotonic()
             decoded = await _run(pool_for(ctx.pool, probe.width * probe.height), images.decode, probe)
+            if size.crop is not None:
+                decoded = images.crop(decoded, size.crop)
             decode_s = probe_s + time.monotonic() - t
             metrics.decode_seconds.observe(decode_s)
             if time.monotonic() >= deadline:
@@ -310,12 +310,14 @@ async def handle_upscale(request: Request, params: UpscaleParams, ctx: Context) 
                 color_fix=params.color_fix,
                 deadline=deadline,
                 request_id=request_id,
+                strength=1.0 if params.strength is None else params.strength,
             )
             if ctx.hand_off is not None:
                 q = params.quality or s.output_quality
                 admitted = Admitted(
-                    request, params, job, reservation.hand_over(), mr, decoded, fmt, q, plan.n_tiles, digest
-                )
+                    request, params, job, reservation.hand_over(), mr, decoded, fmt, q, plan.n_tiles, digest,
+                    size.scale,
+                )  # fmt: skip
                 return await ctx.hand_off(admitted)
             outcome = await _unless_disconnected(request, mr.upscale(job, reservation))
     finally:
@@ -329,7 +331,8 @@ async def handle_upscale(request: Request, params: UpscaleParams, ctx: Context) 
     quality = params.quality or s.output_quality
     t = time.monotonic()
     enc = pool_for(ctx.pool, out_h * out_w)
-    body = await _run(enc, images.encode, outcome.image, decoded, fmt, quality, s.png_compress_level)
+    meta = params.metadata or "strip"
+    body = await _run(enc, images.encode, outcome.image, decoded, fmt, quality, s.png_compress_level, meta)
     encode_s = time.monotonic() - t
     metrics.encode_seconds.observe(encode_s)
     metrics.response_bytes.inc(len(body))
@@ -353,6 +356,7 @@ async def handle_upscale(request: Request, params: UpscaleParams, ctx: Context) 
         "X-Tiles": str(outcome.tiles),
         "X-Queue-Time-Ms": _ms(outcome.queue_s),
         "X-Image-Size": f"{out_w}x{out_h}",
+        "X-Scale": f"{size.scale:g}",
         "Cache-Control": "no-store",
     }
     return Response(content=body, media_type=images.CONTENT_TYPES[fmt], headers=headers)

@@ -115,6 +115,7 @@ class Job:
     out_height: int
     format: str
     created_at: float  # wall clock (records outlive the process)
+    scale: float = 0.0  # output over input (X-Scale of /upscale)
     seq: int = 0  # admission order within this process (queue position)
     phase: str = "active"  # active | succeeded | failed | cancelled | expired
     tiles_done: int = 0
@@ -144,7 +145,17 @@ class Job:
             self.tiles_done += n
 
     def record(self) -> dict[str, Any]:
-        keep = ("id", "owner", "model", "tiles_total", "out_width", "out_height", "format", "created_at")
+        keep = (
+            "id",
+            "owner",
+            "model",
+            "tiles_total",
+            "out_width",
+            "out_height",
+            "format",
+            "scale",
+            "created_at",
+        )
         rec = {k: getattr(self, k) for k in keep}
         rec.update(
             phase=self.phase,

@@ -88,11 +88,23 @@ def prepare_input(image: np.ndarray, plan: RequestPlan) -> np.ndarray:
     return pad_image(resize_rgb(image, plan.pre_h, plan.pre_w), plan.tiles)
 
 
-def finish(stitched: np.ndarray, image: np.ndarray, plan: RequestPlan, color_fix: str) -> np.ndarray:
+def finish(
+    stitched: np.ndarray, image: np.ndarray, plan: RequestPlan, color_fix: str, strength: float = 1.0
+) -> np.ndarray:
+    """Stitched → output size, colour fix, then `strength`: a blend with the plainly (bicubic) resized
+    input — 0 gives exactly the plain resize, 1 the model's result alone."""
     out = resize_rgb(stitched, plan.out_h, plan.out_w)
+    if color_fix == "none" and strength >= 1.0:
+        return out
+    plain = resize_rgb(image, plan.out_h, plan.out_w)
     if color_fix != "none":
-        out = apply_color_fix(out, resize_rgb(image, plan.out_h, plan.out_w), color_fix)
-    return out
+        out = apply_color_fix(out, plain, color_fix)
+    if strength >= 1.0:
+        return out
+    if strength <= 0.0:
+        return plain
+    mixed = out.astype(np.float32) * strength + plain.astype(np.float32) * (1.0 - strength)
+    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 
 
 def run_sync(

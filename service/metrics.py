@@ -91,6 +91,18 @@ class Metrics:
             ["model", "shape"],
             registry=r,
         )
+        self.key_megapixels = Counter(
+            "gendr_key_output_megapixels",
+            "Output megapixels asked for, by API key name (the name from the keys file, never the token).",
+            ["key"],
+            registry=r,
+        )
+        self.key_rate_limited = Counter(
+            "gendr_key_rate_limited",
+            "Requests refused 429 by the key's quota, by key name.",
+            ["key"],
+            registry=r,
+        )
         self.jobs_backlog_tiles = Gauge(
             "gendr_jobs_backlog_tiles",
             "Shared job store: remaining tiles of queued and running jobs (every replica reports the same).",

@@ -166,6 +166,10 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Bearer tokens for /upscale (comma-separated or JSON list); empty = open.",
     )
+    api_keys_file: Path | None = Field(
+        None,
+        description="JSON list of named keys with quotas: name, sha256 (of the token), quota_mp_s, burst_mp.",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Allowed CORS origins (JSON list or comma-separated); empty = CORS off.",

@@ -37,6 +37,7 @@ from service.http import images
 from service.http.auth import ApiKeys
 from service.http.jobs_routes import add_routes
 from service.http.lifecycle import UPSCALE_PATH, GendrState, RequestContext
+from service.http.quotas import Quotas, load_keys_file
 from service.http.shared_jobs import SharedJobs
 from service.http.upscale import Context, UpscaleParams, handle_upscale, validation_message
 from service.metrics import Metrics
@@ -134,11 +135,13 @@ def create_app(
         runtime=runtime,
         metrics=metrics,
         pool=SizeClassPool(settings.image_workers, "gendr-image"),
-        keys=ApiKeys(settings.api_keys),
+        keys=ApiKeys(
+            settings.api_keys, load_keys_file(settings.api_keys_file) if settings.api_keys_file else None
+        ),
     )
-    ctx = Context(settings, runtime, metrics, st.pool, lambda: st.draining)
-
     shared = SharedJobs(st) if settings.redis_url else None  # the job layer on Redis (docs/jobs.md)
+    st.quotas = Quotas(shared.jobs.r if shared else None, settings.redis_prefix, metrics)
+    ctx = Context(settings, runtime, metrics, st.pool, lambda: st.draining, quotas=st.quotas)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -205,7 +208,7 @@ def create_app(
     app.add_middleware(RequestContext, state=st)
 
     def require_key(request: Request) -> None:
-        st.keys.check(request.headers.get("authorization"))
+        request.state.caller = st.keys.check(request.headers.get("authorization"))
 
     @app.post(
         UPSCALE_PATH,

@@ -64,7 +64,7 @@ def _owner(request: Request) -> str | None:
     """Check the API key exactly like /upscale does, then name the caller for job visibility."""
     st = _state(request)
     auth = request.headers.get("authorization")
-    st.keys.check(auth)
+    request.state.caller = st.keys.check(auth)
     return owner_of(auth, st.keys.enabled)
 
 
@@ -144,7 +144,9 @@ def jobs_router() -> APIRouter:
                 raise BadRequest("give either an upload or input_url, not both")
             url = params.input_url
             hooks["fetch_input"] = lambda: fetch_input(url, st.settings)
-        ctx = Context(st.settings, st.runtime, st.metrics, st.pool, lambda: st.draining, **hooks)
+        ctx = Context(
+            st.settings, st.runtime, st.metrics, st.pool, lambda: st.draining, quotas=st.quotas, **hooks
+        )
         return await handle_upscale(request, params, ctx)
 
     @router.get("/{job_id}", summary="State, tiles done of total, queue position and ETA of a job")

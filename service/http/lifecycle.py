@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import Draining
 from service.http.auth import ApiKeys
+from service.http.quotas import Quotas
 from service.manifest import ManifestError
 from service.metrics import Metrics
 from service.runtime_api import RuntimeClient
@@ -44,6 +45,7 @@ class GendrState:
     metrics: Metrics
     pool: Executor
     keys: ApiKeys
+    quotas: Quotas = field(default_factory=Quotas)
     started: bool = False
     start_error: BaseException | None = None
     inflight: int = 0

@@ -31,6 +31,7 @@ from service.errors import (
 from service.http import images
 from service.http.body import Upload, read_upload
 from service.http.output_size import output_size
+from service.http.quotas import Quotas
 from service.jobs.records import request_digest
 from service.manifest import MODEL_NAME_PATTERN
 from service.metrics import Metrics
@@ -147,6 +148,7 @@ class Context:
     enqueue: Callable[[Checked], Awaitable[Response]] | None = None
     idempotency_key: str | None = None  # bind it to the upload and options (a digest of both)
     fetch_input: Callable[[], Awaitable[bytes]] | None = None  # a job's input_url instead of a body
+    quotas: Quotas | None = None  # per-key output megapixels per second (service/http/quotas.py)
 
 
 @dataclass(frozen=True)
@@ -285,6 +287,9 @@ async def handle_upscale(request: Request, params: UpscaleParams, ctx: Context) 
         size = output_size(probe.height, probe.width, params, s, float(mr.manifest.native_scale))
         out_h, out_w = size.out_h, size.out_w
         in_h, in_w = size.in_size or (probe.height, probe.width)
+        limits: dict[str, str] = {}
+        if ctx.quotas is not None:  # 429 before any pixel work, like every other refusal here
+            limits = await ctx.quotas.take(getattr(request.state, "caller", None), out_h * out_w / 1e6)
         fmt = params.format or probe.default_output
         images.check_output_format(fmt, out_h, out_w)
         plan = mr.plan(in_h, in_w, out_h, out_w)
@@ -358,5 +363,6 @@ async def handle_upscale(request: Request, params: UpscaleParams, ctx: Context) 
         "X-Image-Size": f"{out_w}x{out_h}",
         "X-Scale": f"{size.scale:g}",
         "Cache-Control": "no-store",
+        **limits,
     }
     return Response(content=body, media_type=images.CONTENT_TYPES[fmt], headers=headers)

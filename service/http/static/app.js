@@ -105,9 +105,15 @@ function query() {
   add("model", "model");
   const mode = $("size-mode").value;
   if (mode === "scale") add("scale", "scale");
-  if (mode === "size") { add("width", "width"); add("height", "height"); }
+  if (mode === "size") {
+    add("width", "width"); add("height", "height");
+    if ($("width").value.trim() && $("height").value.trim()) add("fit", "fit");
+  }
   add("format", "format");
   add("color_fix", "color-fix");
+  add("quality", "quality");
+  add("metadata", "metadata");
+  if ($("strength").value !== "1") q.set("strength", $("strength").value);
   return q.toString();
 }
 
@@ -236,6 +242,7 @@ async function loadModels() {
     const r = await fetch("/v1/models");
     if (!r.ok) return;
     const body = await r.json();
+    applyLimits(body.limits);
     for (const m of body.data) {
       const o = document.createElement("option");
       o.value = m.name;
@@ -243,6 +250,19 @@ async function loadModels() {
       $("model").append(o);
     }
   } catch (_) { /* the page still works with the default model */ }
+}
+
+// The server's own limits (GET /v1/models → limits): the form never offers what the server refuses.
+function applyLimits(limits) {
+  if (!limits) return;
+  if (limits.max_scale) $("scale").max = String(limits.max_scale);
+  for (const f of limits.output_formats || []) {
+    if (![...$("format").options].some((o) => o.value === f || o.text === f)) {
+      const o = document.createElement("option");
+      o.textContent = f;
+      $("format").append(o);
+    }
+  }
 }
 
 function init() {
@@ -254,6 +274,7 @@ function init() {
   $("size-mode").addEventListener("change", () => { $("form").dataset.mode = $("size-mode").value; });
   $("slider").addEventListener("input", () => $("compare").style.setProperty("--split", `${$("slider").value}%`));
   $("zoom").addEventListener("change", applyZoom);
+  $("strength").addEventListener("input", () => { $("strength-value").textContent = $("strength").value; });
   $("form").addEventListener("submit", run);
   $("cancel").addEventListener("click", cancel);
   $("api-key").value = sessionStorage.getItem("gendr-api-key") || "";

@@ -88,6 +88,7 @@ class ScriptedProxy:
         self.http = httpx.Client(base_url=upstream, timeout=60)
         self.script: dict[str, list[tuple[int, str, str | None]]] = {"submit": [], "poll": []}
         self.submissions: list[str | None] = []
+        self.submit_paths: list[str] = []
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
@@ -130,6 +131,7 @@ class ScriptedProxy:
                 with proxy.lock:
                     if route == "submit":
                         proxy.submissions.append(self.headers.get("Idempotency-Key"))
+                        proxy.submit_paths.append(self.path)
                     canned = proxy.script[route].pop(0) if route and proxy.script[route] else None
                 if canned is not None:
                     status, code, after = canned
@@ -278,6 +280,46 @@ def test_a_job_gone_while_polling_is_said_plainly(
         server.release()  # type: ignore[attr-defined]
     assert "no longer has this job" in err.text and "job_not_found" not in err.text
     assert len(proxy.submissions) == 1
+
+
+def test_the_new_options_reach_the_server_and_shape_the_result(
+    browser: object, server: object, proxy: ScriptedProxy, tmp_path: Path
+) -> None:
+    """fit, quality, strength and metadata from the form; the scale limit and formats from the server."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    d = browser
+    photo = tmp_path / "astronaut.png"
+    photo.write_bytes(encode(small("astronaut.png", 120)))
+    server.release()  # type: ignore[attr-defined]
+    d.get(proxy.url + "/")  # type: ignore[attr-defined]
+    _wait(d, lambda d: d.find_element(By.ID, "scale").get_attribute("max") == "8")  # the server's max_scale
+    formats = [o.text for o in Select(d.find_element(By.ID, "format")).options]  # type: ignore[attr-defined]
+    assert {"png", "jpeg", "webp"} <= set(formats)
+    d.find_element(By.ID, "file").send_keys(str(photo))  # type: ignore[attr-defined]
+    Select(d.find_element(By.ID, "size-mode")).select_by_value("size")  # type: ignore[attr-defined]
+    d.find_element(By.ID, "width").send_keys("240")  # type: ignore[attr-defined]
+    d.find_element(By.ID, "height").send_keys("120")  # type: ignore[attr-defined]
+    Select(d.find_element(By.ID, "fit")).select_by_value("cover")  # type: ignore[attr-defined]
+    Select(d.find_element(By.ID, "format")).select_by_visible_text("jpeg")  # type: ignore[attr-defined]
+    d.find_element(By.ID, "quality").send_keys("80")  # type: ignore[attr-defined]
+    Select(d.find_element(By.ID, "metadata")).select_by_value("keep")  # type: ignore[attr-defined]
+    d.execute_script(  # type: ignore[attr-defined]
+        "const s = document.getElementById('strength'); s.value = 0.5; s.dispatchEvent(new Event('input'))"
+    )
+    assert d.find_element(By.ID, "strength-value").text == "0.5"  # type: ignore[attr-defined]
+    d.find_element(By.ID, "go").click()  # type: ignore[attr-defined]
+    status = d.find_element(By.ID, "status")  # type: ignore[attr-defined]
+    _wait(d, lambda _: status.text.startswith("Done"))
+    q = parse_qs(urlsplit(proxy.submit_paths[-1]).query)
+    assert {k: v[0] for k, v in q.items()} == {
+        "width": "240", "height": "120", "fit": "cover", "format": "jpeg",
+        "quality": "80", "metadata": "keep", "strength": "0.5",
+    }  # fmt: skip
+    assert d.find_element(By.ID, "result-size").text == "240 × 120"  # type: ignore[attr-defined]
 
 
 def test_static_files_are_served_without_a_cdn(server: object) -> None:

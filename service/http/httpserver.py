@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
+import uuid
 from http import HTTPStatus
 from typing import Any
 
@@ -24,12 +26,28 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.errors import BadRequest, HeaderTooLarge, Overloaded, RequestTimeout, ServiceError
+from service.http.lifecycle import REQUEST_ID_PATTERN
+
+
+def _with_id(err: ServiceError, request_id: str) -> bytes:
+    """The error body with its request id, like every error the app answers (docs/http.md)."""
+    body = err.body()
+    body["error"]["request_id"] = request_id  # type: ignore[index]
+    return json.dumps(body).encode()
 
 
 def error_bytes(err: ServiceError, extra: dict[str, str] | None = None) -> bytes:
-    """A complete HTTP/1.1 JSON error response that closes the connection."""
-    body = json.dumps(err.body()).encode()
-    headers = {"content-type": "application/json", "content-length": str(len(body)), "connection": "close"}
+    """A complete HTTP/1.1 JSON error response that closes the connection. The request never reached
+    the app, so it gets a fresh request id here, logged with the refusal so the two can be matched."""
+    rid = uuid.uuid4().hex
+    logging.getLogger("gendr.http").info("%d %s before the app (request id %s)", err.status, err.code, rid)
+    body = _with_id(err, rid)
+    headers = {
+        "content-type": "application/json",
+        "content-length": str(len(body)),
+        "x-request-id": rid,
+        "connection": "close",
+    }
     headers.update(extra or {})
     head = f"HTTP/1.1 {err.status} {HTTPStatus(err.status).phrase}\r\n" + "".join(
         f"{k}: {v}\r\n" for k, v in headers.items()
@@ -134,10 +152,13 @@ class GendrH11Protocol(H11Protocol):
         if limit is not None and (len(self.connections) > limit or len(self.tasks) > limit):
             self.logger.warning("more than %d connections: 503", limit)
             err = Overloaded(f"the server holds more than {limit} connections; retry shortly")
-            body = json.dumps(err.body()).encode()
+            sent = dict(scope.get("headers", ())).get(b"x-request-id", b"").decode("latin-1")
+            rid = sent if REQUEST_ID_PATTERN.match(sent) else uuid.uuid4().hex
+            body = _with_id(err, rid)
             headers = [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
+                (b"x-request-id", rid.encode()),
                 (b"retry-after", str(max(1, math.ceil(self.retry_after_s))).encode()),
                 (b"connection", b"close"),
             ]

@@ -32,7 +32,7 @@ from service.runtime_api import RuntimeClient
 from service.settings import Settings
 
 log = logging.getLogger("gendr.http")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 UPSCALE_PATH = "/upscale"
 
 
@@ -189,7 +189,7 @@ class RequestContext:
         for k, v in scope.get("headers", ()):
             if k == b"x-request-id":
                 candidate = v.decode("latin-1")
-                rid = candidate if _REQUEST_ID.match(candidate) else ""
+                rid = candidate if REQUEST_ID_PATTERN.match(candidate) else ""
                 break
         rid = rid or uuid.uuid4().hex
         state = scope.setdefault("state", {})

@@ -72,6 +72,8 @@ def test_malformed_requests_get_json_and_a_closed_connection(
     resp, closed = raw_exchange(server.port, data)
     assert status_of(resp) == status, (name, resp[:300])
     assert json_body(resp)["error"]["code"] == code  # type: ignore[index]
+    rid = json_body(resp)["error"]["request_id"]  # type: ignore[index]
+    assert len(rid) == 32 and f"x-request-id: {rid}".encode() in resp.lower()  # the log names it too
     assert closed
 
 
@@ -120,9 +122,11 @@ def test_connection_limit_answers_json_503_then_recovers(server: ServerProcess) 
     hoard = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(MAX_CONNECTIONS)]
     try:
         time.sleep(0.2)  # the server has accepted them (the header timeout is 1 s)
-        resp, closed = raw_exchange(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        ask = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-Id: trace-42\r\n\r\n"
+        resp, closed = raw_exchange(server.port, ask)
         assert status_of(resp) == 503, resp[:300]
         assert json_body(resp)["error"]["code"] == "overloaded"  # type: ignore[index]
+        assert json_body(resp)["error"]["request_id"] == "trace-42"  # type: ignore[index]
         assert b"retry-after: " in resp.lower() and closed
     finally:
         for s in hoard:

@@ -5,8 +5,15 @@ Each round submits the same seeded set of requests at once (outputs from 256² t
 photo-like noise) through `ModelRuntime.upscale`, and records output MP/s, tiles/s, per-request p50 /
 p95 latency, mean batch fill and peak GPU memory. The JSON is rewritten after every row.
 
+With `--trt-repo` (a model repository with a TensorRT engine for this GPU, e.g. one gpu_check_engine.py
+built) it also loads the TensorRT backend with CUDA graphs and records, for EVERY captured (instance,
+tile, batch size), the largest difference between the graph's output and the uncaptured run on the same
+tiles (`TensorRTBackend.graph_check()`, measured at warm-up): a graph replayed on a context that moved
+to another shape shows here. Exit code 1 when a graph differs or was dropped.
+
     python benchmarks/gpu_check_batcher.py                 # GPU, bf16, 512-px tiles
     python benchmarks/gpu_check_batcher.py --dry-run       # tiny model on CPU, same code path
+    python benchmarks/gpu_check_batcher.py --trt-repo models/gendr-tiny   # + TensorRT CUDA graphs
 """
 
 from __future__ import annotations
@@ -130,7 +137,44 @@ def run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
         host.shutdown()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
+    try:
+        rep.add(trt_graph_row(args.trt_repo, max(args.instances), args.max_batch))
+    except Exception as e:  # recorded, not raised: the rows above are kept
+        rep.add({"trt_graphs": "error", "error": f"{type(e).__name__}: {e}", "ok": False})
     return rep.data
+
+
+def trt_graph_row(repo: Path | None, instances: int, max_batch: int) -> dict[str, Any]:
+    """Every captured CUDA graph vs the uncaptured run (max |difference| in grey levels, ≤ 1 passes)."""
+    from service.hardware import tensorrt_module
+
+    if repo is None or tensorrt_module() is None:
+        why = "no --trt-repo given" if repo is None else "TensorRT is not installed here"
+        return {"trt_graphs": "skipped", "why": why, "ok": True}
+    from service.backends.tensorrt import TensorRTBackend
+    from service.backends.trt_instances import GRAPH_TOLERANCE
+    from service.manifest import read_manifest
+
+    be = TensorRTBackend(
+        read_manifest(repo), repo, instances=instances, max_batch=max_batch, cuda_graphs=True
+    )
+    try:
+        be.load()
+        be.warmup()
+        diffs = be.graph_check()
+        sizes = be.info.batch_sizes
+        captured = {(i, t): be.graph_sizes(i, t) for i in range(instances) for t in be.info.tiles}
+    finally:
+        be.close()
+    dropped = [f"i{i}/t{t}" for (i, t), g in captured.items() if g != sizes]
+    worst = max(diffs.values(), default=0)
+    return {
+        "trt_graphs": {f"i{i}/t{t}/b{b}": d for (i, t, b), d in sorted(diffs.items())},
+        "batch_sizes": list(sizes),
+        "without_graph": dropped,  # (instance, tile) pairs where some size runs without its graph
+        "max_diff": worst,
+        "ok": bool(diffs) and worst <= GRAPH_TOLERANCE and not dropped,
+    }
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -147,6 +191,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", type=int, default=0)
     p.add_argument("--max-seconds", type=float, default=100.0)
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    p.add_argument("--trt-repo", type=Path, help="repository with a TensorRT engine: check its CUDA graphs")
     a = p.parse_args(argv)
     if a.dry_run:
         a.preset, a.tile, a.precision, a.instances = "tiny", 64, "fp32", [1, 2]
@@ -157,9 +202,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     path = args.out / ("gpu_check_batcher_dry_run.json" if args.dry_run else "gpu_check_batcher.json")
-    run(args, path)
+    data = run(args, path)
     print(f"wrote {path}")
-    return 0
+    return 0 if data["results"][-1]["ok"] else 1
 
 
 if __name__ == "__main__":

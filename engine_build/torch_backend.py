@@ -30,8 +30,9 @@ from service.backends.base import (
     Timings,
     dynamic_sample_shapes,
     timed_warmup,
+    verify,
 )
-from service.manifest import Manifest, TileGeometry, verify_artifact
+from service.manifest import Manifest, TileGeometry
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ class TorchBackend:
             return self._module
         root = checkpoint_root(self.manifest)
         for art in self.manifest.checkpoint:
-            verify_artifact(self.model_dir, art)
+            verify(self.model_dir, art, self.manifest.name)  # IntegrityError: the model is refused
         try:
             if self.manifest.kind == "gendr":
                 from engine_build.gendr.checkpoint import load_checkpoint

@@ -8,7 +8,8 @@ only where the orders agree (one GPU, or PCI_BUS_ID order).
 
 TensorRT: a type-stub package (`tensorrt-stubs`) makes `import tensorrt` succeed without any runtime.
 `tensorrt_version()` accepts a module only when it has the runtime's classes, so a stub never passes
-for an installed TensorRT.
+for an installed TensorRT. The oldest version served or built with is `TENSORRT_MIN`
+(`tensorrt_too_old` says why an older one is refused, in one line).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,6 +168,27 @@ def tensorrt_module() -> Any | None:
     if not all(hasattr(trt, a) for a in ("Logger", "Runtime", "__version__")):
         return None  # tensorrt-stubs or a namespace leftover
     return trt
+
+
+#: The oldest TensorRT accepted (pyproject's `trt` extra says the same): the backend calls
+#: `IExecutionContext.set_device_memory(ptr, size)` and `get_device_memory_size_for_profile_v2`, which
+#: TensorRT 10.0 does not have (they came in 10.1).
+TENSORRT_MIN = (10, 1)
+
+
+def tensorrt_too_old(version: str) -> str | None:
+    """One line saying why this TensorRT version is refused, or None when it is at least TENSORRT_MIN."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    floor = ".".join(map(str, TENSORRT_MIN))
+    if m is None:
+        return f"cannot read the TensorRT version {version!r}; TensorRT >= {floor} is required"
+    if (int(m[1]), int(m[2])) < TENSORRT_MIN:
+        return (
+            f"TensorRT {version} is older than {floor}, the oldest supported (set_device_memory with "
+            f"a size and get_device_memory_size_for_profile_v2 came in {floor}): "
+            f"pip install 'tensorrt>={floor}'"
+        )
+    return None
 
 
 def tensorrt_version() -> str | None:

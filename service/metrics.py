@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 600)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# Jobs wait and run from 10 ms (a GPU, empty queue) to hours (a CPU behind a long shared backlog).
+JOB_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 
 
 @dataclass
@@ -115,6 +117,33 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        # Jobs (/v1/jobs, both stores): each recorded by the replica where it happens (docs/jobs.md).
+        self.jobs_created = Counter(
+            "gendr_jobs_created",
+            "Jobs admitted by POST /v1/jobs (not idempotent repeats).",
+            ["model"],
+            registry=r,
+        )
+        self.jobs_finished = Counter(
+            "gendr_jobs_finished",
+            "Jobs that reached a final state (succeeded, failed, cancelled).",
+            ["model", "state"],
+            registry=r,
+        )
+        self.job_queue_seconds = Histogram(
+            "gendr_job_queue_seconds",
+            "Job admission to its first tile done (jobs that never started are not observed).",
+            ["model"],
+            buckets=JOB_BUCKETS,
+            registry=r,
+        )
+        self.job_run_seconds = Histogram(
+            "gendr_job_run_seconds",
+            "Job first tile done to its final state (result stored or failed).",
+            ["model"],
+            buckets=JOB_BUCKETS,
+            registry=r,
+        )
         self.instance_busy = Gauge(
             "gendr_instance_busy_ratio",
             "Share of the last window an engine instance was computing.",
@@ -151,6 +180,21 @@ class Metrics:
         )
         self.response_bytes = Counter(
             "gendr_response_body_bytes", "Image bytes returned by /upscale.", registry=r
+        )
+        # --- added by the runtime's load (issue 24): a model served below what was expected, or refused ---
+        self.backend_fallback = Gauge(
+            "gendr_backend_fallback",
+            "1 while a model runs on the CPU although a GPU backend was expected (a GPU is visible under "
+            "auto); labels: the backend expected first and the one serving.",
+            ["model", "expected", "backend"],
+            registry=r,
+        )
+        self.model_refused = Gauge(
+            "gendr_model_refused",
+            "1 when a model was refused at start-up because an artifact failed an integrity check "
+            "(sha256, size, path, missing, open, io), never fallen back from.",
+            ["model", "file", "check"],
+            registry=r,
         )
         self._nvml = NvmlReader()
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from service import __version__
 from service.backends.base import Backend, BackendInfo
+from service.backends.chain import GpuExpectation, load_chain
 from service.errors import BadRequest, DeadlineExceeded, ImageTooLarge, ModelNotFound, NotReady
 from service.hardware import available_cpus
 from service.manifest import COLOR_FIXES, Manifest, ManifestError, list_models, read_manifest
@@ -61,6 +62,7 @@ class ModelRuntime:
         host: concurrent.futures.Executor,
         selection_reason: str = "",
         fallbacks: Sequence[tuple[str, Callable[[], Backend]]] = (),
+        gpu: GpuExpectation | None = None,
     ) -> None:
         self.name = name
         self.model_dir = model_dir
@@ -70,6 +72,8 @@ class ModelRuntime:
         self.metrics = metrics
         self.selection_reason = selection_reason
         self._fallbacks = list(fallbacks)  # (reason, constructor), tried in order when a load fails
+        self._gpu = gpu or GpuExpectation()  # a GPU backend expected or required: a CPU fallback is loud
+        self.fallback = ""  # why the model runs on the CPU although a GPU was expected (set at load)
         self._host = host
         self.batcher = self._make_batcher()
         self.max_request_tiles = self._max_request_tiles()
@@ -109,25 +113,16 @@ class ModelRuntime:
         )
 
     def _load_backend(self) -> dict[int, float]:
-        """Load and warm the backend; on failure fall back down `auto`'s list (TensorRT → ORT CUDA → CPU)."""
-        failed: list[str] = []
-        while True:
-            try:
-                self.backend.load()
-                return self.backend.warmup()
-            except Exception as e:
-                if not self._fallbacks:
-                    raise
-                failed.append(f"{self.backend.info.name} failed to load: {e}")
-                log.warning("%s: %s; falling back", self.name, failed[-1])
-                try:
-                    self.backend.close()
-                except Exception as close_err:  # best effort: the next backend must still load
-                    log.debug("close after a failed load: %s", close_err)
-                reason, make = self._fallbacks.pop(0)
-                self.backend = make()
-                self.batcher = self._make_batcher()  # nothing is admitted before ready
-                self.selection_reason = f"{reason}; fell back after: {'; '.join(failed)}"
+        """Load and warm the backend, falling back down `auto`'s list from environmental failures only
+        (service/backends/chain.py: an integrity failure refuses the model; a lost GPU is loud)."""
+        first = self.backend
+        done = load_chain(
+            self.name, self.backend, self.selection_reason, self._fallbacks, self.metrics, self._gpu
+        )
+        self.backend, self.selection_reason, self.fallback = done.backend, done.reason, done.fallback
+        if self.backend is not first:
+            self.batcher = self._make_batcher()  # nothing is admitted before ready
+        return done.timings
 
     def load(self) -> None:
         """Blocking: load the engine, time every shape and batch size (the cost table), start the workers."""
@@ -237,9 +232,7 @@ class ModelRuntime:
         del padded  # the ticket holds it until its last tile has been cut
         result = await self._wait(ticket, job.deadline)
         del ticket  # frees the padded input before the colour fix allocates
-        out = await loop.run_in_executor(
-            pixels, finish_request, stitcher, img, plan, color_fix, job.strength
-        )
+        out = await loop.run_in_executor(pixels, finish_request, stitcher, img, plan, color_fix, job.strength)
         now = time.monotonic()
         self.metrics.output_megapixels.labels(self.name).inc(job.out_height * job.out_width / 1e6)
         self.metrics.tile_occupancy.labels(self.name).observe(plan.tiles.occupancy)
@@ -279,6 +272,7 @@ class ModelRuntime:
             "precision": info.precision,
             "engine_key": info.engine_key,
             "selection_reason": self.selection_reason,
+            "fallback": self.fallback or None,  # set when a GPU was expected and the model runs on the CPU
             "tile": {
                 "input": m.tile.tile,
                 "overlap": m.tile.overlap,
@@ -332,7 +326,7 @@ class Runtime:
         cls, settings: Settings, metrics: Metrics, backend_factory: BackendFactory | None = None
     ) -> Runtime:
         """Read the manifests and choose each model's backend; cheap (no artifact is hashed or loaded)."""
-        from service.backends.select import create_backend, fallbacks
+        from service.backends.select import create_backend, fallbacks, gpu_expectation
 
         repo = Path(settings.model_repository)
         names = settings.models or list_models(repo)
@@ -343,6 +337,7 @@ class Runtime:
         factory = backend_factory or create_backend
         host = SizeClassPool(max(2, available_cpus()), "pixels")
         models: dict[str, ModelRuntime] = {}
+        gpu = gpu_expectation(settings) if backend_factory is None else GpuExpectation()
         for name in names:
             model_dir = repo / name
             manifest = read_manifest(model_dir, verify=False)  # the backend verifies what it loads
@@ -350,7 +345,7 @@ class Runtime:
             more = fallbacks(manifest, model_dir, settings) if backend_factory is None else []
             log.info("%s: backend %s — %s", name, backend.info.name, reason)
             models[name] = ModelRuntime(
-                name, model_dir, manifest, backend, settings, metrics, host, reason, fallbacks=more
+                name, model_dir, manifest, backend, settings, metrics, host, reason, fallbacks=more, gpu=gpu
             )
         default = settings.default_model or names[0]
         if default not in models:

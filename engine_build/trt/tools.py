@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from engine_build.gpu_targets import TrtBuildError
-from service.hardware import tensorrt_module
+from service.hardware import tensorrt_module, tensorrt_too_old
 from service.manifest import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -25,9 +25,9 @@ def import_tensorrt() -> Any:
             "TensorRT is not installed (or only its type stubs are); install it on a GPU machine: "
             "pip install 'gendr-serve[trt]'"
         )
-    major = int(str(trt.__version__).split(".")[0])
-    if major < 10:
-        raise TrtBuildError(f"TensorRT {trt.__version__} is too old: the build uses the TensorRT 10/11 API")
+    too_old = tensorrt_too_old(str(trt.__version__))  # the runtime's floor: a plan must also load there
+    if too_old is not None:
+        raise TrtBuildError(too_old)
     return trt
 
 

@@ -17,13 +17,50 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from service.hardware import available_cpus
-from service.manifest import Manifest
+from service.manifest import Artifact, Manifest, ManifestError, verify_artifact
 
 __all__ = ["available_cpus"]  # re-exported: backends size their thread pools with it
 
 
 class BackendUnavailable(RuntimeError):
-    """This backend cannot run here (package, device, provider or artifact missing); says which and why."""
+    """This backend cannot run here (package, device, driver, memory, provider); says which and why.
+    The runtime may fall back to the next backend: another one may well run on this machine."""
+
+
+class IntegrityError(ManifestError):
+    """An artifact is not what the manifest says (sha256, size, a path or link out of the model folder,
+    missing, a graph whose I/O differs). The repository's fault, not the machine's: the model is refused,
+    never served by another backend (one that reads other files would serve a tampered model)."""
+
+    def __init__(self, model: str, file: str, check: str, detail: str) -> None:
+        for prefix in (f"{model}: ", "artifact ", f"{file} "):  # verify_artifact's message names them
+            detail = detail.removeprefix(prefix)
+        super().__init__(f"{model}: {file} failed the {check} check: {detail}")
+        self.model, self.file, self.check = model, file, check
+
+
+def _failed_check(model_dir: Path, art: Artifact, err: ManifestError) -> str:
+    """Which of verify_artifact's checks `err` is: path (a link out of the folder), missing, open, size,
+    sha256 — read from the file itself, not from the message."""
+    try:
+        real = (Path(model_dir) / art.path).resolve()
+        if not real.is_relative_to(Path(model_dir).resolve()):
+            return "path"
+        if not real.is_file():
+            return "missing"
+        if str(err).startswith("cannot open artifact"):
+            return "open"
+        return "size" if real.stat().st_size != art.size else "sha256"
+    except (OSError, RuntimeError):  # a link loop, a file swapped while looking
+        return "open"
+
+
+def verify(model_dir: Path, art: Artifact, model: str) -> Path:
+    """verify_artifact, its failure raised as an IntegrityError naming the file and the check."""
+    try:
+        return verify_artifact(model_dir, art)
+    except ManifestError as e:
+        raise IntegrityError(model, art.path, _failed_check(model_dir, art, e), str(e)) from e
 
 
 @dataclass(frozen=True)

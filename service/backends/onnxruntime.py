@@ -31,12 +31,14 @@ import numpy as np
 from service.backends.base import (
     BackendInfo,
     BackendUnavailable,
+    IntegrityError,
     Timings,
     available_cpus,
     dynamic_sample_shapes,
     timed_warmup,
+    verify,
 )
-from service.manifest import Manifest, OnnxVariant, verify_artifact
+from service.manifest import Manifest, OnnxVariant
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -215,11 +217,11 @@ class OnnxRuntimeBackend:
         n_sessions = self.instances if self.session_per_instance else 1
         sessions: dict[int | None, list[object]] = {}
         for tile, (art, data) in self._graphs.items():
-            graph = verify_artifact(self.model_dir, art)
+            graph = verify(self.model_dir, art, self.manifest.name)
             if data:
-                verify_artifact(self.model_dir, data)
+                verify(self.model_dir, data, self.manifest.name)
             sessions[tile] = [self._session(ort, graph) for _ in range(n_sessions)]
-            self._check_io(sessions[tile][0], tile)
+            self._check_io(sessions[tile][0], tile, art.path)
         self._sessions = sessions
         self._healthy = True
         log.info(
@@ -245,11 +247,19 @@ class OnnxRuntimeBackend:
             # stitch on (and sibling sessions' pools); measured in the peer benchmark.
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         s = ort.InferenceSession(str(graph), so, providers=self._providers())
-        if wanted not in s.get_providers():
-            raise BackendUnavailable(f"{wanted} could not be initialised (session uses {s.get_providers()})")
+        if wanted not in s.get_providers():  # ORT drops a provider whose libraries fail to load, silently
+            raise BackendUnavailable(
+                f"{wanted} could not be initialised (session uses {s.get_providers()}; ONNX Runtime's "
+                "log above says why, e.g. a CUDA or cuDNN library it could not load)"
+            )
         return s
 
-    def _check_io(self, session: object, tile: int | None) -> None:
+    def _check_io(self, session: object, tile: int | None, path: str) -> None:
+        """The graph's I/O against the manifest (IntegrityError: another graph than the one exported)."""
+
+        def mismatch(detail: str) -> IntegrityError:
+            return IntegrityError(self.manifest.name, path, "io", detail)
+
         g = self.manifest.tile.graph_scale
         t = tile if tile is not None else -1  # -1: a dynamic axis is expected
         ot = t * g if tile is not None else -1
@@ -257,23 +267,18 @@ class OnnxRuntimeBackend:
         outs = {o.name: o for o in session.get_outputs()}  # type: ignore[attr-defined]
         iname, oname = self.variant.input_name, self.variant.output_name
         if iname not in ins or oname not in outs:
-            raise BackendUnavailable(
-                f"{self.manifest.name}: graph has inputs {list(ins)} and outputs {list(outs)}, "
-                f"manifest says {iname} → {oname}"
+            raise mismatch(
+                f"graph has inputs {list(ins)} and outputs {list(outs)}, manifest says {iname} → {oname}"
             )
         if ins[iname].type != "tensor(uint8)" or outs[oname].type != "tensor(uint8)":
-            raise BackendUnavailable(f"{self.manifest.name}: graph must map uint8 tiles to uint8 tiles")
+            raise mismatch("graph must map uint8 tiles to uint8 tiles")
         shape = ins[iname].shape
         if len(shape) != 4 or any(
             isinstance(d, int) and e != -1 and d != e for d, e in zip(shape[1:], (t, t, 3), strict=True)
         ):
-            raise BackendUnavailable(
-                f"{self.manifest.name}: graph input shape {shape} does not match tile {t}×{t}×3"
-            )
+            raise mismatch(f"graph input shape {shape} does not match tile {t}×{t}×3")
         if tile is None and len(shape) == 4 and isinstance(shape[1], int):
-            raise BackendUnavailable(
-                f"{self.manifest.name}: the dynamic-shape graph has a static input {shape}"
-            )
+            raise mismatch(f"the dynamic-shape graph has a static input {shape}")
         b = shape[0]
         if isinstance(b, int) and b > 0 and b < self.max_batch:
             raise BackendUnavailable(
@@ -281,9 +286,7 @@ class OnnxRuntimeBackend:
             )
         oshape = outs[oname].shape
         if len(oshape) == 4 and isinstance(oshape[1], int) and ot != -1 and oshape[1] != ot:
-            raise BackendUnavailable(
-                f"{self.manifest.name}: graph output tile {oshape[1]} but manifest implies {ot}"
-            )
+            raise mismatch(f"graph output tile {oshape[1]} but manifest implies {ot}")
 
     def warmup(self) -> Timings:
         dyn = dynamic_sample_shapes(self.manifest, self.max_call_pixels) if self.dynamic else ()

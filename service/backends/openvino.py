@@ -22,11 +22,13 @@ import numpy as np
 from service.backends.base import (
     BackendInfo,
     BackendUnavailable,
+    IntegrityError,
     Timings,
     available_cpus,
     timed_warmup,
+    verify,
 )
-from service.manifest import Artifact, Manifest, OnnxVariant, verify_artifact
+from service.manifest import Artifact, Manifest, OnnxVariant
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -162,15 +164,14 @@ class OpenVinoBackend:
         )
 
     def _compile(self, ov: Any, core: Any, art: Artifact, data: Artifact | None, t: int) -> Any:
-        graph = verify_artifact(self.model_dir, art)
+        name = self.manifest.name
+        graph = verify(self.model_dir, art, name)
         if data:
-            verify_artifact(self.model_dir, data)
+            verify(self.model_dir, data, name)
         ot = t * self.manifest.tile.graph_scale
         model = core.read_model(str(graph))
         if [p.get_any_name() for p in model.inputs] != [self.variant.input_name]:
-            raise BackendUnavailable(
-                f"{self.manifest.name}: graph inputs are not [{self.variant.input_name}]"
-            )
+            raise IntegrityError(name, art.path, "io", f"graph inputs are not [{self.variant.input_name}]")
         # A static batch when only batch 1 is served (OpenVINO's fastest case), else a bounded range.
         batch = ov.Dimension(1) if self.max_batch == 1 else ov.Dimension(1, self.max_batch)
         model.reshape({self.variant.input_name: ov.PartialShape([batch, t, t, 3])})
@@ -186,10 +187,10 @@ class OpenVinoBackend:
             raise BackendUnavailable(f"{NAME}: OpenVINO could not compile {graph.name}: {e}") from e
         out = compiled.outputs[0]
         if out.get_element_type() != ov.Type.u8 or compiled.inputs[0].get_element_type() != ov.Type.u8:
-            raise BackendUnavailable(f"{self.manifest.name}: graph must map uint8 tiles to uint8 tiles")
+            raise IntegrityError(name, art.path, "io", "graph must map uint8 tiles to uint8 tiles")
         oshape = out.get_partial_shape()
         if oshape.rank.get_length() != 4 or oshape[1].get_length() != ot:
-            raise BackendUnavailable(f"{self.manifest.name}: graph output {oshape} but manifest implies {ot}")
+            raise IntegrityError(name, art.path, "io", f"graph output {oshape} but manifest implies {ot}")
         return compiled
 
     def warmup(self) -> Timings:

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from service.backends.base import Backend, BackendUnavailable
-from service.hardware import GpuInfo, gpu_info, has_package, tensorrt_version
+from service.backends.chain import GPU_BACKENDS, GpuExpectation
+from service.hardware import GpuInfo, gpu_info, has_package, tensorrt_too_old, tensorrt_version
 from service.manifest import PRECISIONS, Engine, Manifest
 from service.settings import Settings
 
@@ -120,8 +121,11 @@ def candidates(manifest: Manifest, settings: Settings) -> list[Candidate]:
     if gpu is None:
         why.append("no NVIDIA GPU visible")
     trt = tensorrt_version()
+    too_old = tensorrt_too_old(trt) if trt is not None else None
     if trt is None:
         why.append("tensorrt not installed")
+    elif too_old is not None:
+        why.append(too_old)
     elif gpu is not None:
         ok, skipped = engines_for(manifest, gpu, settings.precision, trt)
         if ok:
@@ -158,6 +162,18 @@ def candidates(manifest: Manifest, settings: Settings) -> list[Candidate]:
     if not out:
         raise BackendUnavailable(f"{manifest.name}: no backend can serve it here: {'; '.join(why)}")
     return out
+
+
+def gpu_expectation(settings: Settings) -> GpuExpectation:
+    """A GPU backend is required when GENDR_BACKEND names one, expected under `auto` when a GPU is
+    visible: a model that then runs on the CPU is an error (start-up fails) or a loud fallback."""
+    if settings.backend in GPU_BACKENDS:
+        return GpuExpectation(f"GENDR_BACKEND={settings.backend} names a GPU backend", required=True)
+    if settings.backend == "auto":
+        gpu = gpu_info(settings.device_id)
+        if gpu is not None:
+            return GpuExpectation(f"a GPU is visible ({gpu.name} at cuda:{gpu.index}) and GENDR_BACKEND=auto")
+    return GpuExpectation()
 
 
 def choose(manifest: Manifest, settings: Settings) -> tuple[str, str]:

@@ -1,20 +1,22 @@
-"""TensorRT runtime backend (TensorRT 10/11 API): the fastest path on NVIDIA GPUs.
+"""TensorRT runtime backend (TensorRT 10.1+ / 11 API): the fastest path on NVIDIA GPUs.
 
 - Plans: one per static tile the model serves (the primary tile and its shape buckets), chosen for this
   GPU's compute capability and this exact TensorRT version, verified and deserialised once
   (service/backends/trt_plans.py). The primary tile's plan is required; a bucket without a usable plan
   is left out (logged) and `info.tiles` lists the tiles really served. Engine calls are static-shape
   (`info.dynamic` is False); only the batch axis varies inside a plan's optimisation profile.
-- Instances: each is an execution context per tile plan (weights are shared by all contexts of a
-  plan) with its own CUDA stream, device buffers, pinned host buffers and ONE activation memory block
-  the contexts of the instance share, since an instance runs one call at a time
-  (service/backends/trt_instances.py). `infer` picks the context by the batch's tile.
+- Instances: each is an execution context per tile plan and batch size (weights are shared by all
+  contexts of a plan; a context's input shape never changes, so its CUDA graph stays valid) with its own
+  CUDA stream, device buffers, pinned host buffers and ONE activation memory block the contexts of the
+  instance share, since an instance runs one call at a time (service/backends/trt_instances.py).
+  `infer` picks the context by the batch's tile and size.
 - TensorRT 10/11 let several contexts use one profile, so the default engine has one profile and every
   context uses it (extra identical profiles, if built, are spread over the instances). `per-batch`
   engines (one min = max profile per batch size) would need a context per profile and are refused.
 - The batch sizes reported before load() are the manifest entry's; after load() they are the sizes the
   plans really serve (the batcher reads them again when it starts).
-- Optional CUDA graphs, one per (tile, batch size) per instance, captured in warmup().
+- Optional CUDA graphs, one per (tile, batch size) context per instance, captured in warmup() and each
+  checked against an uncaptured run there (`graph_check()`; a graph that disagrees is dropped).
 
 `tensorrt` and the CUDA bindings (cuda-python) are imported in load(): without them this module still
 imports, and load() raises BackendUnavailable with the reason.
@@ -33,7 +35,7 @@ from service.backends.base import BackendInfo, BackendUnavailable, Timings, time
 from service.backends.cuda_rt import CudaRuntime
 from service.backends.trt_instances import Instance
 from service.backends.trt_plans import TilePlan, choose_primary, load_plans, served_tiles_before_load
-from service.hardware import gpu_info, import_cudart, tensorrt_module
+from service.hardware import gpu_info, import_cudart, tensorrt_module, tensorrt_too_old
 from service.manifest import Engine, Manifest
 from service.settings import Settings
 
@@ -118,6 +120,9 @@ class TensorRTBackend:
             )
         import tensorrt as trt
 
+        too_old = tensorrt_too_old(str(trt.__version__))
+        if too_old is not None:
+            raise BackendUnavailable(too_old)
         cudart = import_cudart()
         if cudart is None:
             raise BackendUnavailable(
@@ -180,8 +185,19 @@ class TensorRTBackend:
                 for t in tiles:
                     for bs in self._batch_sizes:
                         inst.capture(t, bs)
+                inst.check_graphs()  # every graph against an uncaptured run, after all captures
             timings = timed_warmup(self, self.instances, self._batch_sizes, tiles=tiles)
         return timings
+
+    def graph_check(self) -> dict[tuple[int, int, int], int]:
+        """(instance, tile, batch size) → max |graph − uncaptured| of that graph's output at warm-up (> 1:
+        dropped). The GPU checks record it: every captured size compared, not only the last."""
+        return {
+            (inst.index, t, bs): d
+            for inst in self._instances
+            for t, c in inst.tiles.items()
+            for bs, d in c.graph_diff.items()
+        }
 
     def graph_sizes(self, instance: int = 0, tile: int | None = None) -> tuple[int, ...]:
         """Batch sizes that run as a CUDA graph on `instance` at `tile` (default: the primary tile)."""

@@ -5,7 +5,8 @@ TensorRT version (a plan deserialises only in the version that built it); it is 
 bucket (a smaller static tile, `Manifest.tiles`) has a plan of its own built with the same precision,
 GPU generation and TensorRT version (`Manifest.engine_for`): a bucket whose plan is missing, damaged or
 cannot run every batch size the primary serves is left out (logged) — its images then run on a larger
-tile, slower but correct. Every plan is verified against its sha256 and its I/O and profiles checked.
+tile, slower but correct. Every plan is verified against its sha256 and its I/O and profiles checked: a
+plan that is not the one the manifest lists (IntegrityError) refuses the model, bucket or not.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.backends.base import BackendUnavailable
+from service.backends.base import BackendUnavailable, IntegrityError, verify
 from service.hardware import GpuInfo
-from service.manifest import Engine, Manifest, ManifestError, verify_artifact
+from service.manifest import Engine, Manifest
 
 if TYPE_CHECKING:  # typed by tensorrt-stubs in scripts/typecheck_trt.sh; imported for real at load
     import tensorrt
@@ -104,37 +105,39 @@ def served_tiles_before_load(manifest: Manifest, primary: Engine | None) -> tupl
     return tuple(sorted({primary.profile.tile, *others}))
 
 
-def deserialize(runtime: Any, model_dir: Path, e: Engine) -> Any:
-    """The verified plan deserialised (BackendUnavailable when damaged or refused by TensorRT)."""
+def deserialize(runtime: Any, model_dir: Path, e: Engine, model: str) -> Any:
+    """The verified plan deserialised (IntegrityError when it is not the plan the manifest lists,
+    BackendUnavailable when this TensorRT refuses it)."""
     rt: tensorrt.Runtime = runtime
-    try:
-        plan = verify_artifact(model_dir, e.plan)
-    except ManifestError as err:
-        raise BackendUnavailable(str(err)) from err
+    plan = verify(model_dir, e.plan, model)
     engine = rt.deserialize_cuda_engine(plan.read_bytes())
     if engine is None:
         raise BackendUnavailable(f"{plan}: TensorRT could not deserialise the engine (see its log above)")
     return engine
 
 
-def check_io(engine: Any, tile: int) -> tuple[str, str, tuple[int, int]]:
-    """(input name, output name, batch range every profile runs) of a uint8 [B, tile, tile, 3] plan."""
+def check_io(engine: Any, tile: int, model: str, path: str) -> tuple[str, str, tuple[int, int]]:
+    """(input name, output name, batch range every profile runs) of a uint8 [B, tile, tile, 3] plan;
+    IntegrityError when the plan's I/O is not what the manifest says."""
     import tensorrt as trt
+
+    def mismatch(detail: str) -> IntegrityError:
+        return IntegrityError(model, path, "io", detail)
 
     eng: tensorrt.ICudaEngine = engine
     names = [eng.get_tensor_name(i) for i in range(eng.num_io_tensors)]
     ins = [n for n in names if eng.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
     outs = [n for n in names if eng.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
     if len(ins) != 1 or len(outs) != 1:
-        raise BackendUnavailable(f"engine must have one input and one output tensor, has {ins} → {outs}")
+        raise mismatch(f"engine must have one input and one output tensor, has {ins} → {outs}")
     for n in (ins[0], outs[0]):
         if eng.get_tensor_dtype(n) != trt.DataType.UINT8:
-            raise BackendUnavailable(f"engine tensor {n} is {eng.get_tensor_dtype(n)}, expected UINT8 tiles")
+            raise mismatch(f"engine tensor {n} is {eng.get_tensor_dtype(n)}, expected UINT8 tiles")
     lo, hi = 0, 1 << 30  # a context stays on its profile: every profile must run every served size
     for p in range(eng.num_optimization_profiles):
         mn, _, mx = eng.get_tensor_profile_shape(ins[0], p)
         if tuple(mn[1:]) != (tile, tile, 3) or tuple(mx[1:]) != (tile, tile, 3):
-            raise BackendUnavailable(
+            raise mismatch(
                 f"engine profile {p} has tile shape {tuple(mn[:])}..{tuple(mx[:])}, manifest says {tile}"
             )
         lo, hi = max(lo, int(mn[0])), min(hi, int(mx[0]))
@@ -159,8 +162,8 @@ def load_plans(
 ) -> tuple[dict[int, TilePlan], tuple[int, ...]]:
     """({tile: plan}, batch sizes served): the primary plan (errors raise) and every bucket plan that
     runs those sizes (the others are logged and left out)."""
-    engine = deserialize(runtime, model_dir, primary)
-    in_name, out_name, rng = check_io(engine, primary.profile.tile)
+    engine = deserialize(runtime, model_dir, primary, manifest.name)
+    in_name, out_name, rng = check_io(engine, primary.profile.tile, manifest.name, primary.plan.path)
     sizes = served_sizes(primary, max_batch, rng)
     plans = {primary.profile.tile: TilePlan(primary.profile.tile, primary, engine, in_name, out_name, rng)}
     key = (primary.precision, primary.compute_capability, primary.tensorrt_version)
@@ -173,8 +176,8 @@ def load_plans(
             missing = [b for b in sizes if b not in e.profile.batch_sizes]
             if missing:
                 raise BackendUnavailable(f"{e.plan.path} was built without batch sizes {missing}")
-            engine = deserialize(runtime, model_dir, e)
-            in_name, out_name, rng = check_io(engine, t)
+            engine = deserialize(runtime, model_dir, e, manifest.name)  # IntegrityError refuses the model
+            in_name, out_name, rng = check_io(engine, t, manifest.name, e.plan.path)
             if not rng[0] <= sizes[0] <= sizes[-1] <= rng[1]:
                 raise BackendUnavailable(f"{e.plan.path} profiles run batch {rng[0]}..{rng[1]}, not {sizes}")
         except BackendUnavailable as err:

@@ -253,6 +253,8 @@ def create_app(
 
     @app.get("/v1/models", summary="Loaded models, their backends and limits")
     async def models() -> dict[str, Any]:
+        if st.start_error is not None:  # e.g. a model refused (integrity) or a required GPU backend lost
+            raise NotReady(f"start-up failed: {st.start_error}", retry_after_s=settings.retry_after_s)
         if not st.started:
             raise NotReady("models are still loading", retry_after_s=settings.retry_after_s)
         default = runtime.get(None).name
@@ -281,7 +283,13 @@ def create_app(
     async def readyz() -> JSONResponse:
         ready = st.ready
         st.metrics.ready.set(1 if ready else 0)
-        body = {"status": "ready" if ready else st.not_ready_reason(), "ready": ready}
+        body: dict[str, Any] = {"status": "ready" if ready else st.not_ready_reason(), "ready": ready}
+        if st.start_error is not None:  # why it will not become ready: a refused model names file and check
+            body["reason"] = str(st.start_error)
+        if st.started:  # models serving on the CPU although a GPU was expected (ready, but degraded)
+            fallbacks = {n: f for n, mr in runtime.models.items() if (f := mr.describe().get("fallback"))}
+            if fallbacks:
+                body["fallbacks"] = fallbacks
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)

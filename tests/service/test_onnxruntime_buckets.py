@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from tiny_onnx import reference, write_bucket_repo
 
-from service.backends.base import BackendUnavailable
+from service.backends.base import IntegrityError
 from service.backends.onnxruntime import OnnxRuntimeBackend
 from service.manifest import read_manifest
 from service.metrics import Metrics
@@ -59,8 +59,10 @@ def test_a_static_graph_listed_as_dynamic_is_refused(tmp_path: Path) -> None:
             }
         }
     )
-    with pytest.raises(BackendUnavailable, match="static input"):
-        OnnxRuntimeBackend(bad, d).load()
+    with pytest.raises(
+        IntegrityError, match="failed the io check: the dynamic-shape graph has a static input"
+    ):
+        OnnxRuntimeBackend(bad, d).load()  # the graph is not what the manifest says: refused, not fallen back
 
 
 def _artifact(d: Path, rel: str):

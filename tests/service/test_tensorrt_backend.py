@@ -1,6 +1,6 @@
 """The production TensorRT backend's logic on the CPU, on the stub-checked TensorRT/CUDA double:
 batch sizes the batcher uses, profiles, version rule, context memory, device selection, fallback, and
-shape buckets (a plan and a context per tile, one shared memory block per instance)."""
+shape buckets (a plan per tile, a context per tile and batch size, one shared memory block per instance)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from trt_double import VERSION, EngineSpec, TrtDouble, install
 from trt_repo import nearest_up, write_engine_repo
 
 from service.backends import select
-from service.backends.base import BackendUnavailable
+from service.backends.base import BackendUnavailable, IntegrityError
 from service.backends.tensorrt import TensorRTBackend
 from service.hardware import gpu_info
-from service.manifest import read_manifest
+from service.manifest import Manifest, read_manifest
 from service.metrics import Metrics
 from service.pixels.tiling import Stitcher, pad_image, plan_tiles
 from service.scheduling.batcher import TileBatcher
@@ -104,6 +104,37 @@ def test_a_plan_of_another_tensorrt_version_is_refused_and_skipped_by_auto(
         select.candidates(m, Settings(model_repository=tmp_path))  # no ONNX, no checkpoint: nothing else
 
 
+@pytest.mark.parametrize("old", ["10.0.1.6", "9.3.0.1"])
+def test_tensorrt_older_than_10_1_is_refused_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, old: str
+) -> None:
+    """10.0 lacks set_device_memory(ptr, size) and get_device_memory_size_for_profile_v2: the backend,
+    `auto` and the engine build refuse it up front instead of failing on the first missing call."""
+    dbl = install(monkeypatch, version=old)
+    model_dir = write_engine_repo(tmp_path, EngineSpec(tensorrt_version=old), batch_sizes=[1, 2])
+    m = read_manifest(model_dir)
+    with pytest.raises(BackendUnavailable, match=rf"TensorRT {old} is older than 10\.1") as err:
+        TensorRTBackend(m, model_dir).load()
+    assert "\n" not in str(err.value) and not dbl.calls.of("deserialize_cuda_engine")
+    with pytest.raises(BackendUnavailable, match=rf"TensorRT {old} is older than 10\.1"):
+        select.candidates(m, Settings(model_repository=tmp_path))  # no ONNX, no checkpoint: nothing else
+    tools = pytest.importorskip("engine_build.trt.tools")
+    with pytest.raises(tools.TrtBuildError, match=rf"TensorRT {old} is older than 10\.1"):
+        tools.import_tensorrt()
+
+
+def test_the_tensorrt_floor_is_the_same_in_pyproject_and_the_code() -> None:
+    import tomllib
+
+    from service.hardware import TENSORRT_MIN, tensorrt_too_old
+
+    extra = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    pins = [p for p in extra["project"]["optional-dependencies"]["trt"] if p.startswith("tensorrt")]
+    assert pins == ["tensorrt>={}.{}".format(*TENSORRT_MIN)] == ["tensorrt>=10.1"]
+    assert tensorrt_too_old("10.1.0.27") is None and tensorrt_too_old("11.4.0.106") is None
+    assert tensorrt_too_old("10.0.1.6") and tensorrt_too_old("garbage")
+
+
 def test_context_memory_is_sized_for_the_sizes_served_not_the_profile_max(
     dbl: TrtDouble, tmp_path: Path
 ) -> None:
@@ -112,7 +143,7 @@ def test_context_memory_is_sized_for_the_sizes_served_not_the_profile_max(
     be = TensorRTBackend(read_manifest(model_dir), model_dir, instances=2, max_batch=4)
     be.load()
     sizes = [c.args[2] for c in dbl.calls.of("set_device_memory")]
-    assert sizes == [spec.memory(4)] * 2 and spec.memory(4) < spec.memory(8)
+    assert sizes == [spec.memory(4)] * 2 * 3 and spec.memory(4) < spec.memory(8)  # instances × sizes
     for bs in (1, 2, 4):  # and every served size runs in it
         x = _tiles(bs, seed=bs)
         np.testing.assert_array_equal(be.infer(1, x), nearest_up(x, 2))
@@ -197,12 +228,12 @@ def test_every_tile_runs_on_its_own_context_over_one_shared_memory_block(
     try:
         assert (be.info.tiles, be.info.dynamic, be.info.batch_sizes) == ((32, 64), False, (1, 2, 4))
         assert sorted(e._spec.tile for e in dbl.engines) == [32, 64]
-        assert [len(e._contexts) for e in dbl.engines] == [2, 2]  # one context per instance per tile
+        assert [len(e._contexts) for e in dbl.engines] == [6, 6]  # a context per instance × batch size
         need = max(primary.memory(4), bucket.memory(4))
         assert need == bucket.memory(4) > primary.memory(4)
         mem = [c.args[1:] for c in dbl.calls.of("set_device_memory")]
-        assert len(mem) == 4 and {size for _, size in mem} == {need}
-        assert len({ptr for ptr, _ in mem}) == 2  # one block per instance, shared by its two contexts
+        assert len(mem) == 12 and {size for _, size in mem} == {need}
+        assert len({ptr for ptr, _ in mem}) == 2  # one block per instance, shared by its six contexts
         assert [c.args[0] for c in dbl.calls.of("cudaMalloc")].count(need) == 2
         for inst in (0, 1):
             for t in (32, 64):
@@ -230,19 +261,22 @@ def test_every_tile_runs_on_its_own_context_over_one_shared_memory_block(
 def test_bucket_plans_that_cannot_serve_are_left_out_and_logged(
     dbl: TrtDouble, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """48 px has a good plan; 32 px has a graph but no plan; 16 px a damaged plan; 40 px a plan whose
-    profile stops at batch 2 while 1, 2, 4 are served. Only 48 joins the primary, each refusal logged."""
+    """48 px has a good plan; 32 px has a graph but no plan; 16 px a plan of another TensorRT version; 40 px
+    a plan whose profile stops at batch 2 while 1, 2, 4 are served. Only 48 joins the primary, each
+    refusal logged (none of these is an integrity failure: the plans are the ones the manifest lists)."""
     ok = EngineSpec(tile=48, profiles=[(1, 4, 8)])
-    damaged = EngineSpec(tile=16, profiles=[(1, 4, 8)])
+    other_version = EngineSpec(tile=16, profiles=[(1, 4, 8)])
     short = EngineSpec(tile=40, profiles=[(1, 2, 2)])
     model_dir = write_engine_repo(
         tmp_path,
         EngineSpec(tile=64, profiles=[(1, 4, 8)]),
         batch_sizes=[1, 2, 4],
-        buckets=[ok, 32, damaged, short],
+        buckets=[ok, 32, other_version, short],
     )
     m = read_manifest(model_dir)
-    (model_dir / m.engine_for("fp16", "9.0", VERSION, tile=16).plan.path).write_bytes(b"damaged")
+    plan = model_dir / m.engine_for("fp16", "9.0", VERSION, tile=16).plan.path
+    plan.write_bytes(EngineSpec(tile=16, tensorrt_version="11.3.0.1").plan())
+    m = _rehash(model_dir, m)
     be = TensorRTBackend(m, model_dir, max_batch=4)
     with caplog.at_level("WARNING", logger="service.backends.trt_plans"):
         be.load()
@@ -250,7 +284,7 @@ def test_bucket_plans_that_cannot_serve_are_left_out_and_logged(
         assert be.info.tiles == (48, 64) and be.info.batch_sizes == (1, 2, 4)
         left_out = {r.getMessage().split("shape bucket ")[1].split(" ")[0] for r in caplog.records}
         assert left_out == {"16", "32", "40"}
-        assert "no fp16 plan for 32-px tiles" in caplog.text and "t16-fake.plan has 7 bytes" in caplog.text
+        assert "no fp16 plan for 32-px tiles" in caplog.text and "could not deserialise" in caplog.text
         assert "profiles run batch 1..2" in caplog.text
         x = _tiles(4, 48)
         np.testing.assert_array_equal(be.infer(0, x), nearest_up(x, 2))
@@ -258,6 +292,38 @@ def test_bucket_plans_that_cannot_serve_are_left_out_and_logged(
             be.infer(0, _tiles(1, 32))
     finally:
         be.close()
+
+
+def _rehash(model_dir: Path, m: Manifest) -> Manifest:
+    """The manifest with every engine's plan hash recomputed (a plan replaced by its owner, not tampered)."""
+    from service.manifest import make_artifact, write_manifest
+
+    engines = [
+        e.model_copy(update={"plan": make_artifact(model_dir, model_dir / e.plan.path)}) for e in m.engines
+    ]
+    m = m.model_copy(update={"engines": engines})
+    write_manifest(model_dir, m)
+    return m
+
+
+@pytest.mark.parametrize("tile", [64, 32])
+def test_a_tampered_plan_refuses_the_model_primary_or_bucket(
+    dbl: TrtDouble, tmp_path: Path, tile: int
+) -> None:
+    """A plan that fails its sha256 is not left out like a plan this TensorRT cannot load: the model
+    is refused (IntegrityError names the file and the check), so no other backend serves it either."""
+    model_dir = write_engine_repo(
+        tmp_path, EngineSpec(tile=64), batch_sizes=[1, 2], buckets=[EngineSpec(tile=32)]
+    )
+    m = read_manifest(model_dir)
+    plan = model_dir / m.engine_for("fp16", "9.0", VERSION, tile=tile).plan.path
+    data = bytearray(plan.read_bytes())
+    data[-2] ^= 0x01  # same size
+    plan.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=rf"engine-t{tile}-fake.plan failed the sha256 check") as err:
+        TensorRTBackend(m, model_dir, max_batch=2).load()
+    assert err.value.check == "sha256" and err.value.file.endswith(f"engine-t{tile}-fake.plan")
+    assert dbl.cuda.allocated() == 0
 
 
 def test_the_primary_tile_plan_is_required(dbl: TrtDouble, tmp_path: Path) -> None:

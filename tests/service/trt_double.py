@@ -9,7 +9,10 @@ by another TensorRT version, as the real one does). The fake engine's execute_as
 nearest-neighbour upscale of the uint8 input tiles, so outputs can be checked, and refuses what TensorRT
 refuses: a batch outside the context's profile, unset shapes or addresses, too little user-managed device
 memory, and — like TensorRT — the deferred work of a shape change inside a CUDA-graph capture (the
-capture is invalidated). Every call is logged in order (`TrtDouble.calls`), TensorRT and CUDA together.
+capture is invalidated). A CUDA graph replayed after its context moved to another shape (or profile)
+runs kernels recorded for a state the context no longer has: the double writes garbage into the output
+and records the fault (`TrtDouble.faults`), as NVIDIA's guide says to recapture after a shape change.
+Every call is logged in order (`TrtDouble.calls`), TensorRT and CUDA together.
 
 Class, method, attribute and parameter names are checked against tensorrt-stubs, and the CUDA names
 against the real cuda.bindings.runtime, by tests/service/test_trt_double_matches_stubs.py.
@@ -77,6 +80,7 @@ class _State:
     calls: CallLog
     version: str
     engines: list[ICudaEngine] = field(default_factory=list)
+    faults: list[str] = field(default_factory=list)  # misuse the real GPU would not report (stale graphs)
 
 
 class Runtime:
@@ -186,6 +190,7 @@ class IExecutionContext:
         self._profile = 0
         self._shape: tuple[int, ...] | None = None
         self._shape_dirty = False  # a shape change not yet flushed by an (uncaptured) enqueue
+        self._shape_epoch = 0  # bumped by every shape or profile change: a graph is valid for one epoch
         self._addresses: dict[str, int] = {}
         self._memory: tuple[int, int] | None = None  # (ptr, size)
 
@@ -218,6 +223,7 @@ class IExecutionContext:
             return self._error(f"profile {profile_index} out of range")
         if profile_index != self._profile:
             self._profile, self._shape, self._shape_dirty = profile_index, None, True
+            self._shape_epoch += 1
         return True
 
     def set_input_shape(self, name: str, shape: Any) -> bool:
@@ -231,6 +237,7 @@ class IExecutionContext:
             return self._error(f"shape {shape} outside profile {self._profile} [{lo}..{hi}]")
         if shape != self._shape:
             self._shape, self._shape_dirty = shape, True
+            self._shape_epoch += 1
         return True
 
     def get_tensor_shape(self, name: str) -> Dims:
@@ -280,8 +287,16 @@ class IExecutionContext:
         dst = cuda.device_view(self._addresses[s.output_name], bs * ot * ot * s.channels)
         if src is None or dst is None:
             return self._error("tensor address outside device memory")
+        epoch, faults = self._shape_epoch, self._engine._state.faults
 
         def kernel() -> None:
+            if self._shape_epoch != epoch:  # a graph recorded at another shape of this context
+                faults.append(
+                    f"context {self._index}: CUDA graph captured at input {(bs, t, t, s.channels)} replayed "
+                    f"after a shape change (context now at {self._shape})"
+                )
+                dst[:] = 0xA5  # undefined results: garbage, not the right answer
+                return
             x = src.reshape(bs, t, t, s.channels)
             dst[:] = x.repeat(s.scale, axis=1).repeat(s.scale, axis=2).reshape(-1)
 
@@ -303,6 +318,11 @@ class TrtDouble:
     def engines(self) -> list[ICudaEngine]:
         """Engines deserialised so far."""
         return self._state.engines
+
+    @property
+    def faults(self) -> list[str]:
+        """Misuse a real GPU would not report (a CUDA graph replayed after its context changed shape)."""
+        return self._state.faults
 
     def contexts(self) -> list[IExecutionContext]:
         """The execution contexts created so far (all engines)."""

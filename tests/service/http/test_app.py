@@ -141,7 +141,9 @@ def test_upscale_raw_png_default_scale_and_headers(make_client: Any) -> None:
         ("scale=1.5", (90, 60)),
         ("width=150", (150, 100)),  # aspect kept
         ("height=100", (150, 100)),
-        ("width=100&height=100", (100, 100)),
+        ("width=100&height=100", (100, 67)),  # fit=contain by default: inside the box, aspect kept
+        ("width=100&height=100&fit=fill", (100, 100)),  # stretched only on request
+        ("width=100&height=100&fit=cover", (100, 100)),  # filled, centred crop
         ("model=other", (120, 80)),  # native ×2
     ],
 )
@@ -298,7 +300,9 @@ def test_pixel_limits_are_413_before_decoding(make_client: Any) -> None:
     assert r.status_code == 200
     r = c.post("/upscale?scale=4", content=PNG)  # output 256² > 50 000
     assert r.status_code == 413 and "output" in r.json()["error"]["message"]
-    r = c.post("/upscale?width=16384&height=2&format=webp", content=PNG)  # ×256: over GENDR_MAX_SCALE
+    r = c.post(
+        "/upscale?width=16384&height=2&fit=fill&format=webp", content=PNG
+    )  # ×256: over GENDR_MAX_SCALE
     assert (
         r.status_code == 400 and err(r) == "bad_request" and "the limit is ×8" in r.json()["error"]["message"]
     )

@@ -122,7 +122,8 @@ def test_options_on_the_real_runtime(client: TestClient) -> None:
         "width=80": ((80, 53), "JPEG"),
         "height=40&format=webp": ((60, 40), "WEBP"),
         "scale=1&format=jpeg&quality=40": ((48, 32), "JPEG"),
-        "model=tiny&width=64&height=64": ((64, 64), "JPEG"),
+        "model=tiny&width=64&height=64": ((64, 43), "JPEG"),  # fit=contain by default
+        "model=tiny&width=64&height=64&fit=fill": ((64, 64), "JPEG"),
     }
     for query, (size, fmt) in cases.items():
         r = client.post(f"/upscale?{query}", content=jpeg)

@@ -1,8 +1,7 @@
-"""What the sync and the async client share: options, retry timing, when to use a job, results."""
+"""What the sync and the async client share: options, retry timing, results (when to use a job: _estimate)."""
 
 from __future__ import annotations
 
-import io
 import os
 import random
 import time
@@ -13,10 +12,6 @@ from typing import Any
 from gendr_client.errors import DeadlinePassed, GendrError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-# Work above this many output pixels goes through /v1/jobs: a 4 MP result on a CPU can take minutes,
-# longer than the ~60 s a proxy or an ingress gives one request.
-JOB_OUTPUT_PIXELS = 4_000_000
-JOB_INPUT_BYTES = 2 * 1024 * 1024  # the fallback rule when the image's size cannot be read locally
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 SUFFIXES = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
 INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -83,32 +78,6 @@ def read_image(image: str | os.PathLike[str] | bytes) -> bytes:
     if isinstance(image, bytes | bytearray | memoryview):
         return bytes(image)
     return Path(image).read_bytes()
-
-
-def output_pixels(data: bytes, opts: Options, native_scale: float = 4.0) -> int | None:
-    """The result's pixel count from the image header (Pillow, if installed) and the options."""
-    try:
-        from PIL import Image
-    except ImportError:
-        return None
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-    except Exception:
-        return None  # the server will say what is wrong with it
-    if opts.width or opts.height:
-        ow = opts.width or round(w * (opts.height or h) / h)
-        oh = opts.height or round(h * (opts.width or w) / w)
-        return ow * oh
-    s = opts.scale or native_scale
-    return round(w * s) * round(h * s)
-
-
-def wants_job(data: bytes, opts: Options, use_job: bool | None) -> bool:
-    if use_job is not None:
-        return use_job
-    px = output_pixels(data, opts)
-    return len(data) > JOB_INPUT_BYTES if px is None else px > JOB_OUTPUT_PIXELS
 
 
 class Backoff:

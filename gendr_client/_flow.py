@@ -13,7 +13,8 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-from gendr_client._core import Backoff, Options, Result, result_from, server_deadline_ms, wants_job
+from gendr_client._core import Backoff, Options, Result, result_from, server_deadline_ms
+from gendr_client._estimate import READ_SLACK_S, ServerInfo, estimate
 from gendr_client.errors import (
     GendrError,
     JobExpired,
@@ -30,6 +31,7 @@ ACTIVE = ("queued", "running")
 RESUBMIT_CODES = frozenset({"draining", "job_lost", "interrupted"})
 MAX_RESUBMITS = 3  # per image: a job lost more often than this points at the image or the deployment
 POLL_CAP_S = 5.0  # polls back off more gently than submissions: a GET is cheap, a restart takes seconds
+CONNECT_S, WRITE_S = 10.0, 60.0  # timeouts of a direct request other than its read timeout
 
 
 @dataclass(frozen=True)
@@ -67,12 +69,20 @@ def check_key(key: str) -> str:
     return key
 
 
-def direct_flow(data: bytes, opts: Options, backoff: Backoff) -> Flow:
-    """POST /upscale, retried on 503 and connection failures until the deadline."""
+def direct_flow(data: bytes, opts: Options, backoff: Backoff, read_timeout_s: float = 60.0) -> Flow:
+    """POST /upscale, retried on 503 and connection failures until the deadline.
+
+    `read_timeout_s` comes from the server's estimate for this image (_estimate.py): waiting less than
+    the work takes would make the client give up on, and send again, a request the server is computing.
+    """
     while True:
         headers = {"Content-Type": "application/octet-stream", "X-Deadline-Ms": server_deadline_ms(backoff)}
+        read = max(
+            1.0, min(read_timeout_s, backoff.left() + READ_SLACK_S)
+        )  # the server stops at the deadline
+        kw = {"params": opts.params(), "content": data, "headers": headers}
         try:
-            r = yield Call("POST", "/upscale", {"params": opts.params(), "content": data, "headers": headers})
+            r = yield Call("POST", "/upscale", {**kw, "timeout": (CONNECT_S, read, WRITE_S, CONNECT_S)})
         except Retryable as e:
             yield Wait(backoff.next_wait(e))
             continue
@@ -200,13 +210,16 @@ def upscale_flow(
     poll_s: float,
     on_progress: Progress | None,
     idempotency_key: str | None,
+    info: ServerInfo | None = None,
 ) -> tuple[Flow, Tracker]:
-    """One image's flow for either client: one request, or a job when the image is large (or asked)."""
+    """One image's flow for either client: one request, or a job when the server's estimate for the
+    image (`info`: its GET /v1/models) is too long for one request (or when asked)."""
     opts = Options(**options)
     backoff = Backoff(deadline_s)
     tracker = Tracker()
-    if not wants_job(data, opts, use_job):
-        return direct_flow(data, opts, backoff), tracker
+    est = estimate(data, opts, use_job, info)
+    if not est.use_job:
+        return direct_flow(data, opts, backoff, est.read_timeout_s), tracker
     flow = job_flow(
         data, opts, backoff, poll_s=poll_s, on_progress=on_progress, tracker=tracker, key=idempotency_key
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import httpx
 
 from gendr_client._core import DEFAULT_URL, Options, Result, read_image
+from gendr_client._estimate import INFO_RETRY_S, ServerInfo
 from gendr_client._flow import Call, Flow, Progress, Tracker, Wait, upscale_flow
 from gendr_client.errors import ConnectionFailed, DeadlinePassed, GendrError, from_response
 from gendr_client.folder import FolderReport, plan_folder
@@ -36,6 +38,9 @@ class AsyncClient:
         self._http = http or httpx.AsyncClient(
             base_url=url, headers=headers, timeout=httpx.Timeout(60.0, connect=10.0)
         )
+        self._info: ServerInfo | None = None
+        self._info_next = 0.0  # monotonic time of the next try after a failed one
+        self._info_lock: asyncio.Lock | None = None  # made in the loop that first needs it
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -58,6 +63,7 @@ class AsyncClient:
     ) -> Result:
         """Upscale one image (a path or bytes). Large work runs as a job (`use_job=None`: decided by size)."""
         data = await asyncio.to_thread(read_image, image) if not isinstance(image, bytes) else image
+        info = await self.server_info() if use_job is not True else None
         flow, tracker = upscale_flow(
             data,
             options,
@@ -66,8 +72,24 @@ class AsyncClient:
             poll_s=self.poll_s,
             on_progress=on_progress,
             idempotency_key=idempotency_key,
+            info=info,
         )
         return await self._run(flow, tracker)
+
+    async def server_info(self) -> ServerInfo | None:
+        """Like `Client.server_info`: GET /v1/models once per client, None while it is unavailable."""
+        if self._info_lock is None:
+            self._info_lock = asyncio.Lock()
+        async with self._info_lock:
+            if self._info is None and time.monotonic() >= self._info_next:
+                try:
+                    r = await self._http.get("/v1/models", timeout=10.0)
+                    self._info = ServerInfo.parse(r.json()) if r.status_code == 200 else None
+                except (httpx.HTTPError, ValueError):
+                    self._info = None
+                if self._info is None:
+                    self._info_next = time.monotonic() + INFO_RETRY_S
+            return self._info
 
     async def _run(self, flow: Flow, tracker: Tracker) -> Result:
         """Drive a flow; when the caller gives up (deadline, task cancelled) its unfinished job is deleted."""

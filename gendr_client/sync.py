@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -12,6 +13,7 @@ from typing import Any
 import httpx
 
 from gendr_client._core import CONTENT_TYPES, DEFAULT_URL, Options, Result, read_image
+from gendr_client._estimate import INFO_RETRY_S, ServerInfo
 from gendr_client._flow import Call, Flow, Progress, Tracker, Wait, upscale_flow
 from gendr_client.errors import ConnectionFailed, DeadlinePassed, GendrError, from_response
 from gendr_client.folder import FolderReport, plan_folder
@@ -36,6 +38,9 @@ class Client:
         self._http = http or httpx.Client(
             base_url=url, headers=headers, timeout=httpx.Timeout(60.0, connect=10.0)
         )
+        self._info: ServerInfo | None = None
+        self._info_next = 0.0  # monotonic time of the next try after a failed one
+        self._info_lock = threading.Lock()
 
     def __enter__(self) -> Client:
         return self
@@ -64,6 +69,7 @@ class Client:
         and get the same job back instead of a second one.
         """
         data = read_image(image)
+        info = self.server_info() if use_job is not True else None
         flow, tracker = upscale_flow(
             data,
             options,
@@ -72,8 +78,23 @@ class Client:
             poll_s=self.poll_s,
             on_progress=on_progress,
             idempotency_key=idempotency_key,
+            info=info,
         )
         return self._run(flow, tracker)
+
+    def server_info(self) -> ServerInfo | None:
+        """GET /v1/models once per client (what the job choice and the read timeout come from); None
+        while it is unavailable (asked again after INFO_RETRY_S), when the fixed rules apply."""
+        with self._info_lock:
+            if self._info is None and time.monotonic() >= self._info_next:
+                try:
+                    r = self._http.get("/v1/models", timeout=10.0)
+                    self._info = ServerInfo.parse(r.json()) if r.status_code == 200 else None
+                except (httpx.HTTPError, ValueError):
+                    self._info = None
+                if self._info is None:
+                    self._info_next = time.monotonic() + INFO_RETRY_S
+            return self._info
 
     def _run(self, flow: Flow, tracker: Tracker) -> Result:
         """Drive a flow; when the caller gives up (deadline, Ctrl-C) its unfinished job is deleted."""

@@ -287,6 +287,7 @@ class ModelRuntime:
             },
             "cost_table": self.batcher.costs.rows() if self.batcher.costs is not None else [],
             "instances": info.instances,
+            "tiles_per_s": round(float(self.batcher.tiles_per_s), 3),  # measured; the client sizes timeouts
             "color_fix_default": self.default_color_fix,
             "limits": {
                 "queue_capacity_tiles": self.settings.queue_capacity_tiles,

@@ -167,6 +167,7 @@ def create_app(
             401: "missing or wrong API key (`unauthorized`)",
             404: "unknown model (`model_not_found`)",
             413: "body (`payload_too_large`) or pixel limit (`image_too_large`)",
+            429: "the API key is over its quota (`rate_limited`); see Retry-After and RateLimit-*",
             415: "not an accepted image format or animated (`unsupported_media_type`)",
             422: "corrupt or truncated image (`undecodable_image`)",
             500: "engine failure (`engine_failure`)",
@@ -211,8 +212,8 @@ def create_app(
         request.state.caller = st.keys.check(request.headers.get("authorization"))
 
     @app.post(
-        UPSCALE_PATH,
-        summary="Upscale / restore one image",
+        "/v1/upscale",
+        summary="Upscale / restore one image (`/upscale` is the same route)",
         dependencies=[Depends(require_key)],
         response_class=Response,
         responses={
@@ -251,6 +252,15 @@ def create_app(
     async def upscale(request: Request, params: Annotated[UpscaleParams, Query()]) -> Response:
         return await handle_upscale(request, params, ctx)
 
+    app.add_api_route(  # the unversioned path of earlier releases: same handler, one schema entry
+        UPSCALE_PATH,
+        upscale,
+        methods=["POST"],
+        dependencies=[Depends(require_key)],
+        response_class=Response,
+        include_in_schema=False,
+    )
+
     @app.get("/v1/models", summary="Loaded models, their backends and limits")
     async def models() -> dict[str, Any]:
         if st.start_error is not None:  # e.g. a model refused (integrity) or a required GPU backend lost
@@ -270,17 +280,20 @@ def create_app(
                 "default_deadline_s": settings.default_deadline_s,
                 "max_deadline_s": settings.max_deadline_s,
                 "input_formats": settings.image_formats,
-                "output_formats": list(images.OUTPUT_FORMATS),
+                "output_formats": list(images.output_formats()),
             },
         }
 
     @app.get("/healthz", summary="Liveness: the process works (503 when startup failed or a backend broke)")
-    async def healthz() -> JSONResponse:
+    async def healthz(request: Request) -> JSONResponse:
         broken = st.start_error is not None or (st.started and not runtime.healthy)
-        return JSONResponse({"status": "unhealthy" if broken else "ok"}, status_code=503 if broken else 200)
+        body = {"status": "unhealthy" if broken else "ok"}
+        if broken:
+            body["request_id"] = request.state.request_id
+        return JSONResponse(body, status_code=503 if broken else 200)
 
     @app.get("/readyz", summary="Readiness: every engine warmed up, healthy, not draining")
-    async def readyz() -> JSONResponse:
+    async def readyz(request: Request) -> JSONResponse:
         ready = st.ready
         st.metrics.ready.set(1 if ready else 0)
         body: dict[str, Any] = {"status": "ready" if ready else st.not_ready_reason(), "ready": ready}
@@ -290,6 +303,8 @@ def create_app(
             fallbacks = {n: f for n, mr in runtime.models.items() if (f := mr.describe().get("fallback"))}
             if fallbacks:
                 body["fallbacks"] = fallbacks
+        if not ready:
+            body["request_id"] = request.state.request_id
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
@@ -301,4 +316,43 @@ def create_app(
         return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     add_routes(app)  # /v1/jobs and the web page at / (service/http/jobs_routes.py)
+    app.openapi = lambda: openapi_schema(app, settings)  # type: ignore[method-assign]
     return app
+
+
+def openapi_schema(app: FastAPI, settings: Settings) -> dict[str, Any]:
+    """The schema as the server really answers: validation errors are our 400 body (never FastAPI's 422
+    schema), and limits are this server's settings (one source: the page reads /v1/models.limits)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    components.setdefault(
+        "ErrorBody", ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
+    )
+    components.setdefault("ErrorDetail", ErrorDetail.model_json_schema())
+    bad = {
+        "description": "bad options (`bad_request`)",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+    }
+    for ops in schema.get("paths", {}).values():
+        for op in ops.values():
+            responses = op.get("responses", {})
+            if "422" in responses and "HTTPValidationError" in str(responses["422"]):
+                del responses["422"]
+                responses.setdefault("400", bad)
+            for param in op.get("parameters", []):
+                if param.get("name") == "scale" and "schema" in param:
+                    _set_maximum(param["schema"], settings.max_scale)
+    app.openapi_schema = schema
+    return schema
+
+
+def _set_maximum(schema: dict[str, Any], value: float) -> None:
+    for s in [schema, *schema.get("anyOf", [])]:
+        if s.get("type") in ("number", "integer") and "maximum" in s:
+            s["maximum"] = value

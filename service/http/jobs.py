@@ -9,7 +9,7 @@
 - Drain: queued jobs (no tile done yet) fail with code `draining`; running jobs count as in-flight work,
   so the app's drain waits for them, encode and write included.
 
-The `Job` record, its errors and its files are in service/jobs/records.py.
+The `Job` record, its errors and its files are in service/jobs/records.py; its JSON in service/jobs/view.py.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import logging
 import secrets
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,8 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from service.errors import ImageTooLarge, Overloaded, ServiceError
 from service.http import images
 from service.http.upscale import DEADLINE_HEADER, Admitted
+from service.jobs import listing, view
+from service.jobs.events import View
 from service.jobs.extras import JobExtras, Notifier, put_output
 from service.jobs.records import (
     ACTIVE,
@@ -42,8 +44,8 @@ from service.jobs.records import (
     JobNotFinished,
     JobNotFound,
     ResultElsewhere,
-    iso,
 )
+from service.metrics import Metrics
 from service.runtime_api import RuntimeClient
 from service.scheduling.pools import pool_for
 from service.settings import Settings
@@ -61,8 +63,10 @@ class JobStore:
         enter: Callable[[], None],
         leave: Callable[[], None],
         is_draining: Callable[[], bool],
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self._is_draining = is_draining
         self.root = Path(settings.jobs_dir or Path(tempfile.gettempdir()) / "gendr-jobs")
         self.files = JobFiles(self.root)
@@ -123,6 +127,27 @@ class JobStore:
 
     async def get_view(self, job_id: str, owner: str | None, runtime: RuntimeClient) -> dict[str, Any]:
         return self.describe(self.get(job_id, owner), runtime)
+
+    async def list_view(
+        self, owner: str, limit: int, cursor: listing.Position | None, runtime: RuntimeClient
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """GET /v1/jobs: the owner's jobs held here, newest first, one page."""
+        self.sweep()
+        mine = [((j.created_at, j.id), j) for j in self._jobs.values() if j.owner == owner]
+        jobs, nxt = listing.page(mine, cursor, limit)
+        return [self.describe(j, runtime) for j in jobs], nxt
+
+    async def poll(self, job_id: str, owner: str | None, runtime: RuntimeClient) -> tuple[Hashable, View]:
+        """One look for the event stream: what an event follows (state, tiles, queue position)."""
+        job = self.get(job_id, owner)
+        if job.phase == "cancelled":  # being deleted: gone, as the shared store says at once
+            raise JobNotFound(f"job {job_id} was deleted")
+        ahead = len(self.unfinished_ahead(job)) if job.state == "queued" else 0
+
+        async def full() -> dict[str, Any]:
+            return self.describe(job, runtime)
+
+        return (job.state, job.tiles_done, ahead), full
 
     async def result(self, job_id: str, owner: str | None) -> Response:
         job = self.get(job_id, owner)
@@ -253,12 +278,14 @@ class JobStore:
             deadline = a.job.deadline
             if a.params.deadline_ms is None and DEADLINE_HEADER not in a.request.headers:
                 deadline = a.reservation.created + self.settings.max_deadline_s  # jobs are for long work
-            progress = job.add_tiles
-            if self.notifier.wants(job.webhook, "progress"):
-                loop = asyncio.get_running_loop()
+            loop = asyncio.get_running_loop()
+            events = self.notifier.wants(job.webhook, "progress")
+            queued = self.metrics.job_queue_seconds.labels(model=job.model)
 
-                def progress(n: int) -> None:  # a batcher thread: count it, then maybe a progress event
-                    job.add_tiles(n)
+            def progress(n: int) -> None:  # a batcher thread: count it, then maybe a progress event
+                if job.add_tiles(n):
+                    queued.observe(max(0.0, time.time() - job.created_at))
+                if events:
                     loop.call_soon_threadsafe(self._event, job, "progress")
 
             up = replace(a.job, deadline=deadline, progress=progress)
@@ -267,6 +294,7 @@ class JobStore:
             a.reservation.release()
             raise
         self._jobs[job.id] = job
+        self.metrics.jobs_created.labels(model=job.model).inc()
         self._enter()  # the app's drain waits for this job like for a request in flight
         job.task = asyncio.get_running_loop().create_task(self._run(job, a, up), name=f"gendr-job-{job.id}")
         if self._watcher is None or self._watcher.done():
@@ -327,6 +355,10 @@ class JobStore:
                 log.info("job %s failed: %s", job.id, (job.error or {}).get("message"))
             if job.phase in ("succeeded", "failed"):
                 self._event(job, "completed" if job.phase == "succeeded" else "failed")
+            self.metrics.jobs_finished.labels(model=job.model, state=job.phase).inc()
+            if job.started_mono is not None:
+                run_s = time.monotonic() - job.started_mono
+                self.metrics.job_run_seconds.labels(model=job.model).observe(run_s)
             with contextlib.suppress(OSError):
                 if job.id in self._jobs:
                     self.files.save(job)
@@ -361,52 +393,4 @@ class JobStore:
 
     def describe(self, job: Job, runtime: RuntimeClient) -> dict[str, Any]:
         """The job as GET /v1/jobs/{id} returns it: state, progress, queue position, ETA."""
-        state = job.state
-        out: dict[str, Any] = {
-            "id": job.id,
-            "state": state,
-            "model": job.model,
-            "tiles": {"done": job.tiles_done, "total": job.tiles_total},
-            "progress": round(job.tiles_done / max(1, job.tiles_total), 4),
-            "queue_position": None,
-            "eta_s": None,
-            "created_at": iso(job.created_at),
-            "finished_at": iso(job.finished_at),
-            "output": {
-                "width": job.out_width,
-                "height": job.out_height,
-                "format": job.format,
-                "scale": job.scale,
-            },
-            "result_url": f"/v1/jobs/{job.id}/result"
-            if state == "succeeded" and not job.to_output_url
-            else None,
-            "error": job.error,
-        }
-        if state == "succeeded":
-            out["output"]["bytes"] = job.result_bytes
-        if job.to_output_url or job.output_url:
-            out["output"]["to_output_url"] = True
-        if job.webhook:
-            out["webhook"] = job.webhook
-        if state in ACTIVE:
-            ahead = self.unfinished_ahead(job)
-            out["queue_position"] = 0 if state == "running" else len(ahead)
-            out["eta_s"] = self._eta(job, ahead, runtime)
-        return out
-
-    def _eta(self, job: Job, ahead: list[Job], runtime: RuntimeClient) -> float | None:
-        """Remaining tiles (own, plus those of jobs ahead) over measured throughput (tiles per second)."""
-        rate = None
-        measured = job.tiles_done - job.first_batch
-        if job.started_mono is not None and measured > 0:
-            rate = measured / max(1e-3, time.monotonic() - job.started_mono)
-        if rate is None:
-            with contextlib.suppress(Exception):
-                rate = float(runtime.get(job.model).batcher.tiles_per_s)
-        if not rate:
-            return None
-        left = job.tiles_total - job.tiles_done
-        if job.state == "queued":
-            left += sum(j.tiles_total - j.tiles_done for j in ahead)
-        return round(left / rate, 3)
+        return view.describe(job, self.unfinished_ahead(job) if job.state in ACTIVE else [], runtime)

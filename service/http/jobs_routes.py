@@ -3,6 +3,9 @@
 POST /v1/jobs runs POST /upscale's own handler (service.http.upscale.handle_upscale) with a hand-off: every
 check, the admission (same 503 + Retry-After) and the decode are shared; once admitted, the job store
 takes the reservation and the pixels and answers 202 at once.
+
+GET /v1/jobs (the caller's jobs, paged) and GET /v1/jobs/{id}/events (Server-Sent Events) work the same on
+both stores: the paging is service/jobs/listing.py, the event stream service/jobs/events.py.
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.staticfiles import StaticFiles
 from pydantic import Field
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from service.errors import BadRequest
 from service.http.jobs import JobStore
 from service.http.shared_jobs import SharedJobs
 from service.http.upscale import Context, UpscaleParams, handle_upscale
+from service.jobs import events, listing
 from service.jobs.extras import JobExtras, fetch_input
 from service.jobs.extras import check as check_extras
 from service.jobs.records import IDEMPOTENCY_KEY, owner_of
@@ -55,7 +59,7 @@ def job_store(request: Request) -> JobStore | SharedJobs:
     store: JobStore | SharedJobs | None = getattr(app_state, "gendr_jobs", None)
     if store is None:
         st = _state(request)
-        store = JobStore(st.settings, st.pool, st.enter, st.leave, lambda: st.draining)
+        store = JobStore(st.settings, st.pool, st.enter, st.leave, lambda: st.draining, st.metrics)
         app_state.gendr_jobs = store
     return store
 
@@ -148,6 +152,57 @@ def jobs_router() -> APIRouter:
             st.settings, st.runtime, st.metrics, st.pool, lambda: st.draining, quotas=st.quotas, **hooks
         )
         return await handle_upscale(request, params, ctx)
+
+    @router.get(
+        "",
+        summary="The caller's jobs, newest first, one page at a time (send next_cursor back as cursor)",
+        responses={403: {"description": "No API keys are configured: there is no caller to list for."}},
+    )
+    async def list_jobs(
+        request: Request,
+        limit: Annotated[int, Query(ge=1, le=listing.MAX_LIMIT, description="Jobs per page.")] = (
+            listing.DEFAULT_LIMIT
+        ),
+        cursor: Annotated[
+            str | None,
+            Query(max_length=listing.MAX_CURSOR_CHARS, description="next_cursor of the previous page."),
+        ] = None,
+    ) -> JSONResponse:
+        owner = _owner(request)
+        if owner is None:
+            raise listing.ListingNeedsKeys(
+                "listing jobs needs API keys (GENDR_API_KEYS): on an open server a job's id is the only "
+                "capability to its result, so no one may list them; keep the ids POST /v1/jobs returned"
+            )
+        pos = listing.decode_cursor(cursor)
+        store = job_store(request)
+        if isinstance(store, SharedJobs):
+            data, nxt = await store.list_view(owner, limit, pos)
+        else:
+            data, nxt = await store.list_view(owner, limit, pos, _state(request).runtime)
+        body = {"object": "list", "data": data, "next_cursor": nxt}
+        return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+    @router.get(
+        "/{job_id}/events",
+        summary="Server-Sent Events: `progress` as tiles land, then `done` with the final state",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}}},
+    )
+    async def job_events(request: Request, job_id: JobId) -> StreamingResponse:
+        owner = _owner(request)
+        st = _state(request)
+        store = job_store(request)
+
+        async def poll() -> Any:
+            if isinstance(store, SharedJobs):
+                return await store.poll(job_id, owner)
+            return await store.poll(job_id, owner, st.runtime)
+
+        await poll()  # 404 (or 503) as a JSON error before the stream starts
+        stream = events.job_events(poll, stop=lambda: st.draining)
+        headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}  # nginx: pass events at once
+        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
 
     @router.get("/{job_id}", summary="State, tiles done of total, queue position and ETA of a job")
     async def get_job(request: Request, job_id: JobId) -> JSONResponse:

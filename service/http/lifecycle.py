@@ -34,6 +34,7 @@ from service.settings import Settings
 log = logging.getLogger("gendr.http")
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 UPSCALE_PATH = "/upscale"
+UPSCALE_PATHS = (UPSCALE_PATH, "/v1/upscale")  # the versioned path; /upscale stays as its alias
 
 
 @dataclass
@@ -207,7 +208,7 @@ class RequestContext:
                     headers["X-Request-Id"] = rid
             await send(message)
 
-        if not (scope["path"] == UPSCALE_PATH and scope["method"] == "POST"):
+        if not (scope["path"] in UPSCALE_PATHS and scope["method"] == "POST"):
             await self._guarded(scope, receive, send_with_id, started, rid)
             return
         st = self.st

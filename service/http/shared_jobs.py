@@ -12,7 +12,9 @@ import contextlib
 import json
 import logging
 import secrets
+import threading
 import time
+from collections.abc import Hashable
 from typing import Any
 
 from starlette.responses import JSONResponse, Response
@@ -21,6 +23,8 @@ from service.errors import Draining, NotReady, Overloaded
 from service.http import images
 from service.http.output_size import output_size
 from service.http.upscale import Checked, UpscaleParams
+from service.jobs import listing
+from service.jobs.events import View
 from service.jobs.extras import JobExtras, Notifier, put_output
 from service.jobs.records import (
     ACTIVE,
@@ -68,6 +72,8 @@ class SharedJobs:
         )
         self.consumers: dict[str, int] = {}  # replicas pulling each model, as last seen in Redis
         self.notifier = Notifier(self.s)
+        self.metrics = st.metrics
+        self._marks: set[asyncio.Task[None]] = set()  # first-tile writes in flight (kept referenced)
 
     async def start(self) -> None:
         self.worker.start()
@@ -89,10 +95,33 @@ class SharedJobs:
         return int(stats["reserved_tiles"]), mr.batcher.max_batch * instances
 
     async def _finished(self, rec: dict[str, str], phase: str) -> None:
+        self._count_finished(rec, phase)
         event = {"succeeded": "completed", "failed": "failed"}.get(phase)
         webhook = json.loads(rec.get("webhook") or "null")
         if event is not None and webhook:
             self._send(rec["id"], webhook, event)
+
+    def _count_finished(self, rec: dict[str, str], phase: str) -> None:
+        """Job metrics where the job ended: its final state, and first tile → now when it had one."""
+        model = rec.get("model", "unknown")
+        self.metrics.jobs_finished.labels(model=model, state=phase).inc()
+        if rec.get("first_tile_at"):
+            run_s = max(0.0, time.time() - float(rec["first_tile_at"]))
+            self.metrics.job_run_seconds.labels(model=model).observe(run_s)
+
+    def _first_tile(self, rec: dict[str, str]) -> None:
+        """The first tile of this run landed: the job's first ever (set once in Redis) → its queue time."""
+        now = time.time()
+
+        async def mark() -> None:
+            with contextlib.suppress(Exception):
+                if await self.jobs.set_once(rec["id"], "first_tile_at", repr(now)):
+                    queued = max(0.0, now - float(rec["created_at"]))
+                    self.metrics.job_queue_seconds.labels(model=rec["model"]).observe(queued)
+
+        task = asyncio.get_running_loop().create_task(mark())
+        self._marks.add(task)
+        task.add_done_callback(self._marks.discard)
 
     def _send(self, job_id: str, webhook: dict[str, Any], event: str) -> None:
         async def view() -> dict[str, Any]:
@@ -136,6 +165,8 @@ class SharedJobs:
                 self.consumers[c.model.name] = await self.jobs.consumers(c.model.name)
             e.retry_after_s = self.retry_after(c.model.name, tiles - self.s.jobs_max_backlog_tiles + c.tiles)
             raise
+        if created:
+            self.metrics.jobs_created.labels(model=c.model.name).inc()
         body = await self.describe(await self._record(job_id, owner))
         return JSONResponse(
             body, status_code=202 if created else 200, headers={"Location": f"/v1/jobs/{job_id}"}
@@ -149,6 +180,25 @@ class SharedJobs:
 
     async def get(self, job_id: str, owner: str | None) -> dict[str, Any]:
         return await self.describe(await self._record(job_id, owner))
+
+    async def list_view(
+        self, owner: str, limit: int, cursor: listing.Position | None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """GET /v1/jobs: the owner's jobs from its index in Redis (any replica), newest first."""
+        recs, nxt = await self.jobs.list_owner(owner, limit, cursor)
+        data = [await self.describe(rec) for _, rec in recs]
+        return data, None if nxt is None else listing.encode_cursor(nxt)
+
+    async def poll(self, job_id: str, owner: str | None) -> tuple[Hashable, View]:
+        """One look for the event stream: the record (and, while queued, its place in the queue)."""
+        rec = await self._record(job_id, owner)
+        state = _state_of(rec)
+        pos = await self.jobs.queue_position(rec["model"], job_id) if state == "queued" else None
+
+        async def full() -> dict[str, Any]:
+            return await self.describe(rec)
+
+        return (state, rec.get("tiles_done"), pos), full
 
     async def result(self, job_id: str, owner: str | None) -> Response:
         rec = await self._record(job_id, owner)
@@ -173,6 +223,7 @@ class SharedJobs:
         before = await self.describe(rec)
         phase = await self.jobs.cancel(job_id, rec["model"])
         if phase == "active":
+            self._count_finished(rec, "cancelled")
             before.update(state="cancelled", error={"code": "cancelled", "message": "the job was cancelled"})
         return {**before, "deleted": True}
 
@@ -260,11 +311,15 @@ class SharedJobs:
             }
         )
         webhook = json.loads(rec.get("webhook") or "null")
-        if self.notifier.wants(webhook, "progress"):
-            inner = progress
+        events = self.notifier.wants(webhook, "progress")
+        inner, started = progress, threading.Event()
 
-            def progress(n: int) -> None:  # a batcher thread: count it, then maybe a progress event
-                inner(n)
+        def progress(n: int) -> None:  # a batcher thread: count it, then maybe a progress event
+            inner(n)
+            if not started.is_set():
+                started.set()
+                loop.call_soon_threadsafe(self._first_tile, rec)
+            if events:
                 loop.call_soon_threadsafe(self._progress_event, rec["id"], webhook)
 
         mr = self.st.runtime.get(rec["model"])

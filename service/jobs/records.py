@@ -137,12 +137,14 @@ class Job:
             return self.phase
         return "running" if self.tiles_done > 0 else "queued"
 
-    def add_tiles(self, n: int) -> None:
-        """Runtime callback (a batcher thread): `n` more tiles of this job are done."""
+    def add_tiles(self, n: int) -> bool:
+        """Runtime callback (a batcher thread): `n` more tiles of this job are done → True for the first."""
         with self._lock:
-            if self.started_mono is None:
+            first = self.started_mono is None
+            if first:
                 self.started_mono, self.first_batch = time.monotonic(), n
             self.tiles_done += n
+            return first
 
     def record(self) -> dict[str, Any]:
         keep = (

@@ -5,6 +5,10 @@ A job's record is a hash `<p>:job:<id>`; its upload `<p>:job:<id>:input`; its re
 Per model: the stream `<p>:jobs:<model>` (consumer group `gendr-workers`), the queue order
 `<p>:queued:<model>` (sorted set by admission sequence) and the backlog in tiles `<p>:backlog:<model>`.
 Results held: `<p>:stored` (sorted set by finish time) and `<p>:stored:sizes` (bytes per job).
+Per API key: `<p>:owner:<owner digest>`, its jobs (sorted set, score = created_at) for GET /v1/jobs. SUBMIT
+adds to it and CANCEL removes from it; jobs that expired by their TTL are removed lazily (a look at the
+two oldest at every SUBMIT, and every gone job a listing meets), and the index itself expires when its
+owner submits nothing for longer than a job runs and is kept (at least the Idempotency-Key TTL).
 
 `fence` grows by one at every start, hand-back and cancel: a write carrying an older fence is from a
 replica that lost the job (its lease ran out, or the job was cancelled) and is dropped. A stream entry
@@ -13,8 +17,9 @@ is acknowledged and deleted only together with the write that finishes its job, 
 
 from __future__ import annotations
 
-# KEYS: job, input, stream, queued, backlog, seq, idem
-# ARGV: id, input bytes, tiles, max backlog, use idem (0/1), digest, idem ttl s, job key prefix, field/value…
+# KEYS: job, input, stream, queued, backlog, seq, idem, owner index
+# ARGV: id, input bytes, tiles, max backlog, use idem (0/1), digest, idem ttl s, job key prefix,
+#       created_at, owner index ttl s (0: no owner, no index), field/value…
 SUBMIT = """
 if ARGV[5] == '1' then
   local v = redis.call('GET', KEYS[7])
@@ -29,13 +34,20 @@ end
 local backlog = tonumber(redis.call('GET', KEYS[5]) or '0')
 if backlog > 0 and backlog + tonumber(ARGV[3]) > tonumber(ARGV[4]) then return {'full', tostring(backlog)} end
 local seq = redis.call('INCR', KEYS[6])
-redis.call('HSET', KEYS[1], 'seq', seq, unpack(ARGV, 9))
+redis.call('HSET', KEYS[1], 'seq', seq, unpack(ARGV, 11))
 redis.call('SET', KEYS[2], ARGV[2])
 local entry = redis.call('XADD', KEYS[3], '*', 'id', ARGV[1])
 redis.call('HSET', KEYS[1], 'entry', entry)
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
 redis.call('INCRBY', KEYS[5], ARGV[3])
 if ARGV[5] == '1' then redis.call('SET', KEYS[7], ARGV[6] .. ' ' .. ARGV[1], 'EX', ARGV[7]) end
+if ARGV[10] ~= '0' then
+  for _, old in ipairs(redis.call('ZRANGE', KEYS[8], 0, 1)) do
+    if redis.call('EXISTS', ARGV[8] .. old) == 0 then redis.call('ZREM', KEYS[8], old) end
+  end
+  redis.call('ZADD', KEYS[8], ARGV[9], ARGV[1])
+  redis.call('EXPIRE', KEYS[8], ARGV[10])
+end
 return {'ok', ARGV[1]}
 """
 
@@ -130,10 +142,12 @@ return 'ok'
 )
 
 # KEYS: job, queued, backlog, input, result, stream, stored, sizes, bytes
-# ARGV: now, group, error json  → the phase the job had; the job is forgotten (DELETE), result included
+# ARGV: now, group, error json, owner index prefix → the phase the job had; the job is forgotten (DELETE),
+# result and place in its owner's list included
 CANCEL = """
-local h = redis.call('HMGET', KEYS[1], 'phase', 'tiles_total', 'tiles_done', 'entry', 'id', 'worker')
+local h = redis.call('HMGET', KEYS[1], 'phase', 'tiles_total', 'tiles_done', 'entry', 'id', 'worker', 'owner')
 if not h[1] then return 'gone' end
+if h[7] and h[7] ~= '' then redis.call('ZREM', ARGV[4] .. h[7], h[5]) end
 if h[1] == 'active' then
   local left = tonumber(h[2]) - tonumber(h[3] or '0')
   if left > 0 then redis.call('DECRBY', KEYS[3], left) end
@@ -165,6 +179,12 @@ local entry = redis.call('XADD', KEYS[2], '*', 'id', h[5])
 redis.call('HSET', KEYS[1], 'worker', '', 'tiles_done', 0, 'entry', entry)
 redis.call('ZADD', KEYS[3], h[6], h[5])
 return 'ok'
+"""
+
+# KEYS: job   ARGV: field, value  — set once (the first tile's time), never on a job that is gone
+SET_ONCE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 """
 
 # KEYS: job   ARGV: field, json  — a delivery's state, kept while the record lives

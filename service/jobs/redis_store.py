@@ -26,11 +26,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.errors import Overloaded
 from service.jobs import redis_scripts as lua
+from service.jobs.listing import Position
 from service.jobs.records import ID_BYTES, IdempotencyKeyReused, JobStoreUnavailable
 from service.settings import Settings
 
 log = logging.getLogger("gendr.jobs")
 GROUP = "gendr-workers"
+LIST_ROUNDS = 8  # index reads per page at most: a page over many expired jobs ends early (with a cursor)
+TIES_MAX = 1000  # jobs of one owner with the very same created_at that one page steps over
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -95,6 +98,7 @@ class RedisJobs:
                 ("cancel", lua.CANCEL),
                 ("hand_back", lua.HAND_BACK),
                 ("set_field", lua.SET_FIELD),
+                ("set_once", lua.SET_ONCE),
             )
         }
         self._groups: set[str] = set()
@@ -108,6 +112,16 @@ class RedisJobs:
 
     def _model_keys(self, model: str) -> tuple[str, str, str]:
         return self.stream(model), f"{self.p}:queued:{model}", f"{self.p}:backlog:{model}"
+
+    def owner_index(self, owner: str) -> str:
+        """The owner's jobs by creation time (`owner` is a digest of the API key, never the key)."""
+        return f"{self.p}:owner:{owner}"
+
+    def _index_ttl_s(self) -> int:
+        """How long an owner's index outlives its last submission: longer than a job runs and is kept."""
+        s = self.s
+        live = s.jobs_ttl_s + s.jobs_max_attempts * (s.max_deadline_s + s.jobs_lease_s)
+        return int(max(live, s.jobs_idempotency_ttl_s)) + 1
 
     def _stored(self) -> tuple[str, str, str]:
         return f"{self.p}:stored", f"{self.p}:stored:sizes", f"{self.p}:stored:bytes"
@@ -142,6 +156,8 @@ class RedisJobs:
         stream, queued, backlog = self._model_keys(model)
         key, digest = idempotency or ("", "")
         idem = f"{self.p}:idem:{owner or '-'}:{hashlib_hex(key)}"
+        created = float(fields.get("created_at") or time.time())
+        fields = {**fields, "created_at": created}
         flat: list[Any] = []
         for k, v in {**fields, "id": job_id, "owner": owner or "", "phase": "active", "fence": 0}.items():
             flat += [k, v if isinstance(v, (str, int, float, bytes)) else json.dumps(v)]
@@ -154,6 +170,7 @@ class RedisJobs:
                 backlog,
                 f"{self.p}:seq",
                 idem,
+                self.owner_index(owner or "-"),
             ],
             args=[
                 job_id,
@@ -164,6 +181,8 @@ class RedisJobs:
                 digest,
                 int(self.s.jobs_idempotency_ttl_s),
                 self.job_prefix,
+                repr(created),
+                self._index_ttl_s() if owner else 0,
                 *flat,
             ],
         )
@@ -219,9 +238,73 @@ class RedisJobs:
         return _s(
             await self._scripts["cancel"](
                 keys=[j, queued, backlog, f"{j}:input", f"{j}:result", stream, stored, sizes, nbytes],
-                args=[time.time(), GROUP, err],
+                args=[time.time(), GROUP, err, self.owner_index("")],
             )
         )
+
+    @unavailable
+    async def set_once(self, job_id: str, name: str, value: str) -> bool:
+        """Set a field only if it is unset and the job still exists → whether this call set it."""
+        return bool(await self._scripts["set_once"](keys=[self.job(job_id)], args=[name, value]))
+
+    @unavailable
+    async def list_owner(
+        self, owner: str, limit: int, cursor: Position | None
+    ) -> tuple[list[tuple[Position, dict[str, str]]], Position | None]:
+        """Up to `limit` records of `owner`, newest first, after `cursor` → (records, where to go on).
+
+        Index entries whose job is gone (its TTL ran out) are removed on the way. Bounded: at most
+        LIST_ROUNDS index reads, after which a short page comes back with a cursor to continue from.
+        """
+        idx = self.owner_index(owner)
+        found: list[tuple[Position, dict[str, str]]] = []
+        pos = cursor
+        for _ in range(LIST_ROUNDS):
+            want = limit + 1 - len(found)
+            got = await self._index_after(idx, pos, want)
+            pipe = self.r.pipeline(transaction=False)
+            for _, job_id in got:
+                pipe.hgetall(self.job(job_id))
+            raws = await pipe.execute() if got else []
+            gone = [job_id for (_, job_id), raw in zip(got, raws, strict=True) if not raw]
+            if gone:
+                await self.r.zrem(idx, *gone)
+            for p, raw in zip(got, raws, strict=True):
+                rec = {_s(k): _s(v) for k, v in raw.items()}
+                if rec and rec.get("owner") == owner:
+                    found.append((p, rec))
+            if len(found) > limit:
+                return found[:limit], found[limit - 1][0]
+            if len(got) < want:
+                return found, None  # the index is exhausted
+            pos = got[-1]
+        return found, pos  # rounds spent: go on after the last entry looked at
+
+    async def _index_after(self, idx: str, pos: Position | None, n: int) -> list[Position]:
+        """The next `n` index entries after `pos` in (created_at, id) descending order."""
+        if pos is None:
+            rows = await self.r.zrange(
+                idx, "+inf", "-inf", desc=True, byscore=True, offset=0, num=n, withscores=True
+            )
+            return [(float(sc), _s(m)) for m, sc in rows]
+        score, last = pos
+        ties = await self.r.zrange(
+            idx, repr(score), repr(score), desc=True, byscore=True, offset=0, num=TIES_MAX, withscores=True
+        )
+        out = [(float(sc), _s(m)) for m, sc in ties if _s(m) < last][:n]
+        if len(out) < n:
+            rows = await self.r.zrange(
+                idx,
+                f"({score!r}",
+                "-inf",
+                desc=True,
+                byscore=True,
+                offset=0,
+                num=n - len(out),
+                withscores=True,
+            )
+            out += [(float(sc), _s(m)) for m, sc in rows]
+        return out
 
     @unavailable
     async def set_field(self, job_id: str, name: str, value: Any) -> None:

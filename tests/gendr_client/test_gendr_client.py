@@ -60,7 +60,10 @@ def test_upscale_bytes_and_path(client: Client, tmp_path: Path) -> None:
 def test_large_images_run_as_jobs_with_progress(
     client: Client, server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(gendr_client._core, "JOB_OUTPUT_PIXELS", 100 * 100)  # "large" for this test
+    # The fixed rule (no /v1/models) with "large" made small for this test; the server's estimate
+    # decides otherwise (tests/gendr_client/test_gendr_client_estimate.py).
+    monkeypatch.setattr(gendr_client._estimate.ServerInfo, "parse", classmethod(lambda cls, body: None))
+    monkeypatch.setattr(gendr_client._estimate, "JOB_OUTPUT_PIXELS", 100 * 100)
     seen: list[tuple[int, int]] = []
     server.hold(allow=2)
     box: dict[str, object] = {}

@@ -62,11 +62,17 @@ class JobsApp:
     def batcher(self) -> Any:
         return self.runtime.get(None).batcher
 
-    async def wait(self, job_id: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 20) -> dict:
+    async def wait(
+        self,
+        job_id: str,
+        pred: Callable[[dict[str, Any]], bool],
+        timeout: float = 20,
+        headers: dict[str, str] | None = None,
+    ) -> dict:
         """Poll GET /v1/jobs/{id} until `pred` holds (the timeout only catches a hang, it is never tight)."""
         end = time.monotonic() + timeout
         while True:
-            r = await self.client.get(f"/v1/jobs/{job_id}")
+            r = await self.client.get(f"/v1/jobs/{job_id}", headers=headers)
             assert r.status_code == 200, r.text
             body = r.json()
             if pred(body):

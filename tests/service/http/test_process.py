@@ -147,7 +147,7 @@ def test_endpoints_of_a_real_server(server: Server) -> None:
     models = httpx.get(f"{server.url}/v1/models").json()  # open, like health and metrics
     assert models["default"] == "tiny" and models["data"][0]["backend"] == "onnxruntime-cpu"
     assert "swagger" in httpx.get(f"{server.url}/docs").text.lower()
-    assert "/upscale" in httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    assert "/v1/upscale" in httpx.get(f"{server.url}/openapi.json").json()["paths"]
     assert server.metric("gendr_ready") == 1
     r = httpx.get(f"{server.url}/nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"

@@ -49,11 +49,15 @@ class Replica:
         return self.app.state.gendr_jobs
 
     async def wait(
-        self, job_id: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 30
+        self,
+        job_id: str,
+        pred: Callable[[dict[str, Any]], bool],
+        timeout: float = 30,
+        headers: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         end = time.monotonic() + timeout
         while True:
-            r = await self.client.get(f"/v1/jobs/{job_id}")
+            r = await self.client.get(f"/v1/jobs/{job_id}", headers=headers)
             body = r.json()
             if r.status_code == 200 and pred(body):
                 return body

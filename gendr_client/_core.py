@@ -12,8 +12,8 @@ from typing import Any
 from gendr_client.errors import DeadlinePassed, GendrError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-SUFFIXES = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "avif": "image/avif"}
+SUFFIXES = {"png": ".png", "jpeg": ".jpg", "webp": ".webp", "avif": ".avif"}
 INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -28,6 +28,9 @@ class Options:
     format: str | None = None
     quality: int | None = None
     color_fix: str | None = None
+    fit: str | None = None  # contain | cover | fill, with width and height
+    strength: float | None = None  # 0–1: the model's share against the plain resize
+    metadata: str | None = None  # strip | keep | keep_all
 
     def params(self) -> dict[str, str]:
         return {k: str(v) for k, v in self.__dict__.items() if v is not None}

@@ -31,9 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     size.add_argument("--scale", type=float)
     size.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
-    p.add_argument("--format", choices=["png", "jpeg", "webp"])
+    p.add_argument("--fit", choices=["contain", "cover", "fill"], help="with --width and --height")
+    p.add_argument("--format", choices=["png", "jpeg", "webp", "avif"])
     p.add_argument("--quality", type=int)
     p.add_argument("--color-fix", choices=["none", "adain", "wavelet"])
+    p.add_argument("--strength", type=float, help="0–1: the model's share against the plain resize")
+    p.add_argument("--metadata", choices=["strip", "keep", "keep_all"])
     p.add_argument("--jobs", choices=["auto", "always", "never"], default="auto", help="use /v1/jobs")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
@@ -57,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             "format": args.format,
             "quality": args.quality,
             "color_fix": args.color_fix,
+            "fit": args.fit,
+            "strength": args.strength,
+            "metadata": args.metadata,
         }.items()
         if v is not None
     }

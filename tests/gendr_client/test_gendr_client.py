@@ -166,3 +166,12 @@ def test_async_folder_then_resume_skips_finished_files(server: LiveServer, tmp_p
     with Client(server.url, api_key=KEY) as c:
         again = c.upscale_folder(src, dst, progress=False, scale=2, format="webp")
     assert again.done == [dst / "p1.webp"] and len(again.skipped) == 3
+
+
+def test_fit_strength_and_metadata_reach_the_server(client: Client) -> None:
+    res = client.upscale(
+        png(60), width=120, height=60, fit="cover", strength=0.5, metadata="keep", format="png"
+    )
+    assert (res.width, res.height) == (120, 60)  # cover: the whole box, centred crop
+    contain = client.upscale(png(60), width=120, height=60, format="png")
+    assert (contain.width, contain.height) == (60, 60)  # contain, the default: inside the box

@@ -72,15 +72,9 @@ class ServerProcess:
 
     def metric(self, name: str, **labels: str) -> float:
         import httpx
-        from prometheus_client.parser import text_string_to_metric_families
+        from wire_formats import metric
 
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        return sum(
-            s.value
-            for fam in text_string_to_metric_families(text)
-            for s in fam.samples
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-        )
+        return metric(httpx.get(f"{self.url}/metrics", timeout=10).text, name, **labels)
 
     def wait_metric(self, name: str, pred: object, timeout: float = 20, **labels: str) -> float:
         end = time.monotonic() + timeout

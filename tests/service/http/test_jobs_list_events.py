@@ -4,45 +4,17 @@ metrics on the embedded store, through the app's HTTP stack (the real Runtime, f
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 from jobs_helpers import jobs_app, photo_png
-from prometheus_client.parser import text_string_to_metric_families
+from wire_formats import metric, parse_sse
 
 from service.jobs import events
 
 KEYS = ["key-one", "key-two"]
 ONE = {"Authorization": "Bearer key-one"}
 TWO = {"Authorization": "Bearer key-two"}
-
-
-def parse_sse(text: str) -> list[tuple[str, Any]]:
-    """(event, data) per event; comments as ("comment", text); the `retry:` line as ("retry", ms)."""
-    out: list[tuple[str, Any]] = []
-    for block in text.split("\n\n"):
-        if not block.strip():
-            continue
-        if block.startswith(":"):
-            out.append(("comment", block[1:].strip()))
-            continue
-        fields = dict(line.split(": ", 1) for line in block.splitlines())
-        if "retry" in fields:
-            out.append(("retry", int(fields["retry"])))
-        else:
-            out.append((fields["event"], json.loads(fields["data"])))
-    return out
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    return sum(
-        s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
 
 
 def test_the_list_is_the_callers_jobs_newest_first_in_pages(tmp_path: Path) -> None:

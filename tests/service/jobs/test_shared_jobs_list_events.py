@@ -13,9 +13,10 @@ from typing import Any
 import httpx
 import pytest
 from live_server import LiveServer, live_server, photo_png
-from prometheus_client.parser import text_string_to_metric_families
 from redis_server import redis_server
 from shared_helpers import png, replica
+from wire_formats import metric
+from wire_formats import parse_sse as sse
 
 pytest.importorskip("redis")
 
@@ -32,24 +33,6 @@ OWNER_ONE = owner_of(ONE["Authorization"], True)
 
 def run(coro: object) -> None:
     asyncio.run(coro)  # type: ignore[arg-type]
-
-
-def sse(text: str) -> list[tuple[str, Any]]:
-    out = []
-    for block in text.split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":"))
-        if "event" in fields:
-            out.append((fields["event"], json.loads(fields["data"])))
-    return out
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    return sum(
-        s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
 
 
 async def list_all(client: httpx.AsyncClient, headers: dict[str, str], limit: int) -> list[str]:

@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1.7
 #
 # gendr-serve images. Targets:
-#   gpu    (default) the serving image: CUDA runtime + cuDNN, TensorRT runtime, ONNX Runtime GPU.
+#   gpu    (default) the serving image: CUDA runtime + cuDNN, TensorRT runtime, ONNX Runtime GPU (its
+#          CUDA provider; not its TensorRT provider, which links TensorRT 10: see ONNXRUNTIME_GPU_VERSION).
 #          No torch, no compiler. Runs `gendr-serve`.
 #   cpu    the serving image for machines without a GPU: ONNX Runtime CPU, or OpenVINO bf16 (auto).
 #   build  the export toolchain (torch, diffusers, ModelOpt, ONNX, TensorRT builder): runs
@@ -22,6 +23,12 @@
 # TensorRT engines only load in the TensorRT version that built them: the gpu and build targets
 # share this pin (and the model manifest records it; the service refuses a mismatch).
 ARG TENSORRT_VERSION=11.4.0.106
+# ONNX Runtime's TensorRT provider is NOT shipped (its library is deleted after the install below): the
+# onnxruntime-gpu CUDA-13 wheels link TensorRT 10 (libnvinfer.so.10, libnvonnxparser.so.10; reported
+# for 1.29.0 in ONNX Runtime issue 32278, whose fix had not been released), no release is known to link
+# TensorRT 11, and one venv cannot hold two TensorRT majors (same wheel names). So the pair here is
+# TensorRT 11.4 for our `tensorrt` backend + onnxruntime-gpu 1.31.1 for `onnxruntime-cuda` only;
+# `onnxruntime-trt` fails to load in this image (docs/export.md, "ONNX Runtime's TensorRT provider").
 ARG ONNXRUNTIME_GPU_VERSION=1.31.1
 ARG CUDA_PYTHON_VERSION=13.0.3
 # TensorRT's library wheels (tensorrt-cu13-libs) are served from NVIDIA's index; the PyPI entry is
@@ -61,6 +68,8 @@ RUN python3 -m venv /opt/venv \
         "cuda-python==${CUDA_PYTHON_VERSION}" \
     && /opt/venv/bin/pip uninstall -y onnxruntime \
     && /opt/venv/bin/pip install --force-reinstall --no-deps "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}" \
+    && /opt/venv/bin/python -c "import pathlib, onnxruntime as o; [p.unlink() for p in (pathlib.Path(o.__file__).parent / 'capi').glob('libonnxruntime_providers_tensorrt*')]" \
+    && /opt/venv/bin/python -c "import pathlib, onnxruntime as o; assert not list((pathlib.Path(o.__file__).parent / 'capi').glob('libonnxruntime_providers_tensorrt*')), 'ORT TensorRT provider still shipped'" \
     && /opt/venv/bin/python -c "import service, onnxruntime, tensorrt; print(onnxruntime.get_available_providers(), tensorrt.__version__)" \
     && if /opt/venv/bin/python -c "import torch" 2>/dev/null; then echo "torch must not be in the serving image" >&2; exit 1; fi
 
@@ -89,13 +98,15 @@ COPY service/ service/
 COPY engine_build/ engine_build/
 ARG ONNXRUNTIME_GPU_VERSION
 # onnxruntime-gpu replaces the CPU onnxruntime the build extra pulls (same module name), so int8/fp8
-# calibration runs on the GPU in the engine-build Job (gendr-build quantize --calib-ep cuda:0).
+# calibration runs on the GPU in the engine-build Job (gendr-build quantize --calib-ep cuda:0; not
+# `trt`: its TensorRT provider links TensorRT 10 and is deleted here as in the gpu image, see above).
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --extra-index-url "${NVIDIA_PIP_INDEX}" ".[build,trt]" \
         "tensorrt==${TENSORRT_VERSION}" \
         "cuda-python==${CUDA_PYTHON_VERSION}" \
     && /opt/venv/bin/pip uninstall -y onnxruntime \
     && /opt/venv/bin/pip install --force-reinstall --no-deps "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}" \
+    && /opt/venv/bin/python -c "import pathlib, onnxruntime as o; [p.unlink() for p in (pathlib.Path(o.__file__).parent / 'capi').glob('libonnxruntime_providers_tensorrt*')]" \
     && /opt/venv/bin/python -c "import onnxruntime as o; assert 'CUDAExecutionProvider' in o.get_available_providers()" \
     && groupadd --gid 10001 gendr \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin gendr \

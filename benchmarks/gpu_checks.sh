@@ -9,8 +9,12 @@
 #   bash benchmarks/gpu_checks.sh --dry-run  # on a CPU: the same scripts and code paths, tiny model
 #
 # The GPU machine has torch (CUDA), onnx, onnxruntime (CPU), pillow and prometheus-client, but no
-# TensorRT, diffusers, pydantic or FastAPI: the wheels in .whl/ are installed into /tmp/site first.
-# A failing check does not stop the others; the exit code says whether all passed.
+# TensorRT, ModelOpt, scikit-image, diffusers, pydantic or FastAPI: the wheels in .whl/ are installed
+# into /tmp/site first. A failing check does not stop the others; the exit code says whether all passed.
+# The dry run runs the engine check twice: as this machine has it, and without ModelOpt and
+# scikit-image (as the GPU machine has it), so the "tool missing" path runs on every dry run too.
+# Last, the summary ($OUT/gpu_checks_summary.json): rows per check, failed rows, and which backends
+# were exercised on the GPU and which were not (a dry run exercises none).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-}"
@@ -42,4 +46,9 @@ esac
 run torch "$PY" benchmarks/gpu_check_torch.py "${torch_flags[@]}" --out "$OUT"
 run batcher "$PY" benchmarks/gpu_check_batcher.py "${other_flags[@]}" --out "$OUT"
 run engine "$PY" benchmarks/gpu_check_engine.py "${other_flags[@]}" --out "$OUT"
+if [ "$mode" = "--dry-run" ]; then
+  run engine-without-tools "$PY" benchmarks/gpu_check_engine.py --dry-run --without modelopt --without skimage --out "$OUT"
+fi
+echo "== summary"
+"$PY" benchmarks/_gpu_report.py "$OUT" | tee "$OUT/summary.txt" || rc=1
 exit $rc

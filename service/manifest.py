@@ -133,6 +133,11 @@ class OnnxVariant(_Strict):
     shapes: list[ShapeGraph] = Field(
         default_factory=list, description="Shape buckets: the same network at other tile sizes / dynamic."
     )
+    cpu_only: str | None = Field(
+        None,
+        description="Why only ONNX Runtime serves this graph (it breaks a TensorRT rule, e.g. the asymmetric "
+        "int8 of ONNX Runtime's quantizer); `gendr-build engine` refuses it. None: no such limit.",
+    )
 
     @model_validator(mode="after")
     def _check_shapes(self) -> OnnxVariant:

@@ -120,6 +120,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"calibrated on {res.n_tiles} tiles from the {v.quantization.get('base')} graph "
         f"({v.quantization.get('tool')})"
     )
+    if v.cpu_only:
+        print(f"{res.precision}: for ONNX Runtime only, `gendr-build engine` refuses it ({v.cpu_only})")
     parity = v.quantization.get("parity")
     if isinstance(parity, dict):
         verdict = "passes" if parity.get("passes") else "FAILS"

@@ -5,10 +5,12 @@ Why this quantizer for the CPU graph (measured in docs/benchmarks.md, "CPU effic
 (per-channel int8 weights, per-tensor int8 activations, MinMax ranges from real-photo tiles) is what
 ONNX Runtime's QDQ fusions turn into QLinearConv / QLinearConcat / QLinearLeakyRelu kernels, so whole
 chains of the network stay in int8 between convolutions. The graph is standard ONNX (QuantizeLinear /
-DequantizeLinear, int8 only around them), so it also passes TensorRT's rules (engine_build/trt/rules.py).
+DequantizeLinear, int8 only around them), but it is for ONNX Runtime only: its activations are asymmetric
+(non-zero zero points, the better fit for post-ReLU ranges), and TensorRT's Q/DQ layers take only zero
+zero points (engine_build/trt/rules.py). The quantize step records such a graph `cpu_only` in the manifest
+and `gendr-build engine` refuses it; ModelOpt (`--tool modelopt`) writes the symmetric graph TensorRT builds.
 
-Activations are signed int8 (S8S8): unsigned activations (U8S8) would put uint8 tensors inside the graph,
-which TensorRT's rules forbid (UINT8 only at the network boundary, next to a Cast).
+Activations are signed int8 (S8S8): unsigned activations (U8S8) would put uint8 tensors inside the graph.
 """
 
 from __future__ import annotations

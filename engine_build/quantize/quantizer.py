@@ -15,7 +15,10 @@ writes them into the repository as `onnx/int8/` and `onnx/fp8/`.
   time embedding, norm_out and proj_out — first/last layers and the conditioning path, where int8
   error is known to hurt diffusion models most.
 - int8 graphs use only standard ONNX ops and run in ONNX Runtime CPU; each gets a parity figure (PSNR
-  vs fp32 on held-out real-photo tiles) that `auto` on onnxruntime-cpu checks against 40 dB. fp8
+  vs fp32 on held-out real-photo tiles) that `auto` on onnxruntime-cpu checks against 40 dB. Each graph
+  is checked against TensorRT's rules once written: ModelOpt's (symmetric Q/DQ) must pass; ONNX
+  Runtime's (asymmetric activations, which TensorRT cannot build) is recorded `cpu_only` with the
+  reason, and `gendr-build engine` refuses it in one line. fp8
   graphs use FLOAT8E4M3FN Q/DQ (opset 19), the form TensorRT consumes; fp8 engines need compute
   capability ≥ 8.9 (L20, H100), so targeting an A10 is refused here already.
 """
@@ -32,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from engine_build.export.onnx_graph import DATA_FILE, GRAPH_FILE, ExportError, finalize_onnx
+from engine_build.export.onnx_graph import DATA_FILE, GRAPH_FILE, ExportError, finalize_onnx, trt_problems
 from engine_build.gpu_targets import (
     PRECISION_MIN_CC,
     QUANT_PRECISIONS,
@@ -42,6 +45,7 @@ from engine_build.gpu_targets import (
     parse_cc,
 )
 from engine_build.quantize.calib import calibration_tiles, int8_parity, tiles_digest
+from engine_build.quantize.errors import QuantizeError, QuantizeToolMissing
 from engine_build.repository import ONNX_DIR, replace_dir, run_step
 from service.manifest import (
     Manifest,
@@ -62,12 +66,8 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
     r".*proj_out.*",
 )
 FP8_MIN_CC = PRECISION_MIN_CC["fp8"]
-QUANTIZE_FORMAT = 1
+QUANTIZE_FORMAT = 2  # 2: TensorRT's rules decide `cpu_only` (an ORT graph made before lacks the marker)
 QUANT_TOOLS = ("auto", "ort", "modelopt")
-
-
-class QuantizeError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -122,11 +122,27 @@ def _modelopt_versions() -> dict[str, str]:
     return out
 
 
+def _require_tools(tool: str, builtin_photos: bool) -> None:
+    """Raise QuantizeToolMissing before any work when a tool this run needs is not installed."""
+    import importlib.util
+
+    need = {"modelopt": tool == "modelopt", "onnxruntime": tool == "ort", "skimage": builtin_photos}
+    why = {
+        "modelopt": "NVIDIA ModelOpt is not installed (pip install nvidia-modelopt, or --tool ort for int8)",
+        "onnxruntime": "ONNX Runtime's quantizer is not installed (pip install onnxruntime)",
+        "skimage": "scikit-image is not installed: the `builtin` photos come with it; pass folders of "
+        "photos (--calib DIR, --parity-photos DIR)",
+    }
+    for module, needed in need.items():
+        if needed and importlib.util.find_spec(module) is None:
+            raise QuantizeToolMissing(why[module])
+
+
 def _import_modelopt():
     try:
         from modelopt.onnx.quantization import quantize
     except ImportError as e:
-        raise QuantizeError(
+        raise QuantizeToolMissing(
             f"NVIDIA ModelOpt's ONNX quantizer is not importable ({e}); install nvidia-modelopt plus "
             "onnx-graphsurgeon, onnxconverter-common, polygraphy, onnxslim and lief"
         ) from e
@@ -177,6 +193,10 @@ def quantize_model(
         raise QuantizeError(f"tool must be one of {QUANT_TOOLS} (ort: int8 only), got {tool!r}")
     if method == "auto":
         method = "minmax" if tool == "ort" else "entropy" if precision == "int8" else "max"
+    builtin = calib in (None, "builtin") or (
+        precision == "int8" and parity_tiles > 0 and parity_photos in (None, "builtin")
+    )
+    _require_tools(tool, builtin)
     base_v = manifest.onnx[base]
     tiles = calibration_tiles(manifest, calib, n_tiles, seed)
     calib_digest = tiles_digest(tiles)
@@ -200,8 +220,10 @@ def quantize_model(
     current = manifest.onnx.get(precision)
     src = model_dir / base_v.graph.path
     t = manifest.tile.tile
+    cpu_only: str | None = None
 
     def produce(tmp: Path) -> dict[str, Any]:
+        nonlocal cpu_only
         raw = tmp / "raw"
         raw.mkdir()
         log.info(
@@ -222,10 +244,12 @@ def quantize_model(
             _modelopt_quantize(
                 src, raw / GRAPH_FILE, base_v, tiles, precision, method, excludes, calib_batch, calib_ep, t
             )
-        try:
-            finalize_onnx(raw / GRAPH_FILE, tmp / "final", manifest.tile.out_tile, None, (t, t, 3))
+        try:  # ModelOpt's graph is TensorRT's form and must pass its rules; ORT's is for the CPU
+            out = manifest.tile.out_tile
+            finalize_onnx(raw / GRAPH_FILE, tmp / "final", out, None, (t, t, 3), trt_strict=tool != "ort")
         except ExportError as e:
             raise QuantizeError(str(e)) from e
+        cpu_only = _cpu_only_reason(trt_problems(tmp / "final" / GRAPH_FILE, out)) if tool == "ort" else None
         return info
 
     def install(tmp: Path, tool_info: dict[str, Any]) -> str:
@@ -259,6 +283,7 @@ def quantize_model(
             key=key,
             quantization=quant_info,
             options={"seconds": round(time.perf_counter() - t0, 2)},
+            cpu_only=cpu_only,
         )
         engines = [e for e in manifest.engines if e.precision != precision]
         if len(engines) != len(manifest.engines):
@@ -282,6 +307,14 @@ def quantize_model(
         parent=model_dir / ONNX_DIR,
     )
     return QuantizeResult(model_dir, manifest, precision, skipped, time.perf_counter() - t0, n_tiles)
+
+
+def _cpu_only_reason(problems: list[str]) -> str | None:
+    """The manifest's one-line `cpu_only` reason from TensorRT's rules (None: TensorRT can build it)."""
+    if not problems:
+        return None
+    more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"ONNX Runtime's quantizer (asymmetric int8) breaks TensorRT's rules: {problems[0]}{more}"
 
 
 def _modelopt_quantize(
@@ -359,6 +392,7 @@ __all__ = [
     "QUANT_PRECISIONS",
     "QuantizeError",
     "QuantizeResult",
+    "QuantizeToolMissing",
     "calibration_tiles",
     "check_fp8_target",
     "quantize_model",

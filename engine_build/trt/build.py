@@ -194,6 +194,11 @@ def build_engine(
             f"{manifest.name}: no {precision} ONNX graph (have {', '.join(manifest.onnx) or 'none'}); "
             f"run `{hint}` first"
         )
+    if reason := manifest.onnx[precision].cpu_only:  # marked by the quantize step: one line, no GPU work
+        raise TrtBuildError(
+            f"{manifest.name}: the {precision} graph is for ONNX Runtime only ({reason}); for an engine, "
+            f"re-quantize with `gendr-build quantize --precision {precision} --tool modelopt` (symmetric)"
+        )
     sources = tile_sources(manifest, precision, tile)
     if not batch_sizes or min(batch_sizes) < 1:
         raise TrtBuildError("batch sizes must be positive integers")

@@ -14,6 +14,9 @@ or not at all. Each rule is TensorRT's, not ours:
 - Static tile shape: only the batch axis of the input and output may be dynamic (every shape bucket is
   its own static graph; a whole-image graph with dynamic H/W is checked without this rule: it is
   served by ONNX Runtime only and gets no engine).
+- Symmetric Q/DQ only: a QuantizeLinear/DequantizeLinear zero point, when given, must be a constant of
+  zeros (NvInfer.h, IQuantizeLayer/IDequantizeLayer: "only symmetric quantization is supported"). ONNX
+  Runtime's quantizer with asymmetric activations (engine_build/quantize/ort.py) breaks it.
 
 `check_graph` lists every problem (one line each, naming the node, op and dtype); `require_trt_compatible`
 raises TrtGraphError with them. External-data graphs are checked without loading their weights.
@@ -24,9 +27,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx.inliner
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from engine_build.errors import BuildError
 from engine_build.trt.ops import MATRIX_VERSION, OPSET_MAX, OPSET_MIN, SUPPORTED, UNSUPPORTED
@@ -47,6 +51,8 @@ DTYPE_TOKENS: dict[int, str] = {
 }
 #: Casts (and Identity) are the only layers that may touch a uint8 network input or output.
 UINT8_NEIGHBOURS = ("Cast", "Identity")
+#: Q/DQ operators: TensorRT takes their zero point only as a constant of zeros.
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
@@ -251,6 +257,54 @@ def _check_shapes(graph: onnx.GraphProto, tile: int | None, out_tile: int | None
             yield f"{kind} {vi.name!r} is {dims}, expected [batch, {size}, {size}, C] tiles"
 
 
+def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto | None]:
+    """Tensor name → its value for every constant (initializers and Constant nodes, subgraphs included);
+    None where the value is not in the file as loaded (external data, or a Constant form without a tensor)."""
+    out: dict[str, onnx.TensorProto | None] = {}
+    graphs = [graph] + [
+        sub
+        for n in _nodes(graph)
+        for a in n.attribute
+        for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))
+    ]
+    for g in graphs:
+        for t in g.initializer:
+            out[t.name] = None if t.data_location == TensorProto.EXTERNAL else t
+        for n in g.node:
+            if n.op_type == "Constant" and n.output:
+                out[n.output[0]] = next((a.t for a in n.attribute if a.name == "value"), None)
+    return out
+
+
+def _check_zero_points(graph: onnx.GraphProto) -> Iterator[str]:
+    """TensorRT's Q/DQ layers are symmetric: a zero point must be absent or a constant of zeros."""
+    consts = _constants(graph)
+    why = "TensorRT's Q/DQ layers support only symmetric quantization (zero point 0)"
+    for node in _nodes(graph):
+        if node.op_type not in QDQ_OPS or node.domain not in _DEFAULT_DOMAINS:
+            continue
+        zp = node.input[2] if len(node.input) > 2 else ""
+        if not zp:
+            continue  # absent: 0
+        if zp not in consts:
+            yield f"{_label(node)}: zero point {zp!r} is computed in the graph, not constant zeros: {why}"
+            continue
+        t = consts[zp]
+        if t is None:
+            continue  # its bytes are not loaded here (external data): cannot tell
+        try:
+            values = numpy_helper.to_array(t).astype(np.float32)
+        except (ValueError, TypeError):  # pragma: no cover - a type numpy cannot hold: the dtype rule says so
+            continue
+        nonzero = int(np.count_nonzero(values))
+        if nonzero:
+            first = values.flat[int(np.flatnonzero(values)[0])]
+            yield (
+                f"{_label(node)}: zero point {zp!r} is non-zero ({nonzero} of {values.size} values, e.g. "
+                f"{first:g}): {why}; quantize symmetrically (gendr-build quantize --tool modelopt)"
+            )
+
+
 def check_graph(
     model: onnx.ModelProto, *, tile: int | None = None, out_tile: int | None = None, static: bool = True
 ) -> list[str]:
@@ -269,6 +323,7 @@ def check_graph(
         _check_ops(model.graph, local),
         _check_dtypes(model.graph, types),
         _check_uint8(model.graph, types),
+        _check_zero_points(model.graph),
         _check_shapes(model.graph, tile, out_tile) if static else iter(()),
     ):
         problems.extend(rule)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,23 @@ def test_quantize_cli_errors(tiny_repo: Path, tmp_path: Path, capsys) -> None:
     assert main(["quantize", "--model", str(tiny_repo), "--precision", "int8", "--calib", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "no manifest.json" in err[0] and "no readable images" in err[1]
+
+
+def test_a_missing_tool_is_its_own_error_before_any_work(
+    tiny_repo: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """ModelOpt (or scikit-image for `builtin` photos) not installed: QuantizeToolMissing, which a caller
+    (the GPU check) skips with the reason, before calibration; nothing is written."""
+    from engine_build.quantize.quantizer import QuantizeToolMissing
+
+    before = (tiny_repo / "manifest.json").read_bytes()
+    monkeypatch.setitem(sys.modules, "modelopt", None)  # as on a machine without it
+    with pytest.raises(QuantizeToolMissing, match="NVIDIA ModelOpt is not installed"):
+        quantize_model(tiny_repo, "int8", calib="builtin", n_tiles=4)
+    monkeypatch.setitem(sys.modules, "skimage", None)
+    with pytest.raises(QuantizeToolMissing, match=r"scikit-image is not installed.*--calib DIR"):
+        quantize_model(tiny_repo, "int8", calib="builtin", n_tiles=4, tool="ort")
+    assert (tiny_repo / "manifest.json").read_bytes() == before
 
 
 @needs_modelopt

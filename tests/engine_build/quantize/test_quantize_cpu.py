@@ -103,7 +103,24 @@ def test_int8_from_fp32_uses_ort_quantizer_and_records_parity(int8_cpu: Path) ->
         inits[n.input[0]] for n in g.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
     ]
     assert len([t for t in dq_weights if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]) == 4
-    assert check_graph(g, tile=TILE, out_tile=TILE * 4) == []  # TensorRT's rules hold for the CPU graph too
+    # asymmetric activations: TensorRT cannot build this graph, and the manifest says so
+    problems = check_graph(g, tile=TILE, out_tile=TILE * 4)
+    assert problems and all("only symmetric quantization" in p for p in problems), problems
+    assert v.cpu_only and "asymmetric" in v.cpu_only and "zero point" in v.cpu_only
+
+
+def test_engine_refuses_the_cpu_int8_graph_in_one_line(
+    int8_cpu: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`gendr-build engine` on the ORT graph: one line naming the reason and the fix, before any GPU work."""
+    import engine_build.trt.build as tb
+    from engine_build.cli import main
+
+    monkeypatch.setattr(tb, "detect_gpu", lambda device_id=0: pytest.fail("probed the GPU"))
+    assert main(["engine", "--model", str(int8_cpu), "--precision", "int8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "for ONNX Runtime only" in err[0] and "symmetric" in err[0] and "--tool modelopt" in err[0]
 
 
 def test_int8_quality_on_whole_real_photos(int8_cpu: Path, small_photos) -> None:

@@ -176,6 +176,64 @@ def test_qdq_pair_passes() -> None:
     assert check_graph(tile_graph(qdq, opset=19, initializers=[scale, zp])) == []
 
 
+def _qdq(zp: str | None) -> list[onnx.NodeProto]:
+    ins = ["x", "scale", zp] if zp is not None else ["x", "scale"]
+    return [
+        helper.make_node("QuantizeLinear", ins, ["xq"], name="q"),
+        helper.make_node("DequantizeLinear", ["xq", *ins[1:]], ["y"], name="dq"),
+    ]
+
+
+def test_non_zero_zero_point_is_reported() -> None:
+    """TensorRT's Q/DQ layers are symmetric only (NvInfer.h): an asymmetric zero point cannot build."""
+    scale = numpy_helper.from_array(np.array(0.02, np.float32), "scale")
+    zp = numpy_helper.from_array(np.array(-128, np.int8), "zp")
+    problems = check_graph(tile_graph(_qdq("zp"), opset=19, initializers=[scale, zp]))
+    p = _problem(problems, "node q (QuantizeLinear)", "zero point 'zp' is non-zero", "-128")
+    assert "only symmetric quantization" in p
+    _problem(problems, "node dq (DequantizeLinear)", "'zp'")
+
+
+def test_computed_zero_point_is_reported_and_constant_or_absent_zeros_pass() -> None:
+    scale = numpy_helper.from_array(np.array(0.02, np.float32), "scale")
+    zero = numpy_helper.from_array(np.array(0, np.int8), "zero")
+    computed = [helper.make_node("Identity", ["zero"], ["zp"], name="zp_id"), *_qdq("zp")]
+    problems = check_graph(tile_graph(computed, opset=19, initializers=[scale, zero]))
+    _problem(problems, "node q (QuantizeLinear)", "'zp' is computed")
+    const = [helper.make_node("Constant", [], ["zp"], name="zp_c", value=zero), *_qdq("zp")]
+    assert not any("zero point" in p for p in check_graph(tile_graph(const, opset=19, initializers=[scale])))
+    absent = check_graph(tile_graph(_qdq(None), opset=19, initializers=[scale]))  # uint8: another rule's
+    assert not any("zero point" in p for p in absent)
+
+
+def test_onnx_runtime_quantizer_graph_breaks_the_zero_point_rule(tmp_path: Path) -> None:
+    """The graph `gendr-build quantize --tool ort` writes (asymmetric int8 activations) is not TensorRT's."""
+    pytest.importorskip("onnxruntime.quantization")
+    from engine_build.quantize.ort import quantize_static_int8
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.normal(0, 0.2, (4, 3, 3, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.normal(0, 0.2, (3, 4, 3, 3)).astype(np.float32), "w2")
+    k = numpy_helper.from_array(np.array(1 / 255, np.float32), "k")
+    head = [
+        helper.make_node("Cast", ["lr"], ["lr_f"], name="cast_in", to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["lr_f", "k"], ["lr_n"], name="norm"),
+        helper.make_node("Transpose", ["lr_n"], ["x"], name="to_nchw", perm=[0, 3, 1, 2]),
+    ]
+    body = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["a1"], name="act1"),
+        helper.make_node("Conv", ["a1", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1]),
+    ]
+    src, dst = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    onnx.save_model(tile_graph(body, head=head, initializers=[w1, w2, k]), str(src))
+    tiles = rng.integers(0, 256, (4, T, T, 3), dtype=np.uint8)
+    quantize_static_int8(src, dst, "lr", tiles)
+    problems = check_graph(onnx.load(str(dst)), tile=T, out_tile=T)
+    assert problems and all("symmetric quantization" in p for p in problems), problems
+    _problem(problems, "(QuantizeLinear)", "is non-zero")
+
+
 def test_opset_outside_the_parsers_range_is_reported() -> None:
     _problem(check_graph(tile_graph(opset=8)), "opset 8", "9..24")
 

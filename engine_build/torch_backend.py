@@ -138,7 +138,7 @@ class TorchBackend:
             model_dir,
             precision=settings.precision,
             device_id=settings.device_id,
-            instances=settings.instances_per_device,
+            instances=settings.instances(),
             max_batch=settings.max_batch,
             compile=settings.torch_compile,
             intra_op_threads=settings.intra_op_threads,

@@ -168,6 +168,7 @@ class Engine(_Strict):
     tensorrt_version: str
     compute_capability: str = Field(..., pattern=r"^\d+\.\d+$")
     gpu_name: str
+    gpu_memory: int = Field(0, ge=0, description="Total memory of the GPU that built it (bytes; 0: unknown).")
     profile: EngineProfile
     key: str
     build: dict[str, object] = Field(

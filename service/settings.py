@@ -53,12 +53,11 @@ class Settings(BaseSettings):
     backend: BackendName = Field("auto", description="Inference backend; `auto` picks the fastest available.")
     precision: PrecisionName = Field("auto", description="Precision of the ONNX variant / engine to serve.")
     device_id: int = Field(0, ge=0, description="CUDA device index for GPU backends.")
-    instances_per_device: int = Field(
+    instances_per_device: Annotated[int, Field(ge=1, le=16)] | Literal["auto"] = Field(
         1,
-        ge=1,
-        le=16,
         description="Engine instances per device: one worker each (TensorRT contexts, OpenVINO streams, "
-        "ONNX Runtime sessions where each needs its own pool, else one shared session).",
+        "ONNX Runtime sessions where each needs its own pool, else one shared session). `auto`: TensorRT "
+        "fits as many as the GPU's free memory holds (measured at load, at most 8); other backends 1.",
     )
     intra_op_threads: int = Field(
         0, ge=0, le=256, description="ONNX Runtime CPU threads per instance; 0 = cores/instances."
@@ -259,6 +258,10 @@ class Settings(BaseSettings):
         if not out:
             raise ValueError("image_formats must name at least one format")
         return out
+
+    def instances(self, auto: int = 1) -> int:
+        """`instances_per_device` as a number (`auto` → what the caller measured or chose)."""
+        return auto if self.instances_per_device == "auto" else int(self.instances_per_device)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

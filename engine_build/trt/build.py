@@ -350,6 +350,7 @@ class _TileBuild:
                 tensorrt_version=self.trt_version,
                 compute_capability=gpu.compute_capability,
                 gpu_name=gpu.name,
+                gpu_memory=gpu.memory_total,
                 profile=EngineProfile(
                     batch_sizes=self.batch_sizes,
                     tile=src.tile,

@@ -113,6 +113,9 @@ def load_chain(
             backend = make()
     if failures:
         reason = f"{reason}; fell back after: {'; '.join(failures)}"
+    placement = backend.info.extra.get("placement")  # e.g. a plan served on another GPU product
+    if placement:
+        reason = f"{reason}; {placement}"
     loaded = Loaded(backend, timings, reason, failures)
     if gpu.why and not _on_gpu(backend):
         why = "; ".join(failures) if failures else f"selected {first}"

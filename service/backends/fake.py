@@ -82,7 +82,7 @@ class FakeBackend:
         return cls(
             manifest,
             model_dir,
-            instances=settings.instances_per_device,
+            instances=settings.instances(),
             max_batch=settings.max_batch,
             behaviour=behaviour,
             tiles=tuple(settings.fake_tiles),

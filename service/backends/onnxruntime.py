@@ -152,7 +152,7 @@ class OnnxRuntimeBackend:
             model_dir,
             provider=provider,
             precision=settings.precision,
-            instances=settings.instances_per_device,
+            instances=settings.instances(),
             intra_op_threads=settings.intra_op_threads,
             max_batch=settings.max_batch,
             device_id=settings.device_id,

@@ -118,7 +118,7 @@ class OpenVinoBackend:
             manifest,
             model_dir,
             precision=settings.precision,
-            instances=settings.instances_per_device,
+            instances=settings.instances(),
             intra_op_threads=settings.intra_op_threads,
             max_batch=settings.max_batch,
         )

@@ -27,13 +27,14 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from service.backends.base import BackendInfo, BackendUnavailable, Timings, timed_warmup
 from service.backends.cuda_rt import CudaRuntime
 from service.backends.trt_instances import Instance
+from service.backends.trt_memory import fit_instances, free_memory
 from service.backends.trt_plans import TilePlan, choose_primary, load_plans, served_tiles_before_load
 from service.hardware import gpu_info, import_cudart, tensorrt_module, tensorrt_too_old
 from service.manifest import Engine, Manifest
@@ -50,7 +51,7 @@ class TensorRTBackend:
         *,
         precision: str = "auto",
         device_id: int = 0,
-        instances: int = 1,
+        instances: int | Literal["auto"] = 1,
         max_batch: int = 4,
         cuda_graphs: bool = False,
         engine: Engine | None = None,
@@ -59,7 +60,9 @@ class TensorRTBackend:
         self.model_dir = Path(model_dir)
         self.precision = precision
         self.device_id = device_id
-        self.instances = instances
+        self.auto_instances = instances == "auto"  # as many as the free memory holds, measured at load
+        self.instances = 1 if instances == "auto" else int(instances)
+        self.placement = ""  # how the plan fits this GPU (in selection_reason via info.extra)
         self.max_batch = max_batch
         self.cuda_graphs = cuda_graphs
         self.engine_entry = engine  # the primary tile's plan (chosen in load() when None)
@@ -108,7 +111,11 @@ class TensorRTBackend:
             instances=self.instances,
             tiles=tuple(self._plans) or served_tiles_before_load(self.manifest, e),
             dynamic=False,
-            extra={"cuda_graphs": str(self.cuda_graphs), "tensorrt_version": e.tensorrt_version if e else ""},
+            extra={
+                "cuda_graphs": str(self.cuda_graphs),
+                "tensorrt_version": e.tensorrt_version if e else "",
+                **({"placement": self.placement} if self.placement else {}),
+            },
         )
 
     # ------------------------------------------------------------------ loading
@@ -138,12 +145,22 @@ class TensorRTBackend:
         cuda("cudaSetDevice", self.device_id)
         self._tls.device = self.device_id
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        free_at_start = free_memory(cuda)
         plans, self._batch_sizes = load_plans(self._runtime, self.manifest, self.model_dir, e, self.max_batch)
         self._plans = plans
-        for i in range(self.instances):
-            inst = Instance(cuda, i, self.manifest.name)
-            self._instances.append(inst)  # close() frees what was allocated even if setup fails
-            inst.setup(plans, self._batch_sizes, self.manifest.tile.graph_scale)
+        free_with_plans = free_memory(cuda)
+        self._add_instance(cuda, 0)
+        fit = fit_instances(
+            free_at_start, free_with_plans, free_memory(cuda), self.instances, self.auto_instances
+        )  # BackendUnavailable when the asked instances do not fit: environmental, fall back
+        for i in range(len(self._instances), fit.instances):
+            self._add_instance(cuda, i)
+        self.instances = fit.instances
+        if e.gpu_name != gpu.name:  # another product of the same architecture: served because it fits
+            self.placement = f"plan built on {e.gpu_name}, served on {gpu.name} (same {gpu.sm}): {fit.note}"
+            log.info("%s: %s", self.manifest.name, self.placement)
+        elif self.auto_instances:
+            self.placement = f"instances auto: {fit.note}"
         self._healthy = True
         log.info(
             "%s: TensorRT %s plans for tiles %s on %s, %d instance(s), batch sizes %s, "
@@ -157,6 +174,11 @@ class TensorRTBackend:
             self._instances[0].memory_size / 1e6 if self._instances else 0.0,
             self.cuda_graphs,
         )
+
+    def _add_instance(self, cuda: CudaRuntime, i: int) -> None:
+        inst = Instance(cuda, i, self.manifest.name)
+        self._instances.append(inst)  # close() frees what was allocated even if setup fails
+        inst.setup(self._plans, self._batch_sizes, self.manifest.tile.graph_scale)
 
     # ------------------------------------------------------------------ running
 

@@ -62,7 +62,7 @@ COPY engine_build/ engine_build/
 # `serve` pulls the CPU onnxruntime, `gpu` onnxruntime-gpu; both install the same `onnxruntime`
 # module, so the CPU wheel is removed and the GPU wheel reinstalled over it.
 RUN python3 -m venv /opt/venv \
-    && /opt/venv/bin/pip install --extra-index-url "${NVIDIA_PIP_INDEX}" ".[serve,trt,gpu]" \
+    && /opt/venv/bin/pip install --extra-index-url "${NVIDIA_PIP_INDEX}" ".[serve,trt,gpu,storage]" \
         "tensorrt==${TENSORRT_VERSION}" \
         "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}" \
         "cuda-python==${CUDA_PYTHON_VERSION}" \
@@ -81,7 +81,7 @@ COPY pyproject.toml README.md ./
 COPY service/ service/
 COPY engine_build/ engine_build/
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install ".[serve,openvino]" \
+    && /opt/venv/bin/pip install ".[serve,openvino,storage]" \
     && /opt/venv/bin/python -c "import service, onnxruntime" \
     && if /opt/venv/bin/python -c "import torch" 2>/dev/null; then echo "torch must not be in the serving image" >&2; exit 1; fi
 

@@ -57,6 +57,38 @@ def _conv_graph(c: int, hw: int) -> bytes:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 
+def _qdq_conv_graph(c: int, hw: int) -> bytes:
+    """A 3×3 conv behind QuantizeLinear/DequantizeLinear on input and weight (per-channel), the form NNCF
+    writes: OpenVINO runs it as an int8 convolution, so this is the int8 peak of its CPU plugin."""
+    rng = np.random.default_rng(0)
+    w = rng.integers(-63, 64, (c, c, 3, 3), dtype=np.int8)
+
+    def t(name: str, arr: np.ndarray, dtype: int) -> onnx.TensorProto:
+        return helper.make_tensor(name, dtype, list(arr.shape), arr.tobytes(), raw=True)
+
+    inits = [
+        t("W", w, TensorProto.INT8),
+        t("ws", np.full(c, 0.01, np.float32), TensorProto.FLOAT),
+        t("wz", np.zeros(c, np.int8), TensorProto.INT8),
+        t("xs", np.array(0.02, np.float32), TensorProto.FLOAT),
+        t("xz", np.array(0, np.uint8), TensorProto.UINT8),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["X", "xs", "xz"], ["Xq"]),
+        helper.make_node("DequantizeLinear", ["Xq", "xs", "xz"], ["Xd"]),
+        helper.make_node("DequantizeLinear", ["W", "ws", "wz"], ["Wd"], axis=0),
+        helper.make_node("Conv", ["Xd", "Wd"], ["Y"], pads=[1, 1, 1, 1]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "qconv",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, c, hw, hw])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, c, hw, hw])],
+        inits,
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
 def _median_rate(fn: Callable[[], object], flop: float, reps: int) -> float:
     fn()
     ts = []
@@ -104,7 +136,10 @@ class Peaks:
         except ImportError:
             return
         core = ov.Core()
-        for label, hint in (("ov-fp32", "f32"), ("ov-bf16", "bf16")):
+        from service.backends.openvino import bf16_flags
+
+        hints = (("ov-fp32", "f32"), ("ov-bf16", "bf16")) if bf16_flags() else (("ov-fp32", "f32"),)
+        for label, hint in hints:  # without a bf16 unit OpenVINO has no bf16 kernels to measure
             cfg = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads}
             ks = []
             for n in self.GEMMS:
@@ -116,6 +151,13 @@ class Peaks:
                 x = rng.standard_normal((1, c, hw, hw)).astype(np.float32)
                 ks.append((f"conv{c}@{hw}", 2.0 * c * c * 9 * hw * hw, lambda cm=cm, x=x: cm(x)))
             self.kernels[label] = ks
+        cfg = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads}
+        ks = []
+        for c, hw in self.CONVS:  # int8 in OpenVINO: Q/DQ convolutions (VNNI/AMX where present, else AVX2)
+            cm = core.compile_model(core.read_model(_qdq_conv_graph(c, hw), b""), "CPU", cfg)
+            x = np.abs(rng.standard_normal((1, c, hw, hw))).astype(np.float32)
+            ks.append((f"qconv{c}@{hw}", 2.0 * c * c * 9 * hw * hw, lambda cm=cm, x=x: cm(x)))
+        self.kernels["ov-int8"] = ks
         for ks in self.kernels.values():  # first runs (allocation, JIT) outside the timings
             for _, _, fn in ks:
                 fn()

@@ -13,8 +13,10 @@ One run prints (configurations interleaved round by round, medians; load average
 5. instances × intra-op threads for the default model;
 6. the served-vs-raw ratio through HTTP for what `auto` serves here;
 and writes the plot and the fp32/int8/bf16 crop picture for docs/benchmarks.md.
-Configurations: ort-fp32 (today's default), ort-int8 (the repository's int8 graph, when present),
-ov-fp32, ov-bf16 (OpenVINO), plus any `--graph LABEL=PATH` ONNX graph run in ONNX Runtime.
+Configurations: ort-fp32 (today's default), the repository's int8 graph in ONNX Runtime (`ort-int8-<tool>`)
+and, when NNCF made it, in OpenVINO (`ov-int8-nncf`), ov-fp32, ov-bf16 (OpenVINO; on CPUs without a bf16
+unit OpenVINO would emulate it: left out), plus any `--graph LABEL=PATH` ONNX graph run in ONNX Runtime.
+Every row names the CPU family (service/hardware.py: cpu_family) whose figures it is.
 """
 
 from __future__ import annotations
@@ -45,11 +47,18 @@ from _cpu_measure import (
 )
 
 SIZES = {"small 128×150": (150, 128), "medium 320×240": (240, 320), "large 1000×1000": (1000, 1000)}
-PEAK_OF = {"ort-fp32": "ort-fp32", "ort-int8": "ort-int8", "ov-fp32": "ov-fp32", "ov-bf16": "ov-bf16"}
+PEAK_OF = {"ort-fp32": "ort-fp32", "ov-fp32": "ov-fp32", "ov-bf16": "ov-bf16", "ov-int8-nncf": "ov-int8"}
+TOOL_LABEL = {"nncf": "nncf", "onnxruntime.quantization": "ortq", "nvidia-modelopt": "modelopt"}
+
+
+def family() -> str:
+    from service.hardware import cpu_family, cpu_flags
+
+    return cpu_family(cpu_flags())
 
 
 def flags() -> list[str]:
-    from service.backends.openvino import cpu_flags
+    from service.hardware import cpu_flags
 
     want = (
         "avx2",
@@ -86,15 +95,22 @@ def make_fns(
 ) -> dict[str, Any]:
     fp32 = model_dir / manifest.onnx["fp32"].graph.path
     g = graph_with_tile(fp32, tile, manifest.tile.graph_scale) if tile != manifest.tile.tile else fp32
+    from service.backends.openvino import bf16_flags
+
     fns: dict[str, Any] = {"ort-fp32": ort_fn(g, threads)[0]}
+    int8 = manifest.onnx.get("int8") if tile == manifest.tile.tile else None
+    tool = TOOL_LABEL.get(str((int8.quantization or {}).get("tool")), "int8") if int8 else ""
+    if int8 is not None:
+        fns[f"ort-int8-{tool}"] = ort_fn(model_dir / int8.graph.path, threads)[0]
     if tile == manifest.tile.tile:
-        if "int8" in manifest.onnx:
-            fns["ort-int8"] = ort_fn(model_dir / manifest.onnx["int8"].graph.path, threads)[0]
         for label, path in extra.items():
             fns[label] = ort_fn(path, threads)[0]
     try:
         fns["ov-fp32"] = ov_fn(g, "f32", threads)[0]
-        fns["ov-bf16"] = ov_fn(g, "bf16", threads)[0]
+        if bf16_flags():  # without a bf16 unit OpenVINO emulates bf16 (slower than fp32): not a path
+            fns["ov-bf16"] = ov_fn(g, "bf16", threads)[0]
+        if int8 is not None and tool == "nncf":
+            fns["ov-int8-nncf"] = ov_fn(model_dir / int8.graph.path, "f32", threads)[0]
     except ImportError:
         pass
     return fns
@@ -130,6 +146,7 @@ def per_tile(args: argparse.Namespace, manifest: Any, photos: list, peaks: dict[
                 statistics.median(p.get(pk, float("nan")) for p in round_peaks) if round_peaks else peaks[pk]
             )
             row = {
+                "cpu_family": args.family,
                 "config": k,
                 "tile": f"{tile}→{tile * manifest.tile.graph_scale}",
                 "gflop_per_tile": round(flop / 1e9, 1),
@@ -142,7 +159,8 @@ def per_tile(args: argparse.Namespace, manifest: Any, photos: list, peaks: dict[
             }
             rows.append(row)
             print(
-                f"  {k:<10} tile {row['tile']:<8} {row['gflop_per_tile']:7.1f} GFLOP  wall {wall:6.2f} s  "
+                f"  [{args.family}] {k:<16} tile {row['tile']:<8} {row['gflop_per_tile']:7.1f} GFLOP  "
+                f"wall {wall:6.2f} s  "
                 f"CPU {cpu:6.2f} s  {row['gflops']:7.1f} GFLOP/s = {100 * row['efficiency']:5.1f}% of "
                 f"{row['peak_gflops']:.0f}  PSNR {row['psnr_vs_ort_fp32']} dB",
                 flush=True,
@@ -172,6 +190,7 @@ def sizes(args: argparse.Namespace, manifest: Any, photos: list) -> list[dict]:
             cpu = statistics.median(t[1] for t in res[k])
             rows.append(
                 {
+                    "cpu_family": args.family,
                     "size": size,
                     "config": k,
                     "out_mp": round(mp, 2),
@@ -302,7 +321,8 @@ def pictures(
     x = x[int(np.argmax([float(np.abs(np.diff(t.astype(np.float32), axis=0)).mean()) for t in x]))][None]
     o, c = g.out_tile, 160  # the most detailed of 12 photo tiles; a 160² crop of its centre
     sl = slice((o - c) // 2, (o + c) // 2)
-    outs = {k: fns[k](x)[0][sl, sl] for k in ("ort-fp32", "ort-int8", "ov-bf16") if k in fns}
+    keep = ("ort-fp32", "ov-int8-nncf", "ort-int8-ortq", "ov-bf16")
+    outs = {k: fns[k](x)[0][sl, sl] for k in keep if k in fns}
     crop_picture(outs, Path(args.crop_png))
     title = f"{info['cpu']}, {info['cores']} cores — {manifest.name}, tile {manifest.tile.tile}"
     if plot_s_per_mp(size_rows, Path(args.plot_png), title):
@@ -335,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
 
     manifest = read_manifest(Path(args.model_dir), verify=True)
     photos = builtin_photos()
-    info = machine() | {"flags": flags(), "threads": args.threads}
+    args.family = family()
+    info = machine() | {"flags": flags(), "family": args.family, "threads": args.threads}
     t_start = time.perf_counter()
     print(f"{info}\nmodel {manifest.name}: tile {manifest.tile.tile}, precisions {sorted(manifest.onnx)}")
     result: dict[str, Any] = {"machine": info, "model": manifest.name}

@@ -182,7 +182,7 @@ def _fetch(job: dict[str, Any], backoff: Backoff) -> Generator[Step, Any, Result
     """GET the result; None when it is no longer stored (404, 410)."""
     while True:
         try:
-            r = yield Call("GET", job["result_url"])
+            r = yield Call("GET", f"/v1/jobs/{job['id']}/result")  # server-relative: a root path would double
         except (NotFound, JobExpired):
             return None
         except GendrError as e:

@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         h11_max_incomplete_event_size=settings.max_header_bytes,
         timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]
         limit_concurrency=settings.max_connections,
+        # No root_path here: uvicorn would prepend it to every request's path, and the drain and the
+        # request metrics match /upscale literally. settings.root_path goes to FastAPI (create_app).
     )
     server = _DrainingServer(config, settings.drain_timeout_s)
     app.state.gendr.on_fatal = server.fatal

@@ -1,4 +1,9 @@
-"""What this machine has: usable CPUs, NVIDIA GPUs (by CUDA index), a real TensorRT runtime.
+"""What this machine has: usable CPUs and their matrix units, NVIDIA GPUs (by CUDA index), a real TensorRT.
+
+CPU families: `auto` picks the CPU path (ONNX Runtime fp32, OpenVINO bf16 or int8) by the unit that makes
+each fast, and the units differ between CPU generations far more than the core counts do (an AMX tile does
+16× the int8 work per cycle of an AVX2 register). `cpu_family` names the one that decides, from the flags
+Linux reports in /proc/cpuinfo (a VM shows only the flags its hypervisor exposes).
 
 GPU indices: `GENDR_DEVICE_ID` and `gendr-build engine --device` are CUDA indices (what
 `cudaSetDevice` takes). NVML numbers GPUs in PCI bus order while CUDA, unless
@@ -53,6 +58,60 @@ def available_cpus() -> int:
     except (OSError, ValueError):
         pass
     return max(1, n)
+
+
+#: /proc/cpuinfo flags per unit that makes a precision fast.
+CPU_UNIT_FLAGS: dict[str, tuple[str, ...]] = {
+    "amx": ("amx_tile", "amx_int8", "amx_bf16"),  # Intel Xeon 4th gen (Sapphire Rapids) and later
+    "bf16": ("amx_bf16", "avx512_bf16"),  # bf16 dot products: AMX, or AVX-512 BF16 (AMD Zen 4/5, Cooper Lake)
+    "vnni": ("amx_int8", "avx512_vnni", "avx_vnni"),  # int8 dot products into int32 without saturation
+    "avx512": ("avx512f",),
+    "avx2": ("avx2", "fma"),
+}
+#: The families `auto` tells apart, best first (service/backends/select.py: CPU_FIGURES, docs/runtime.md).
+CPU_FAMILIES = ("amx", "avx512_bf16", "vnni", "avx2", "baseline")
+
+
+def cpu_flags(path: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU's feature flags (empty when unknown, e.g. not Linux)."""
+    try:
+        for line in path.read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_model_name(path: Path = Path("/proc/cpuinfo")) -> str:
+    """`model name` from /proc/cpuinfo ("unknown" elsewhere): which CPU a measured figure came from."""
+    try:
+        for line in path.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def cpu_units(flags: set[str]) -> dict[str, list[str]]:
+    """For each unit of CPU_UNIT_FLAGS, the flags of it this CPU has (a unit missing: no flag)."""
+    return {
+        u: [f for f in fs if f in flags] for u, fs in CPU_UNIT_FLAGS.items() if any(f in flags for f in fs)
+    }
+
+
+def cpu_family(flags: set[str]) -> str:
+    """The CPU family whose unit decides the fastest precision: `amx` (AMX tiles: bf16 and int8),
+    `avx512_bf16` (bf16 dot products, no AMX: AMD Zen 4/5), `vnni` (int8 dot products only), `avx2`
+    (neither: int8 multiplies saturate at int16 without VNNI), or `baseline` (no AVX2)."""
+    if "amx_bf16" in flags or "amx_int8" in flags:
+        return "amx"
+    if "avx512_bf16" in flags:
+        return "avx512_bf16"
+    if any(f in flags for f in ("avx512_vnni", "avx_vnni")):
+        return "vnni"
+    return "avx2" if "avx2" in flags else "baseline"
 
 
 def has_package(name: str) -> bool:

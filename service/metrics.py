@@ -196,7 +196,18 @@ class Metrics:
             ["model", "file", "check"],
             registry=r,
         )
+        self.host_cpu_seconds = Counter(
+            "gendr_host_cpu_seconds",
+            "CPU seconds of the host's pixel and HTTP work around the engine, by stage: read, probe, decode, "
+            "resize, pad, gather, stitch, colour_fix, encode, write (what sizes a GPU pod's CPU request).",
+            ["stage"],
+            registry=r,
+        )
         self._nvml = NvmlReader()
+
+    def host_cpu(self, stage: str, seconds: float) -> None:
+        """Add CPU seconds of one host stage (thread CPU time, so waiting is never counted)."""
+        self.host_cpu_seconds.labels(stage).inc(max(0.0, seconds))
 
     def refresh_gpu_memory(self) -> None:
         """Update the GPU memory gauges from NVML at scrape time (no-op without `pynvml` or a GPU)."""

@@ -22,7 +22,7 @@ import numpy as np
 from service import __version__
 from service.backends.base import Backend, BackendInfo
 from service.backends.chain import GpuExpectation, load_chain
-from service.errors import BadRequest, DeadlineExceeded, ImageTooLarge, ModelNotFound, NotReady
+from service.errors import BadRequest, DeadlineExceeded, ImageTooLarge, ModelNotFound, NotReady, ServiceError
 from service.hardware import available_cpus
 from service.manifest import COLOR_FIXES, Manifest, ManifestError, list_models, read_manifest
 from service.metrics import Metrics
@@ -32,6 +32,7 @@ from service.requests import (
     UpscaleJob,
     UpscaleOutcome,
     finish_request,
+    plain_view,
     prepare_request,
     request_sink,
     shape_label,
@@ -40,6 +41,7 @@ from service.scheduling.batcher import TileBatcher
 from service.scheduling.planner import EngineShapes, choose
 from service.scheduling.pools import SizeClassPool, pool_for
 from service.scheduling.tickets import Reservation, Ticket, TicketResult
+from service.scheduling.whole_image import WholeImageCap, cap_for
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,7 @@ class ModelRuntime:
         self.batcher = self._make_batcher()
         self.max_request_tiles = self._max_request_tiles()
         self._shapes: EngineShapes | None = None  # known once loaded: the planner's view of the engine
+        self.whole_image = WholeImageCap(0, "not loaded yet")  # the whole-image cap and why (at load)
         self._ready = False
         self._closed = False
 
@@ -130,7 +133,12 @@ class ModelRuntime:
         timings = self._load_backend()
         self.batcher.start(timings)
         b = self.batcher
-        self._shapes = EngineShapes.of(self.manifest.tile, b.tiles, b.dynamic, self.settings, b.max_batch)
+        self.whole_image = cap_for(self.settings, self.manifest, b.dynamic, self.backend)
+        cap = self.whole_image
+        log.info("%s: whole-image cap %s px — %s", self.name, f"{cap.pixels:,}", cap.reason)
+        self._shapes = EngineShapes.of(
+            self.manifest.tile, b.tiles, b.dynamic, self.settings, b.max_batch, self.whole_image.pixels
+        )
         costs = b.costs
         for h, w, n in costs.entries() if costs is not None else []:  # read at scrape time, not per batch
             gauge = self.metrics.call_cost.labels(self.name, f"{h}x{w}", str(n))
@@ -194,6 +202,13 @@ class ModelRuntime:
             raise NotReady(f"model {self.name} is still loading", retry_after_s=self.settings.retry_after_s)
         return self.batcher.reserve(plan.units, plan)
 
+    def refusal(self) -> ServiceError | None:
+        """Why a new request for this model would be refused now, whatever its size (loading, draining,
+        no healthy instance, a full backlog), or None: the HTTP layer asks before reading a body."""
+        if not self._ready or self._closed:
+            return NotReady(f"model {self.name} is still loading", retry_after_s=self.settings.retry_after_s)
+        return self.batcher.account.refusal()
+
     async def upscale(self, job: UpscaleJob, reservation: Reservation) -> UpscaleOutcome:
         """Run the job; always releases the reservation (whoever holds it)."""
         try:
@@ -221,18 +236,22 @@ class ModelRuntime:
         loop = asyncio.get_running_loop()
 
         pixels = pool_for(self._host, job.out_height * job.out_width)
-        padded, stitcher = await loop.run_in_executor(pixels, prepare_request, img, plan)
+        cpu = self.metrics.host_cpu
+        padded, stitcher = await loop.run_in_executor(pixels, prepare_request, img, plan, cpu)
         ticket = self.batcher.submit(
             padded,
             plan.tiles,
             job.deadline,
-            request_sink(stitcher, job.progress),
+            request_sink(stitcher, job.progress, cpu),
             admitted=reservation.created,
         )
+        plain = plain_view(padded, plan, color_fix, job.strength)  # the colour fix's reference, resized once
         del padded  # the ticket holds it until its last tile has been cut
         result = await self._wait(ticket, job.deadline)
-        del ticket  # frees the padded input before the colour fix allocates
-        out = await loop.run_in_executor(pixels, finish_request, stitcher, img, plan, color_fix, job.strength)
+        del ticket  # frees the padded input before the colour fix allocates (unless `plain` is a view of it)
+        out = await loop.run_in_executor(
+            pixels, finish_request, stitcher, img, plan, color_fix, job.strength, cpu, plain
+        )
         now = time.monotonic()
         self.metrics.output_megapixels.labels(self.name).inc(job.out_height * job.out_width / 1e6)
         self.metrics.tile_occupancy.labels(self.name).observe(plan.tiles.occupancy)
@@ -283,8 +302,9 @@ class ModelRuntime:
             "shapes": {
                 "tiles": list(self.batcher.tiles),
                 "dynamic": self.batcher.dynamic,
-                "whole_image_max_pixels": self.settings.whole_image_max_pixels if self.batcher.dynamic else 0,
+                "whole_image_max_pixels": self.whole_image.pixels,
             },
+            "whole_image_cap": self.whole_image.describe(),  # the cap, how it was chosen, the measurement
             "cost_table": self.batcher.costs.rows() if self.batcher.costs is not None else [],
             "instances": info.instances,
             "tiles_per_s": round(float(self.batcher.tiles_per_s), 3),  # measured; the client sizes timeouts

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidatorFunctionWrapHandler, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -34,6 +34,21 @@ BackendName = Literal[
 PrecisionName = Literal["auto", "fp32", "fp16", "bf16", "int8", "fp8"]
 
 CONFIG_FILE_ENV = "GENDR_CONFIG_FILE"
+
+
+class AutoPixels(int):
+    """`GENDR_WHOLE_IMAGE_MAX_PIXELS=auto`: an int, so code that needs a number before the cap is measured
+    (a backend deciding to load its whole-image graph and the sizes to warm it up at) gets a positive one;
+    the runtime replaces it by the cap measured at warm-up (service/scheduling/whole_image.py)."""
+
+    def __repr__(self) -> str:
+        return "'auto'"
+
+    __str__ = __repr__
+
+
+#: What backends load and warm up with under `auto` (the warm-up sizes come out as t² and (2t)²).
+WHOLE_IMAGE_AUTO = AutoPixels(1 << 20)
 
 
 class Settings(BaseSettings):
@@ -98,9 +113,16 @@ class Settings(BaseSettings):
         description="Backlog (primary-tile units) above which a new request gets a 503, whatever its size.",
     )
     whole_image_max_pixels: int = Field(
-        65_536,
-        ge=0,
-        description="Input pixels of one call on a dynamic-shape graph (bounds its memory); 0 = off.",
+        WHOLE_IMAGE_AUTO,
+        description="Input pixels of one call on a dynamic-shape graph (bounds its memory); 0 = off; `auto`: "
+        "what fits the memory left after loading, measured at warm-up (GET /v1/models says why).",
+    )
+    whole_image_memory_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="`auto` whole-image cap: share of the memory free after loading (GPU: the device's, CPU: "
+        "the container's) that the instances' whole-image calls may use at once.",
     )
     scheduling_work_weight: float = Field(
         1.0,
@@ -134,8 +156,19 @@ class Settings(BaseSettings):
         description="Input formats accepted (Pillow format ids, e.g. add `AVIF`); anything else is 415.",
     )
     output_quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality when a request sets none.")
+    encode_threads: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="Threads that compress the bands of one PNG output in parallel (the GIL released); "
+        "0 = the container's CPUs (cgroup quota).",
+    )
     png_compress_level: int = Field(
-        3, ge=0, le=9, description="PNG zlib level (6 is ~2.5x slower than 3 for ~10% smaller files)."
+        3,
+        ge=0,
+        le=9,
+        description="PNG deflate level: 1–3 ISA-L's fast deflate (one speed; ≈ +3 % size vs zlib 3 at "
+        "~13× its speed), 4–9 zlib (6: ≈ 8 % smaller, ≈ 27× slower), 0 stored.",
     )
     max_pixels_per_byte: float = Field(
         1024.0,
@@ -156,8 +189,17 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(
         10.0, gt=0, description="A request head must arrive within this many seconds (else 408)."
     )
+    # Above the idle timeout of the proxies that pool connections to us (ingress-nginx upstream keepalive
+    # and AWS ALB: 60 s), so they close idle connections first: else a request they send on a connection
+    # we are closing gets a 502 (docs/deploy.md, "Ingress and load balancers").
     keep_alive_timeout_s: float = Field(
-        5.0, gt=0, description="Idle keep-alive connections are closed after this many seconds."
+        75.0, gt=0, description="Idle keep-alive connections are closed after this many seconds."
+    )
+    root_path: str = Field(
+        "",
+        pattern=r"^(/[A-Za-z0-9._~-]+)*$",
+        description="Path prefix a proxy strips before forwarding (e.g. `/gendr`): used in Location, "
+        "result_url and the web page's links.",
     )
 
     # --- security ----------------------------------------------------------------------------
@@ -244,6 +286,16 @@ class Settings(BaseSettings):
                 return json.loads(v)
             return [k.strip() for k in v.split(",") if k.strip()]
         return v
+
+    @field_validator("whole_image_max_pixels", mode="wrap")
+    @classmethod
+    def _auto_pixels(cls, v: object, handler: ValidatorFunctionWrapHandler) -> object:
+        if isinstance(v, AutoPixels) or (isinstance(v, str) and v.strip().lower() == "auto"):
+            return WHOLE_IMAGE_AUTO
+        n = handler(v)
+        if n < 0:
+            raise ValueError("whole_image_max_pixels must be >= 0 or `auto`")
+        return n
 
     @field_validator("image_formats", mode="after")
     @classmethod

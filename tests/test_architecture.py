@@ -44,6 +44,7 @@ ALLOWED: dict[str, set[str]] = {
         "service.pixels",
     },
     "engine_build.trt": {"engine_build", "service"},
+    "engine_build.storage": {"engine_build", "service"},  # torch-free: the serving pods' init container
     "engine_build.export": {
         "engine_build",
         "engine_build.gendr",
@@ -64,6 +65,7 @@ ALLOWED: dict[str, set[str]] = {
         "engine_build.gendr",
         "engine_build.quantize",
         "engine_build.sr",
+        "engine_build.storage",
         "engine_build.trt",
         "engine_build.verify",
         "service",

@@ -1,5 +1,5 @@
-"""`gendr-build quantize`: int8 / fp8 Q/DQ ONNX (ONNX Runtime's quantizer or NVIDIA ModelOpt), calibrated on
-real photo tiles."""
+"""`gendr-build quantize`: int8 / fp8 Q/DQ ONNX (ONNX Runtime's quantizer, OpenVINO's NNCF or NVIDIA
+ModelOpt), calibrated on real photo tiles."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from engine_build.gpu_targets import TARGET_GPUS
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "quantize",
-        help="post-training int8/fp8 quantization (ModelOpt Q/DQ ONNX) into the repository",
+        help="post-training int8/fp8 quantization (Q/DQ ONNX: NNCF, ONNX Runtime, ModelOpt)",
         description="Calibrates on graph-input tiles cut from a folder of real photos and writes "
         "onnx/int8 or onnx/fp8 with explicit Q/DQ nodes (what strongly typed TensorRT consumes). "
         "Skipped when up to date.",
@@ -41,10 +41,53 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--tool",
-        choices=["auto", "ort", "modelopt"],
+        choices=["auto", "ort", "nncf", "modelopt"],
         default="auto",
-        help="quantizer: ort = ONNX Runtime's quantize_static (the CPU int8 path), modelopt = NVIDIA "
-        "ModelOpt (TensorRT's form; fp8); auto = ort for int8 from the fp32 graph, else modelopt",
+        help="quantizer: nncf = OpenVINO's NNCF (the CPU int8 graph OpenVINO serves: first/last convs and "
+        "the upsampling path kept float, 7-bit weights, bias correction; calibrated on scikit-image photos "
+        "outside the parity set), ort = ONNX Runtime's quantize_static, modelopt = NVIDIA ModelOpt "
+        "(TensorRT's form; fp8); auto = ort for int8 from the fp32 graph, else modelopt",
+    )
+    n = p.add_argument_group("--tool nncf")
+    n.add_argument(
+        "--preset",
+        choices=["mixed", "performance"],
+        default="mixed",
+        help="activations asymmetric (mixed, default) or symmetric (performance)",
+    )
+    n.add_argument(
+        "--accuracy-target",
+        type=float,
+        default=None,
+        metavar="DB",
+        help="accuracy-aware mode: NNCF puts layers back into float until PSNR vs fp32 on "
+        "validation tiles (calibration photos, not the parity set) reaches DB (e.g. 41)",
+    )
+    n.add_argument(
+        "--validation-tiles", type=int, default=8, help="tiles the accuracy-aware mode validates on"
+    )
+    n.add_argument(
+        "--max-reverted",
+        type=int,
+        default=20,
+        help="accuracy-aware mode: at most this many layers put back into float (default 20)",
+    )
+    n.add_argument(
+        "--quantize-upsampling",
+        action="store_true",
+        help="quantize the upsampling path too (default: float from the first upsampling op on)",
+    )
+    n.add_argument(
+        "--quantize-ends",
+        action="store_true",
+        help="quantize the first and last convolution too (default: float)",
+    )
+    n.add_argument(
+        "--speed-reps",
+        type=int,
+        default=3,
+        help="rounds of the speed figure recorded for this CPU family, which `auto` reads "
+        "(0: none; `auto` then relies on docs/benchmarks.md's figures)",
     )
     p.add_argument(
         "--parity-tiles",
@@ -87,7 +130,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from engine_build.quantize.quantizer import DEFAULT_EXCLUDES, QuantizeError, quantize_model
+    from engine_build.quantize.quantizer import DEFAULT_EXCLUDES, NncfOptions, QuantizeError, quantize_model
     from engine_build.verify.parity import VerifyError
     from service.manifest import ManifestError
 
@@ -109,6 +152,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             tool=args.tool,
             parity_tiles=args.parity_tiles,
             parity_photos=args.parity_photos,
+            nncf=NncfOptions(
+                preset=args.preset,
+                keep_ends=not args.quantize_ends,
+                keep_upsampling=not args.quantize_upsampling,
+                accuracy_target_db=args.accuracy_target,
+                validation_tiles=args.validation_tiles,
+                max_iterations=args.max_reverted,
+                speed_reps=args.speed_reps,
+            ),
         )
     except (QuantizeError, ManifestError, VerifyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -121,15 +173,41 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"({v.quantization.get('tool')})"
     )
     if v.cpu_only:
-        print(f"{res.precision}: for ONNX Runtime only, `gendr-build engine` refuses it ({v.cpu_only})")
+        who = "the CPU (OpenVINO, ONNX Runtime)" if v.quantization.get("tool") == "nncf" else "ONNX Runtime"
+        print(f"{res.precision}: for {who} only, `gendr-build engine` refuses it ({v.cpu_only})")
     parity = v.quantization.get("parity")
     if isinstance(parity, dict):
         verdict = "passes" if parity.get("passes") else "FAILS"
+        runtimes = parity.get("by_runtime")
+        each = (
+            " (" + ", ".join(f"{k} {r.get('psnr_db')} dB" for k, r in runtimes.items()) + ")"
+            if isinstance(runtimes, dict)
+            else ""
+        )
         print(
-            f"parity vs {parity.get('reference')}: {parity.get('psnr_db')} dB PSNR on "
+            f"parity vs {parity.get('reference')}: {parity.get('psnr_db')} dB PSNR{each} on "
             f"{parity.get('n_tiles')} "
             f"held-out photo tiles (worst tile {parity.get('worst_tile_psnr_db')} dB) — {verdict} the "
-            f"{parity.get('bound_db')} dB bound; `auto` on onnxruntime-cpu "
-            f"{'serves' if parity.get('passes') else 'skips'} int8"
+            f"{parity.get('bound_db')} dB bound"
+            + (
+                ""
+                if isinstance(runtimes, dict)  # NNCF's: the CPU rule below decides
+                else f"; `auto` on onnxruntime-cpu {'serves' if parity.get('passes') else 'skips'} int8"
+            )
         )
+    if v.quantization.get("tool") == "nncf":
+        _print_cpu_verdict(res.manifest, v.quantization.get("speed"))
     return 0
+
+
+def _print_cpu_verdict(manifest: object, speed: object) -> None:
+    """The speed figure just measured, and what `auto` serves on this CPU with it (select.cpu_choice)."""
+    from service.backends.select import cpu_choice
+    from service.settings import Settings
+
+    if isinstance(speed, dict):
+        figs = ", ".join(f"{k} {s:.2f}" for k, s in speed.get("s_per_tile", {}).items())
+        print(f"speed on {speed.get('cpu')} ({speed.get('family')}), s per tile: {figs}")
+    c = cpu_choice(manifest, Settings())  # type: ignore[arg-type]
+    served = f"OpenVINO {c.openvino}" if c.openvino else f"ONNX Runtime {c.ort_precision}"
+    print(f"`auto` on this CPU ({c.family}): {served}" + (f" — {c.reason}" if c.reason else ""))

@@ -28,8 +28,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,23 @@ from engine_build.gpu_targets import (
     detect_gpu,
     parse_cc,
 )
-from engine_build.quantize.calib import calibration_tiles, int8_parity, tiles_digest
+from engine_build.quantize.calib import (
+    CALIBRATION_PHOTOS,
+    VALIDATION_SEED_OFFSET,
+    calibration_tiles,
+    int8_parity,
+    tiles_digest,
+)
 from engine_build.quantize.errors import QuantizeError, QuantizeToolMissing
+from engine_build.quantize.tools import (
+    count_qdq,
+    cpu_only_reason,
+    graph_opset,
+    modelopt_quantize,
+    ort_quantize,
+    require_tools,
+    tool_versions,
+)
 from engine_build.repository import ONNX_DIR, replace_dir, run_step
 from service.manifest import (
     Manifest,
@@ -67,7 +83,8 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
 )
 FP8_MIN_CC = PRECISION_MIN_CC["fp8"]
 QUANTIZE_FORMAT = 2  # 2: TensorRT's rules decide `cpu_only` (an ORT graph made before lacks the marker)
-QUANT_TOOLS = ("auto", "ort", "modelopt")
+QUANT_TOOLS = ("auto", "ort", "modelopt", "nncf")
+TOOL_NAMES = {"ort": "onnxruntime.quantization", "modelopt": "nvidia-modelopt", "nncf": "nncf"}
 
 
 @dataclass
@@ -110,43 +127,17 @@ def check_fp8_target(target_gpu: str) -> str:
     return f"GPU present: {describe_gpu(gpu)}"
 
 
-def _modelopt_versions() -> dict[str, str]:
-    import importlib.metadata as md
+@dataclass(frozen=True)
+class NncfOptions:
+    """How `--tool nncf` quantizes (engine_build/quantize/nncf_ptq.py); every field is part of the key."""
 
-    out = {}
-    for pkg in ("nvidia-modelopt", "onnxruntime", "onnx"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "missing"
-    return out
-
-
-def _require_tools(tool: str, builtin_photos: bool) -> None:
-    """Raise QuantizeToolMissing before any work when a tool this run needs is not installed."""
-    import importlib.util
-
-    need = {"modelopt": tool == "modelopt", "onnxruntime": tool == "ort", "skimage": builtin_photos}
-    why = {
-        "modelopt": "NVIDIA ModelOpt is not installed (pip install nvidia-modelopt, or --tool ort for int8)",
-        "onnxruntime": "ONNX Runtime's quantizer is not installed (pip install onnxruntime)",
-        "skimage": "scikit-image is not installed: the `builtin` photos come with it; pass folders of "
-        "photos (--calib DIR, --parity-photos DIR)",
-    }
-    for module, needed in need.items():
-        if needed and importlib.util.find_spec(module) is None:
-            raise QuantizeToolMissing(why[module])
-
-
-def _import_modelopt():
-    try:
-        from modelopt.onnx.quantization import quantize
-    except ImportError as e:
-        raise QuantizeToolMissing(
-            f"NVIDIA ModelOpt's ONNX quantizer is not importable ({e}); install nvidia-modelopt plus "
-            "onnx-graphsurgeon, onnxconverter-common, polygraphy, onnxslim and lief"
-        ) from e
-    return quantize
+    preset: str = "mixed"
+    keep_ends: bool = True  # the first and last convolution stay float
+    keep_upsampling: bool = True  # single networks: every node from the first upsampling op on stays float
+    accuracy_target_db: float | None = None  # the accuracy-aware mode's PSNR target (None: plain PTQ)
+    validation_tiles: int = 8
+    max_iterations: int = 20
+    speed_reps: int = 3  # rounds of the per-family speed figure (0: none recorded)
 
 
 def quantize_model(
@@ -165,12 +156,14 @@ def quantize_model(
     tool: str = "auto",
     parity_tiles: int = 8,
     parity_photos: str | Path | None = "builtin",
+    nncf: NncfOptions | None = None,
 ) -> QuantizeResult:
     """Write onnx/<precision>/ (Q/DQ) from the repository's fp16 (or fp32) graph; idempotent.
 
-    tool: `ort` (ONNX Runtime's quantize_static, the CPU int8 path), `modelopt` (TensorRT's form, and
-    the only fp8 path) or `auto` (ort for int8 from the fp32 graph, else modelopt). int8 graphs get a
-    parity figure against fp32 on held-out real-photo tiles, which `auto` on onnxruntime-cpu reads.
+    tool: `ort` (ONNX Runtime's quantize_static), `nncf` (OpenVINO's NNCF: the CPU int8 graph OpenVINO
+    serves, engine_build/quantize/nncf_ptq.py), `modelopt` (TensorRT's form, and the only fp8 path) or
+    `auto` (ort for int8 from the fp32 graph, else modelopt). int8 graphs get a parity figure against fp32
+    on held-out real-photo tiles, which `auto` reads; NNCF's also a speed figure for this CPU's family.
     """
     model_dir = Path(model_dir)
     if precision not in QUANT_PRECISIONS:
@@ -178,7 +171,7 @@ def quantize_model(
     target_note = check_fp8_target(target_gpu) if precision == "fp8" else None
     manifest = read_manifest(model_dir, verify=True)
     if base == "auto":
-        base = "fp16" if "fp16" in manifest.onnx else "fp32"
+        base = "fp16" if "fp16" in manifest.onnx and tool != "nncf" else "fp32"
     if base not in manifest.onnx:
         raise QuantizeError(
             f"{model_dir}: no {base} graph to quantize (have {list(manifest.onnx)}); run `gendr-build export`"
@@ -189,23 +182,25 @@ def quantize_model(
         )
     if tool == "auto":
         tool = "ort" if precision == "int8" and base == "fp32" else "modelopt"
-    if tool not in QUANT_TOOLS or (tool == "ort" and precision != "int8"):
-        raise QuantizeError(f"tool must be one of {QUANT_TOOLS} (ort: int8 only), got {tool!r}")
+    if tool not in QUANT_TOOLS or (tool in ("ort", "nncf") and precision != "int8"):
+        raise QuantizeError(f"tool must be one of {QUANT_TOOLS} (ort, nncf: int8 only), got {tool!r}")
+    if tool == "nncf" and base != "fp32":
+        raise QuantizeError("--tool nncf quantizes the fp32 graph (the CPU's), not the fp16 one: --base fp32")
     if method == "auto":
-        method = "minmax" if tool == "ort" else "entropy" if precision == "int8" else "max"
+        method = {"ort": "minmax", "nncf": "nncf-ptq"}.get(tool, "entropy" if precision == "int8" else "max")
     builtin = calib in (None, "builtin") or (
         precision == "int8" and parity_tiles > 0 and parity_photos in (None, "builtin")
     )
-    _require_tools(tool, builtin)
+    require_tools(tool, builtin)
+    nncf = (nncf or NncfOptions()) if tool == "nncf" else None
     base_v = manifest.onnx[base]
-    tiles = calibration_tiles(manifest, calib, n_tiles, seed)
-    calib_digest = tiles_digest(tiles)
+    tiles = calibration_tiles(manifest, calib, n_tiles, seed, disjoint=tool == "nncf")
     options = {
         "format": QUANTIZE_FORMAT,
         "precision": precision,
         "base": base,
         "base_key": base_v.key,
-        "calibration_sha256": calib_digest,
+        "calibration_sha256": tiles_digest(tiles),
         "n_tiles": n_tiles,
         "excludes": list(excludes),
         "method": method,
@@ -213,8 +208,12 @@ def quantize_model(
         "tool": tool,
         "parity_tiles": parity_tiles if precision == "int8" else 0,
         "parity_photos": str(parity_photos),
-        "versions": _modelopt_versions(),
+        "versions": tool_versions(tool),
     }
+    if nncf is not None:
+        options["nncf"] = {k: v for k, v in asdict(nncf).items() if k != "speed_reps"}
+        if calib in (None, "builtin"):
+            options["calibration_photos"] = list(CALIBRATION_PHOTOS)
     key = hash_inputs("quantize", options)
     t0 = time.perf_counter()
     current = manifest.onnx.get(precision)
@@ -235,41 +234,52 @@ def quantize_model(
             n_tiles,
             base,
         )
+        info: dict[str, Any] = {}
         if tool == "ort":
-            info = _ort_quantize(
+            info = ort_quantize(
                 src, raw / GRAPH_FILE, base_v.input_name, tiles, excludes, method, calib_batch
             )
+        elif tool == "nncf":
+            assert nncf is not None
+            info = _nncf_quantize(src, raw / GRAPH_FILE, manifest, base_v, tiles, excludes, nncf, calib, seed)
         else:
-            info = {}
-            _modelopt_quantize(
+            modelopt_quantize(
                 src, raw / GRAPH_FILE, base_v, tiles, precision, method, excludes, calib_batch, calib_ep, t
             )
-        try:  # ModelOpt's graph is TensorRT's form and must pass its rules; ORT's is for the CPU
+        try:  # ModelOpt's graph is TensorRT's form and must pass its rules; ORT's and NNCF's are the CPU's
             out = manifest.tile.out_tile
-            finalize_onnx(raw / GRAPH_FILE, tmp / "final", out, None, (t, t, 3), trt_strict=tool != "ort")
+            strict = tool == "modelopt"
+            with _one_line_trt_warning():
+                finalize_onnx(raw / GRAPH_FILE, tmp / "final", out, None, (t, t, 3), trt_strict=strict)
         except ExportError as e:
             raise QuantizeError(str(e)) from e
-        cpu_only = _cpu_only_reason(trt_problems(tmp / "final" / GRAPH_FILE, out)) if tool == "ort" else None
+        if not strict:
+            cpu_only = cpu_only_reason(trt_problems(tmp / "final" / GRAPH_FILE, out), tool)
         return info
 
     def install(tmp: Path, tool_info: dict[str, Any]) -> str:
         nonlocal manifest
         target = model_dir / ONNX_DIR / precision
         replace_dir(tmp / "final", target)
-        n_qdq = _count_qdq(target / GRAPH_FILE)
+        n_qdq = count_qdq(target / GRAPH_FILE)
         quant_info: dict[str, Any] = {k: v for k, v in options.items() if k != "versions"}
         quant_info.update(
             {
                 "quantize_linear_nodes": n_qdq,
-                "tool": "onnxruntime.quantization" if tool == "ort" else "nvidia-modelopt",
+                "tool": TOOL_NAMES[tool],
                 "versions": options["versions"],
                 **tool_info,
             }
         )
         if precision == "int8" and parity_tiles > 0:
             quant_info["parity"] = int8_parity(
-                model_dir, manifest, base_v, target / GRAPH_FILE, parity_photos, parity_tiles, seed
+                model_dir, manifest, base_v, target / GRAPH_FILE, parity_photos, parity_tiles, seed, tool
             )
+        if nncf is not None and nncf.speed_reps > 0:
+            from engine_build.quantize.speed import cpu_speed
+
+            speed_tiles = calibration_tiles(manifest, calib, nncf.speed_reps, seed + 7, disjoint=True)
+            quant_info["speed"] = cpu_speed(src, target / GRAPH_FILE, base_v.input_name, speed_tiles)
         if target_note:
             quant_info["target"] = target_note
         data = target / DATA_FILE
@@ -279,7 +289,7 @@ def quantize_model(
             external_data=make_artifact(model_dir, data) if data.is_file() else None,
             input_name=base_v.input_name,
             output_name=base_v.output_name,
-            opset=_opset(target / GRAPH_FILE),
+            opset=graph_opset(target / GRAPH_FILE),
             key=key,
             quantization=quant_info,
             options={"seconds": round(time.perf_counter() - t0, 2)},
@@ -309,87 +319,65 @@ def quantize_model(
     return QuantizeResult(model_dir, manifest, precision, skipped, time.perf_counter() - t0, n_tiles)
 
 
-def _cpu_only_reason(problems: list[str]) -> str | None:
-    """The manifest's one-line `cpu_only` reason from TensorRT's rules (None: TensorRT can build it)."""
-    if not problems:
-        return None
-    more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-    return f"ONNX Runtime's quantizer (asymmetric int8) breaks TensorRT's rules: {problems[0]}{more}"
+@contextmanager
+def _one_line_trt_warning() -> Iterator[None]:
+    """The export's warning lists every TensorRT rule a CPU graph breaks (1 300 for NNCF's Real-ESRGAN: 400 kB
+    of log); this step records and prints the first one with the count (`cpu_only`), so cut it to that."""
+
+    def shorten(record: logging.LogRecord) -> bool:
+        if "TensorRT cannot build" in str(record.msg) and len(record.args or ()) == 2:
+            path, problems = record.args  # type: ignore[misc]
+            first, _, rest = str(problems).partition("; ")
+            record.args = (path, first + (" (and more: the manifest's cpu_only counts them)" if rest else ""))
+        return True
+
+    logger = logging.getLogger("engine_build.export.onnx_graph")
+    logger.addFilter(shorten)
+    try:
+        yield
+    finally:
+        logger.removeFilter(shorten)
 
 
-def _modelopt_quantize(
+def _nncf_quantize(
     src: Path,
     dst: Path,
+    manifest: Manifest,
     base_v: OnnxVariant,
     tiles: np.ndarray,
-    precision: str,
-    method: str,
     excludes: Sequence[str],
-    calib_batch: int,
-    calib_ep: str,
-    t: int,
-) -> None:
-    quantize = _import_modelopt()
-    try:
-        quantize(
-            onnx_path=str(src),
-            quantize_mode=precision,
-            calibration_data={base_v.input_name: tiles},
-            calibration_method=method,
-            calibration_shapes=f"{base_v.input_name}:{calib_batch}x{t}x{t}x3",
-            calibration_eps=[calib_ep],
-            nodes_to_exclude=list(excludes) or None,
-            use_external_data_format=base_v.external_data is not None,
-            output_path=str(dst),
-            high_precision_dtype="fp32",  # keep the base graph's dtypes (see the module docstring)
-            log_level="WARNING",
-        )
-    except Exception as e:  # ModelOpt raises many types
-        raise QuantizeError(f"ModelOpt {precision} quantization failed: {type(e).__name__}: {e}") from e
-
-
-def _ort_quantize(
-    src: Path,
-    dst: Path,
-    input_name: str,
-    tiles: np.ndarray,
-    excludes: Sequence[str],
-    method: str,
-    calib_batch: int,
+    opts: NncfOptions,
+    calib: str | Path | None,
+    seed: int,
 ) -> dict[str, Any]:
-    from engine_build.quantize.ort import OrtQuantizeError, quantize_static_int8, select_nodes
+    from engine_build.quantize.nncf_ptq import NncfQuantizeError, float_scope, quantize_nncf_int8
 
+    scope = float_scope(src, manifest.kind, excludes, ends=opts.keep_ends, upsampling=opts.keep_upsampling)
+    val = None
+    if opts.accuracy_target_db is not None:
+        n = opts.validation_tiles
+        val = calibration_tiles(manifest, calib, n, seed + VALIDATION_SEED_OFFSET, disjoint=True)
     try:
-        return quantize_static_int8(
+        info = quantize_nncf_int8(
             src,
             dst,
-            input_name,
+            base_v.input_name,
             tiles,
-            exclude_nodes=select_nodes(src, excludes),
-            method=method,
-            batch=calib_batch,
+            scope.names(),
+            preset=opts.preset,
+            accuracy_target_db=opts.accuracy_target_db,
+            validation_tiles=val,
+            max_iterations=opts.max_iterations,
         )
-    except OrtQuantizeError as e:
+    except NncfQuantizeError as e:
         raise QuantizeError(str(e)) from e
-
-
-def _count_qdq(path: Path) -> int:
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
-    return sum(1 for n in m.graph.node if n.op_type == "QuantizeLinear")
-
-
-def _opset(path: Path) -> int:
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
-    return max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+    return {**info, "float_scope": scope.summary()}
 
 
 __all__ = [
     "DEFAULT_EXCLUDES",
     "QUANT_PRECISIONS",
+    "NncfOptions",
     "QuantizeError",
     "QuantizeResult",
     "QuantizeToolMissing",

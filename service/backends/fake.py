@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from service.backends.base import BackendInfo, Timings, dynamic_sample_shapes
+from service.backends.memory import MemoryFit, measure
 from service.manifest import Manifest
 from service.settings import Settings
 
@@ -35,6 +36,27 @@ class FakeBehaviour:
     hang: threading.Event | None = None  # while set, calls block until it is cleared (or released)
     wrong_count: bool = False  # return one tile too few
     wrong_shape: bool = False  # return tiles of the input size instead of the output size
+    # Memory model of a whole-image call (the cap test): fixed + per_pixel × input pixels, of `available`.
+    memory_per_pixel: float = 0.0
+    memory_fixed: float = 0.0
+    memory_available: int = 0
+
+
+@dataclass
+class ModelMemory:
+    """A memory probe that reports the fake's memory model for the call it wraps."""
+
+    behaviour: FakeBehaviour
+    last_pixels: int = 0
+    source: str = "model"
+
+    def available(self) -> int:
+        return self.behaviour.memory_available
+
+    def peak(self, run: Callable[[], object]) -> int:
+        run()
+        b = self.behaviour
+        return int(b.memory_fixed + b.memory_per_pixel * self.last_pixels)
 
 
 class FakeBackend:
@@ -75,6 +97,8 @@ class FakeBackend:
         self._loaded = False
         # Like TensorRT: the sizes an engine really serves are known only once it is loaded.
         self._loaded_batch_sizes = tuple(sorted(loaded_batch_sizes)) if loaded_batch_sizes else None
+        self.whole_image_memory: MemoryFit | None = None  # from the memory model, at warm-up
+        self._memory: ModelMemory | None = None
 
     @classmethod
     def from_settings(cls, name: str, manifest: Manifest, model_dir: Path, settings: Settings) -> FakeBackend:
@@ -116,8 +140,15 @@ class FakeBackend:
     def warmup(self) -> Timings:
         shapes = [(t, t, n) for t in self.tiles for n in self.batch_sizes]
         if self.dynamic:
-            shapes += [(h, w, 1) for h, w in dynamic_sample_shapes(self.manifest, self.max_call_pixels)]
+            dyn = dynamic_sample_shapes(self.manifest, self.max_call_pixels)
+            shapes += [(h, w, 1) for h, w in dyn]
+            if self.behaviour.memory_per_pixel > 0:
+                self._memory = ModelMemory(self.behaviour)
+                self.whole_image_memory = measure(self._memory, self._run_grey, dyn)
         return {(h, w, n): self.cost_s(n, h, w) for h, w, n in shapes}
+
+    def _run_grey(self, h: int, w: int) -> object:
+        return self.infer(0, np.full((1, h, w, 3), 128, dtype=np.uint8))
 
     def infer(self, instance: int, batch: np.ndarray) -> np.ndarray:
         if not self._loaded:
@@ -155,6 +186,8 @@ class FakeBackend:
                 time.sleep(wait)
             if fail or (b.fail_if is not None and b.fail_if(instance, batch)):
                 raise FakeEngineError(f"injected failure on instance {instance}")
+            if self._memory is not None:
+                self._memory.last_pixels = h * w
             s = 1 if b.wrong_shape else self.scale
             out = batch.repeat(s, axis=1).repeat(s, axis=2) if s > 1 else batch.copy()
             return out[:-1] if b.wrong_count else out

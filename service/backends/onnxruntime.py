@@ -38,6 +38,7 @@ from service.backends.base import (
     timed_warmup,
     verify,
 )
+from service.backends.memory import DeviceMemory, HostMemory, MemoryFit, MemoryProbe, measure
 from service.manifest import Manifest, OnnxVariant
 from service.settings import Settings
 
@@ -140,6 +141,7 @@ class OnnxRuntimeBackend:
         self._precision = p
         self._sessions: dict[int | None, list[object]] = {}
         self._healthy = False
+        self.whole_image_memory: MemoryFit | None = None  # measured at warm-up (the whole-image cap)
 
     @classmethod
     def from_settings(
@@ -290,7 +292,22 @@ class OnnxRuntimeBackend:
 
     def warmup(self) -> Timings:
         dyn = dynamic_sample_shapes(self.manifest, self.max_call_pixels) if self.dynamic else ()
+        if len(dyn) > 1:  # before the timed runs: the first call of a size shows what it allocates
+            try:
+                probe = self._memory_probe()
+            except Exception as e:  # no NVML: the cap falls back to its default
+                log.warning("%s: no memory reader for %s: %s", self.manifest.name, self.info.device, e)
+            else:
+                # ONNX Runtime's memory arena keeps what a call grew it by (and grows in powers of two:
+                # memory the process really holds), so a size's need is the growth summed up to it
+                self.whole_image_memory = measure(probe, self._run_grey, dyn, cumulative=True)
         return timed_warmup(self, self.instances, self.info.batch_sizes, self.tiles, dyn)
+
+    def _memory_probe(self) -> MemoryProbe:
+        return HostMemory() if self.provider == "cpu" else DeviceMemory(self.device_id)
+
+    def _run_grey(self, h: int, w: int) -> object:
+        return self.infer(0, np.full((1, h, w, 3), 128, dtype=np.uint8))
 
     def infer(self, instance: int, batch: np.ndarray) -> np.ndarray:
         h, w = batch.shape[1:3]

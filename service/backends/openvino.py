@@ -7,6 +7,12 @@ against the fp32 output — well inside the 40 dB bound that int8 must meet. ONN
 has no bf16 convolution, so this is a different runtime, not a different graph: the same fp32 ONNX file
 (sha256-verified like every artifact) is read and compiled with OpenVINO's inference-precision hint.
 
+It also serves the int8 graph that NNCF writes (`gendr-build quantize --tool nncf`, Q/DQ ONNX that
+OpenVINO turns into int8 convolutions: VNNI / AMX-INT8 where the CPU has them, AVX2 otherwise). Its float
+remainder (the first/last convolutions and the upsampling path) runs in fp32 on every CPU, so its output
+is the one its parity figure was measured on: NNCF's weights are 7-bit (overflow fix), so the int8 sums are
+exact on CPUs without VNNI too. `auto` picks int8 only where select.py's rule says so (parity and speed).
+
 Instances are OpenVINO infer requests on one compiled model (one copy of the weights); the compiled
 model gets one stream per instance and the intra-op threads of all of them.
 """
@@ -28,6 +34,7 @@ from service.backends.base import (
     timed_warmup,
     verify,
 )
+from service.hardware import CPU_UNIT_FLAGS, cpu_flags
 from service.manifest import Artifact, Manifest, OnnxVariant
 from service.settings import Settings
 
@@ -35,19 +42,18 @@ log = logging.getLogger(__name__)
 
 NAME = "openvino-cpu"
 #: /proc/cpuinfo flags that give OpenVINO a native bf16 matrix path (AMX tiles, AVX-512 BF16 dot products).
-BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-_HINT = {"bf16": "bf16", "fp32": "f32"}
+BF16_FLAGS = CPU_UNIT_FLAGS["bf16"]
+#: ... and an int8 dot product into int32 (VNNI, AMX-INT8); without one, int8 runs on AVX2's saturating path.
+INT8_FLAGS = CPU_UNIT_FLAGS["vnni"]
+_HINT = {"bf16": "bf16", "fp32": "f32", "int8": "f32"}  # int8: its float remainder in fp32 (see above)
+NNCF_TOOL = "nncf"  # quantization.tool of the int8 graphs this backend serves
 
 
-def cpu_flags(path: Path = Path("/proc/cpuinfo")) -> set[str]:
-    """The CPU's feature flags (empty when unknown, e.g. not Linux)."""
-    try:
-        for line in path.read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+def nncf_int8(manifest: Manifest) -> OnnxVariant | None:
+    """The repository's int8 graph when NNCF made it (OpenVINO's form), else None: OpenVINO does not
+    compile ONNX Runtime's or ModelOpt's int8 graphs into int8 kernels (docs/benchmarks.md)."""
+    v = manifest.onnx.get("int8")
+    return v if v is not None and (v.quantization or {}).get("tool") == NNCF_TOOL else None
 
 
 def bf16_flags(flags: set[str] | None = None) -> list[str]:
@@ -56,14 +62,24 @@ def bf16_flags(flags: set[str] | None = None) -> list[str]:
     return [f for f in BF16_FLAGS if f in have]
 
 
-def resolve_precision(requested: str, flags: set[str] | None = None) -> str:
-    """`auto` → bf16 where the CPU has a bf16 matrix path, else fp32; fp32/bf16 as asked; others refused."""
+def int8_flags(flags: set[str] | None = None) -> list[str]:
+    """The int8 dot-product flags this CPU has (VNNI, AMX-INT8), best first; none: AVX2's int8 path."""
+    have = cpu_flags() if flags is None else flags
+    return [f for f in INT8_FLAGS if f in have]
+
+
+def resolve_precision(requested: str, flags: set[str] | None = None, nncf: bool = False) -> str:
+    """`auto` → bf16 where the CPU has a bf16 matrix path, else fp32 (int8 only when select.py's rule asks
+    for it by name); fp32/bf16 as asked; int8 when NNCF made the repository's int8 graph; others refused."""
     if requested == "auto":
         return "bf16" if bf16_flags(flags) else "fp32"
-    if requested not in _HINT:
+    if requested == "int8" and nncf:
+        return "int8"
+    if requested not in _HINT or requested == "int8":
         raise BackendUnavailable(
-            f"{NAME} runs the fp32 ONNX graph in fp32 or bf16, not {requested} "
-            "(int8 graphs are served by onnxruntime-cpu)"
+            f"{NAME} runs the fp32 ONNX graph in fp32 or bf16, or an int8 graph made by NNCF "
+            f"(gendr-build quantize --tool nncf), not {requested} (other int8 graphs are served by "
+            "onnxruntime-cpu)"
         )
     if requested == "bf16" and not bf16_flags(flags):
         raise BackendUnavailable(
@@ -94,8 +110,8 @@ class OpenVinoBackend:
     ) -> None:
         self.manifest = manifest
         self.model_dir = Path(model_dir)
-        self.variant = fp32_variant(manifest)
-        self.precision = resolve_precision(precision)
+        self.precision = resolve_precision(precision, nncf=nncf_int8(manifest) is not None)
+        self.variant = manifest.onnx["int8"] if self.precision == "int8" else fp32_variant(manifest)
         self.instances = instances
         self.threads = intra_op_threads or max(1, available_cpus() // instances)
         self.max_batch = max_batch

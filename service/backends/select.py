@@ -3,8 +3,15 @@
 `auto` ranks what could serve the model here: TensorRT when a real TensorRT runtime, a GPU and an
 engine built for this GPU's compute capability *by this exact TensorRT version* exist (a plan only
 deserialises in the version that built it); then ONNX Runtime's CUDA provider when onnxruntime-gpu
-sees a GPU; then ONNX Runtime on the CPU; then (a checkpoint in the repository) PyTorch. The runtime
-loads the first and falls back down the list when a load fails, recording why (`candidates`).
+sees a GPU; then OpenVINO on the CPU (`cpu_choice`: int8 or bf16 by CPU family); then ONNX Runtime on
+the CPU; then (a checkpoint in the repository) PyTorch. The runtime loads the first and falls back down
+the list when a load fails, recording why (`candidates`).
+
+The CPU rule (`cpu_choice`, docs/runtime.md): NNCF's int8 graph is served only where its parity passes
+(≥ 40 dB vs fp32 on real photos) and a speed figure measured on this CPU family says it beats every other
+path this CPU would take (OpenVINO bf16 on a bf16 unit, ONNX Runtime fp32) by INT8_MIN_GAIN; the figure
+comes from the repository (recorded by `gendr-build quantize --tool nncf` on a CPU of the same family)
+or from CPU_FIGURES (measured by benchmarks/cpu_efficiency.py). An unmeasured family never gets int8.
 
 Each step only looks for packages, devices and manifest entries: no artifact is read here.
 Backends are built by name from a registry of import paths, so the torch backend (which lives on
@@ -22,8 +29,15 @@ from typing import Any
 
 from service.backends.base import Backend, BackendUnavailable
 from service.backends.chain import GPU_BACKENDS, GpuExpectation
-from service.hardware import GpuInfo, gpu_info, has_package, tensorrt_too_old, tensorrt_version
-from service.manifest import PRECISIONS, Engine, Manifest
+from service.hardware import (
+    GpuInfo,
+    cpu_family,
+    gpu_info,
+    has_package,
+    tensorrt_too_old,
+    tensorrt_version,
+)
+from service.manifest import PRECISIONS, Engine, Manifest, OnnxVariant
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -94,21 +108,116 @@ def find_engine(
     return ok[0] if ok else None
 
 
-def openvino_candidate(manifest: Manifest, settings: Settings) -> str | None:
-    """Why OpenVINO bf16 should serve on this CPU (it measured several times ONNX Runtime's CPU speed on
-    bf16 matrix units, docs/benchmarks.md), or None: not installed, no bf16 unit, no fp32 graph, or not
-    a `single` network (GenDR's bf16 quality is unmeasured: GENDR_BACKEND=openvino-cpu opts in)."""
-    from service.backends.openvino import bf16_flags
+#: Wall seconds per 96-px tile of the default model (Real-ESRGAN ×4plus, batch 1, 2 cores) by CPU family and
+#: path, from benchmarks/cpu_efficiency.py (docs/benchmarks.md, "CPU efficiency"). A family or path not
+#: here was not measured; `auto` gives int8 to no family on a guess.
+CPU_FIGURES: dict[str, dict[str, float]] = {
+    # Intel Xeon 5th gen (AMX), 2 cores: the first CPU efficiency run; int8 there was ORT's, not NNCF's
+    "amx": {"ort-fp32": 1.61, "ov-fp32": 1.37, "ov-bf16": 0.44},
+    # AMD EPYC (Zen 3: AVX2, no VNNI, no AVX-512), 2 cores: issue 28's run
+    "avx2": {"ort-fp32": 0.0, "ort-int8": 0.0, "ov-fp32": 0.0, "ov-int8": 0.0},
+}
+#: int8 must be this much faster than the next path (a shared 2-core VM's timings move ±10 %).
+INT8_MIN_GAIN = 1.1
 
+
+@dataclass(frozen=True)
+class CpuChoice:
+    """What `auto` serves on this CPU: OpenVINO's precision (None: no OpenVINO candidate), the precision
+    ONNX Runtime gets under `auto` (fp32 where NNCF's int8 graph is not measured faster in it), and why."""
+
+    family: str
+    openvino: str | None
+    ort_precision: str
+    reason: str
+
+
+def nncf_int8(manifest: Manifest) -> OnnxVariant | None:
+    from service.backends.openvino import nncf_int8 as find
+
+    return find(manifest)
+
+
+def family_figures(manifest: Manifest, family: str) -> tuple[dict[str, float], str]:
+    """Seconds per tile by path measured on this CPU family, and where they come from: the repository's
+    own (recorded by `gendr-build quantize --tool nncf` on a CPU of this family), else CPU_FIGURES."""
+    v = nncf_int8(manifest)
+    speed = (v.quantization or {}).get("speed") if v is not None else None
     if (
-        settings.precision not in ("auto", "bf16")
-        or "fp32" not in manifest.onnx
-        or manifest.kind != "single"
-        or not has_package("openvino")
+        isinstance(speed, dict)
+        and speed.get("family") == family
+        and isinstance(speed.get("s_per_tile"), dict)
     ):
-        return None
-    flags = bf16_flags()
-    return f"auto: OpenVINO bf16 on the CPU ({', '.join(flags)})" if flags else None
+        figs = {k: float(x) for k, x in speed["s_per_tile"].items() if isinstance(x, int | float) and x > 0}
+        return figs, f"measured on {speed.get('cpu', 'a CPU')} ({family}) by gendr-build quantize"
+    figs = {k: x for k, x in CPU_FIGURES.get(family, {}).items() if x > 0}
+    return figs, f"docs/benchmarks.md figures for {family}" if figs else f"no figures for {family}"
+
+
+def _faster(figs: dict[str, float], path: str, others: list[str]) -> tuple[bool, str]:
+    """Whether `path` beats each of `others` by INT8_MIN_GAIN in `figs` (unmeasured: no), and the ratios."""
+    if path not in figs or any(o not in figs for o in others):
+        missing = [p for p in (path, *others) if p not in figs]
+        return False, f"{', '.join(missing)} not measured"
+    gains = {o: figs[o] / figs[path] for o in others}
+    text = ", ".join(f"{g:.2f}× {o}" for o, g in gains.items())
+    return all(g >= INT8_MIN_GAIN for g in gains.values()), text
+
+
+def cpu_choice(manifest: Manifest, settings: Settings, flags: set[str] | None = None) -> CpuChoice:
+    """The CPU paths `auto` takes for this model here (the rule in the module docstring)."""
+    from service.backends import openvino as ovmod
+    from service.backends.onnxruntime import int8_passes
+
+    flags = ovmod.cpu_flags() if flags is None else flags
+    family = cpu_family(flags)
+    bf16 = ovmod.bf16_flags(flags)
+    ov_ok = (
+        settings.precision in ("auto", "bf16", "int8")
+        and "fp32" in manifest.onnx
+        and manifest.kind == "single"
+        and has_package("openvino")
+    )
+    figs, source = family_figures(manifest, family)
+    v = nncf_int8(manifest)
+    int8_ok, int8_why = int8_passes(v) if v is not None else (False, "no NNCF int8 graph")
+    ort_precision = "auto"
+    if v is not None and settings.precision == "auto":
+        faster, why = _faster(figs, "ort-int8", ["ort-fp32"])
+        ort_precision = "auto" if int8_ok and faster else "fp32"
+    if not ov_ok:
+        return CpuChoice(family, None, ort_precision, "")
+    if int8_ok and settings.precision in ("auto", "int8"):
+        rivals = ["ov-bf16", "ort-fp32"] if bf16 else ["ort-fp32"]
+        faster, why = _faster(figs, "ov-int8", rivals)
+        if faster or settings.precision == "int8":
+            return CpuChoice(
+                family,
+                "int8",
+                ort_precision,
+                f"auto: OpenVINO int8 (NNCF; {int8_why}; {family}: {why}, {source})",
+            )
+        int8_why = f"int8 not served on {family}: {why} ({source})"
+    if bf16 and settings.precision in ("auto", "bf16"):
+        return CpuChoice(family, "bf16", ort_precision, f"auto: OpenVINO bf16 on the CPU ({', '.join(bf16)})")
+    return CpuChoice(family, None, ort_precision, int8_why)
+
+
+def openvino_candidate(manifest: Manifest, settings: Settings) -> str | None:
+    """Why OpenVINO should serve on this CPU (`cpu_choice`: NNCF's int8 where measured fastest on this CPU
+    family, else bf16 on a bf16 unit, docs/benchmarks.md), or None: not installed, no such path, no fp32
+    graph, or not a `single` network (GenDR's bf16 quality is unmeasured: GENDR_BACKEND=openvino-cpu)."""
+    c = cpu_choice(manifest, settings)
+    return c.reason if c.openvino is not None else None
+
+
+def _cpu_settings(name: str, manifest: Manifest, settings: Settings) -> Settings:
+    """`auto` precision made concrete where the CPU rule decides it (OpenVINO int8, ONNX Runtime fp32)."""
+    if settings.precision != "auto" or name not in ("openvino-cpu", "onnxruntime-cpu"):
+        return settings
+    c = cpu_choice(manifest, settings)
+    p = (c.openvino or "auto") if name == "openvino-cpu" else c.ort_precision
+    return settings if p == "auto" else settings.model_copy(update={"precision": p})
 
 
 def candidates(manifest: Manifest, settings: Settings) -> list[Candidate]:
@@ -196,6 +305,7 @@ def backend_class(name: str) -> Any:
 
 def build(name: str, manifest: Manifest, model_dir: Path, settings: Settings) -> Backend:
     """Construct (not load) backend `name` for one model, configured from settings."""
+    settings = _cpu_settings(name, manifest, settings)
     backend: Backend = backend_class(name).from_settings(name, manifest, model_dir, settings)
     return backend
 

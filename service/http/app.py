@@ -21,7 +21,6 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
@@ -35,6 +34,7 @@ from service.errors import (
 )
 from service.http import images
 from service.http.auth import ApiKeys
+from service.http.error_body import UPLOAD_ERRORS, ErrorBody, ErrorDetail, error_responses
 from service.http.jobs_routes import add_routes
 from service.http.lifecycle import UPSCALE_PATH, GendrState, RequestContext
 from service.http.quotas import Quotas, load_keys_file
@@ -47,19 +47,6 @@ from service.scheduling.pools import SizeClassPool
 from service.settings import Settings
 
 log = logging.getLogger("gendr.http")
-
-
-class ErrorDetail(BaseModel):
-    code: str
-    message: str
-    retry_after_s: float | None = None
-    request_id: str | None = None
-
-
-class ErrorBody(BaseModel):
-    """Every error response: a stable `code` (docs/http.md) and a human `message`."""
-
-    error: ErrorDetail
 
 
 def error_response(request: Request, exc: BaseException) -> JSONResponse:
@@ -160,27 +147,16 @@ def create_app(
                 await shared.close()  # jobs still held go back to the stream for another replica
             await st.close(st.time_left(1.0) if drained_by_cli else max(1.0, st.time_left(5.0)))
 
-    errors = {
-        s: {"model": ErrorBody, "description": d}
-        for s, d in {
-            400: "bad options (`bad_request`)",
-            401: "missing or wrong API key (`unauthorized`)",
-            404: "unknown model (`model_not_found`)",
-            413: "body (`payload_too_large`) or pixel limit (`image_too_large`)",
-            429: "the API key is over its quota (`rate_limited`); see Retry-After and RateLimit-*",
-            415: "not an accepted image format or animated (`unsupported_media_type`)",
-            422: "corrupt or truncated image (`undecodable_image`)",
-            500: "engine failure (`engine_failure`)",
-            503: "saturated (`overloaded`), `draining` or `not_ready`; see Retry-After",
-            504: "the deadline passed (`deadline_exceeded`)",
-        }.items()
-    }
+    errors = error_responses(UPLOAD_ERRORS)
     app = FastAPI(
         title="gendr-serve",
         version=__version__,
         description="GenDR one-step diffusion super-resolution. See docs/http.md.",
         lifespan=lifespan,
         responses={500: {"model": ErrorBody, "description": "internal error"}},
+        # Behind a proxy that strips this prefix: URLs we hand out carry it (jobs_routes.py), /docs finds
+        # /openapi.json under it. Routes still match the stripped path.
+        root_path=settings.root_path,
     )
     app.state.gendr = st
     app.add_exception_handler(ServiceError, _service_error)

@@ -9,6 +9,7 @@ so only the image part is kept.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from python_multipart.exceptions import MultipartParseError
@@ -28,6 +29,7 @@ class Upload:
     data: bytes
     fields: dict[str, str] = field(default_factory=dict)  # multipart form fields other than the image
     content_type: str = ""
+    cpu_s: float = 0.0  # CPU seconds spent taking the body apart (the host-work metric's `read`)
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
@@ -151,8 +153,10 @@ async def read_upload(request: Request, max_bytes: int) -> Upload:
         )
     chunks: list[bytes] = []
     total = 0
+    cpu = 0.0
     try:
         async for chunk in request.stream():
+            c0 = time.thread_time()
             total += len(chunk)
             if total > max_bytes:
                 raise _too_large(max_bytes)
@@ -160,10 +164,13 @@ async def read_upload(request: Request, max_bytes: int) -> Upload:
                 multipart.write(chunk)
             elif chunk:
                 chunks.append(chunk)
+            cpu += time.thread_time() - c0
     except ClientDisconnect as e:
         raise ClientClosedRequest("client disconnected during the upload") from e
     request.state.body_read = True
+    c0 = time.thread_time()
     upload = multipart.finish() if multipart is not None else Upload(b"".join(chunks), {}, ctype)
+    upload.cpu_s = cpu + time.thread_time() - c0
     if not upload.data:
         raise BadRequest(f"no image: send it as the request body or as multipart field `{IMAGE_FIELD}`")
     return upload

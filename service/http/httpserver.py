@@ -120,10 +120,12 @@ class GendrH11Protocol(H11Protocol):
         self._stop_header_timer()
         super().connection_lost(exc)
 
-    def on_response_complete(self) -> None:
-        if not self.transport.is_closing():
+    def data_received(self, data: bytes) -> None:
+        # The next request on a kept-alive connection: its head's time starts with its first byte. An idle
+        # connection is uvicorn's keep-alive timeout's to close (keep_alive_timeout_s), not ours.
+        if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
             self._start_header_timer()
-        super().on_response_complete()
+        super().data_received(data)
 
     # --- protocol errors ------------------------------------------------------------------------
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import io
+from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -16,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from service.errors import ImageTooLarge, UnsupportedMediaType
-from service.http.png16 import write_png16
+from service.http import fastencode
 
 OutputFormat = Literal["png", "jpeg", "webp", "avif"]
 CONTENT_TYPES: dict[str, str] = {
@@ -109,62 +111,119 @@ def resize_float(a: np.ndarray, height: int, width: int) -> np.ndarray:
     return out[0] if a.ndim == 2 else np.stack(out, axis=2)
 
 
-def _resize_alpha(alpha: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Alpha in [0, 1] at the output size (bicubic, clamped)."""
-    if alpha.dtype == np.uint8:
-        out = np.asarray(Image.fromarray(alpha).resize((width, height), Image.Resampling.BICUBIC))
-        return out.astype(np.float32) / 255.0
-    return np.clip(resize_float(alpha.astype(np.float32) / 65535.0, height, width), 0.0, 1.0)
+def _resize_alpha8(alpha: np.ndarray, height: int, width: int) -> np.ndarray:
+    """8-bit alpha at the output size (bicubic, as Pillow resizes it)."""
+    return np.asarray(Image.fromarray(alpha).resize((width, height), Image.Resampling.BICUBIC))
+
+
+def _resize_alpha16(alpha: np.ndarray, height: int, width: int) -> np.ndarray:
+    """16-bit alpha at the output size (bicubic on floats, clamped)."""
+    a = resize_float(alpha.astype(np.float32), height, width)
+    return np.clip(np.rint(a), 0, 65535).astype(np.uint16)
+
+
+def _alpha8(src: Decoded, height: int, width: int) -> np.ndarray:
+    assert src.alpha is not None
+    if src.alpha.dtype == np.uint8:
+        return _resize_alpha8(src.alpha, height, width)
+    a16 = _resize_alpha16(src.alpha, height, width)
+    return ((a16.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _flatten_on_white(colour: np.ndarray, a8: np.ndarray) -> np.ndarray:
+    """colour·α + 255·(1 − α) in integers (exact: a sum over 255 is never a tie)."""
+    a = a8[..., None].astype(np.uint16)
+    mixed = colour * a  # uint16: 255 · 255 fits
+    mixed += (255 - a) * 255
+    mixed += 127
+    return (mixed // 255).astype(np.uint8)
+
+
+#: WebP effort (0 fastest … 6 smallest). Measured on a Real-ESRGAN output at q90: method 0 takes ≈ 40 %
+#: less CPU than 2 (the former setting) for files ≈ 15 % larger at the same PSNR (43.3 vs 43.0 dB; q75:
+#: 39.7 vs 39.6): the quality asked for is kept, the CPU a GPU pod needs for WebP falls below 6 cores.
+WEBP_METHOD = 0
 
 
 def encode(
-    out_rgb: np.ndarray, src: Decoded, fmt: str, quality: int, png_level: int = 3, metadata: str = "strip"
+    out_rgb: np.ndarray,
+    src: Decoded,
+    fmt: str,
+    quality: int,
+    png_level: int = 3,
+    metadata: str = "strip",
+    pool: Executor | None = None,
+    threads: int = 1,
+    on_cpu: Callable[[float], None] | None = None,
 ) -> bytes:
-    """Merge the model's RGB output with the source's alpha / gray / 16-bit detail and encode."""
+    """Merge the model's RGB output with the source's alpha / gray / 16-bit detail and encode.
+
+    `pool`, `threads`: where and how widely a PNG's bands are compressed in parallel; `on_cpu` gets the
+    CPU seconds of the bands that ran on other threads."""
     if fmt not in CONTENT_TYPES:
         raise ValueError(f"unknown output format {fmt!r}")
     h, w = out_rgb.shape[:2]
     if src.gray:
-        colour = np.asarray(Image.fromarray(out_rgb).convert("L"))[..., None]
+        colour = np.asarray(Image.fromarray(np.ascontiguousarray(out_rgb)).convert("L"))[..., None]
     else:
         colour = out_rgb
-    alpha = _resize_alpha(src.alpha, h, w) if src.alpha is not None else None
     icc = src.icc_profile if not (src.gray and fmt == "webp") else None
+    exif = xmp = None
+    if metadata != "strip":
+        exif = kept_exif(src.exif, metadata == "keep_all") if src.exif else None
+        xmp = src.xmp
 
     if fmt == "png" and src.bits == 16:
         c = colour.astype(np.float32) * 257.0
         if src.residual is not None:
             c += resize_float(src.residual, h, w).reshape(c.shape)
-        planes = [np.clip(np.rint(c), 0, 65535).astype(np.uint16)]
-        if alpha is not None:
-            planes.append(np.rint(alpha * 65535.0).astype(np.uint16)[..., None])
-        return write_png16(np.concatenate(planes, axis=2), icc, png_level)
+        arr16 = np.empty((h, w, colour.shape[2] + (src.alpha is not None)), np.uint16)
+        np.clip(np.rint(c), 0, 65535, out=c)
+        arr16[..., : colour.shape[2]] = c
+        if src.alpha is not None:
+            a = src.alpha
+            arr16[..., -1] = _resize_alpha16(a.astype(np.uint16) * 257 if a.dtype == np.uint8 else a, h, w)
+        return fastencode.png(
+            arr16, level=png_level, icc=icc, exif=exif, xmp=xmp, pool=pool, threads=threads, on_cpu=on_cpu
+        )
 
-    if alpha is not None and fmt == "jpeg":  # JPEG has no alpha: flatten onto white
-        a = alpha[..., None]
-        colour = np.clip(np.rint(colour.astype(np.float32) * a + 255.0 * (1.0 - a)), 0, 255).astype(np.uint8)
-        alpha = None
-    if alpha is not None:
-        a8 = np.rint(alpha * 255.0).astype(np.uint8)[..., None]
-        arr = np.concatenate([colour, a8], axis=2)
+    a8 = _alpha8(src, h, w) if src.alpha is not None else None
+    if a8 is not None and fmt == "jpeg":  # JPEG has no alpha: flatten onto white
+        colour, a8 = _flatten_on_white(colour, a8), None
+    if a8 is not None:
+        arr = np.empty((h, w, colour.shape[2] + 1), np.uint8)
+        arr[..., :-1] = colour
+        arr[..., -1] = a8
     else:
-        arr = colour[..., 0] if src.gray else colour
-    im = Image.fromarray(np.ascontiguousarray(arr))  # L, LA, RGB or RGBA from the shape
+        arr = colour
+    if fmt == "png":
+        return fastencode.png(
+            arr, level=png_level, icc=icc, exif=exif, xmp=xmp, pool=pool, threads=threads, on_cpu=on_cpu
+        )
+    # 4:4:4 chroma at high quality: super-resolved detail is what the client paid for.
+    if fmt == "jpeg" and fastencode.have_jpeg():
+        sub = "444" if quality >= 90 else "420"
+        return fastencode.jpeg(arr, quality, subsampling=sub, icc=icc, exif=exif, xmp=xmp)
+    if fmt == "webp" and fastencode.have_webp() and arr.shape[2] in (3, 4):
+        return fastencode.webp(arr, quality, method=WEBP_METHOD, icc=icc, exif=exif, xmp=xmp)
+    return _pillow_encode(arr, fmt, quality, icc, exif, xmp)
+
+
+def _pillow_encode(
+    arr: np.ndarray, fmt: str, quality: int, icc: bytes | None, exif: bytes | None, xmp: bytes | None
+) -> bytes:
+    """Pillow's encoders (they hold the GIL): AVIF, and JPEG/WebP where the fast libraries are absent."""
+    im = Image.fromarray(np.ascontiguousarray(arr[..., 0] if arr.shape[2] == 1 else arr))
     buf = io.BytesIO()
     extra: dict[str, object] = {"icc_profile": icc} if icc else {}
-    if metadata != "strip":
-        if src.exif:
-            extra["exif"] = kept_exif(src.exif, metadata == "keep_all")
-        if src.xmp:
-            extra["xmp"] = src.xmp
-    if fmt == "png":
-        im.save(buf, format="PNG", compress_level=png_level, **extra)
-    elif fmt == "jpeg":
-        # 4:4:4 chroma at high quality: super-resolved detail is what the client paid for.
+    if exif:
+        extra["exif"] = exif
+    if xmp:
+        extra["xmp"] = xmp
+    if fmt == "jpeg":
         im.save(buf, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2, **extra)
     elif fmt == "webp":
-        # method 2: ~2.5x faster than Pillow's default 4 for about the same size at q 90.
-        im.save(buf, format="WEBP", quality=quality, method=2, **extra)
+        im.save(buf, format="WEBP", quality=quality, method=WEBP_METHOD, **extra)
     else:
         im.save(buf, format="AVIF", quality=quality, speed=8, **extra)
     return buf.getvalue()

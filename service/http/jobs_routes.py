@@ -10,6 +10,9 @@ both stores: the paging is service/jobs/listing.py, the event stream service/job
 
 from __future__ import annotations
 
+import html
+import json
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,9 +20,11 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.staticfiles import StaticFiles
 from pydantic import Field
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.types import Scope
 
 from service.errors import BadRequest
+from service.http.error_body import UPLOAD_ERRORS, error_responses
 from service.http.jobs import JobStore
 from service.http.shared_jobs import SharedJobs
 from service.http.upscale import Context, UpscaleParams, handle_upscale
@@ -104,6 +109,55 @@ def _has_body(request: Request) -> bool:
     return int(request.headers.get("content-length") or 0) > 0 or "transfer-encoding" in request.headers
 
 
+# --- a root path (GENDR_ROOT_PATH): a proxy serves us under a prefix it strips --------------------------
+# The stores write server-relative URLs ("/v1/jobs/{id}"); the routes below put the prefix in front, so
+# a client that follows Location or result_url from the public URL stays under the prefix.
+
+
+def _root(request: Request) -> str:
+    return str(request.scope.get("root_path", "")).rstrip("/")
+
+
+def _prefixed(root: str, job: dict[str, Any]) -> dict[str, Any]:
+    url = job.get("result_url")
+    if root and isinstance(url, str) and url.startswith("/") and not url.startswith(root + "/"):
+        return {**job, "result_url": root + url}
+    return job
+
+
+def _with_root(request: Request, resp: Response) -> Response:
+    """POST /v1/jobs's answer with the prefix in its Location and (an idempotent repeat) its result_url."""
+    root = _root(request)
+    if not root:
+        return resp
+    if isinstance(resp, JSONResponse) and b'"result_url":"/' in resp.body:
+        body = _prefixed(root, json.loads(resp.body))
+        keep = {k: v for k, v in resp.headers.items() if k not in ("content-length", "content-type")}
+        resp = JSONResponse(body, status_code=resp.status_code, headers=keep)
+    location = resp.headers.get("location")
+    if location and location.startswith("/") and not location.startswith(root + "/"):
+        resp.headers["location"] = root + location
+    return resp
+
+
+class _Static(StaticFiles):
+    """StaticFiles that finds its files whether or not the proxy stripped the root path: Starlette strips
+    the mount's root path (root + /static) from the request path only when the path carries the root."""
+
+    def get_path(self, scope: Scope) -> str:
+        root = scope.get("app_root_path", "")
+        if root and not scope["path"].startswith(root):
+            scope = {**scope, "root_path": scope["root_path"][len(root) :]}
+        return super().get_path(scope)
+
+
+def _index_html(root: str) -> str:
+    """index.html with a <base href> at the root path and its links relative to it."""
+    text = (STATIC_DIR / "index.html").read_text()
+    text = re.sub(r'\b(href|src)="/(?!/)', r'\1="', text)
+    return text.replace("<head>", f'<head>\n  <base href="{html.escape(root)}/">', 1)
+
+
 def jobs_router() -> APIRouter:
     router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -114,7 +168,14 @@ def jobs_router() -> APIRouter:
         responses={
             202: {"description": "Admitted: the job's state (as GET /v1/jobs/{id})."},
             200: {"description": "The job this Idempotency-Key already made (same image and options)."},
-            409: {"description": "The Idempotency-Key was used with another image or options."},
+            **error_responses(
+                {
+                    **UPLOAD_ERRORS,
+                    409: "the Idempotency-Key was used with other image or options (idempotency_key_reused)",
+                    503: "saturated (`overloaded`), `draining`, `not_ready` or the shared store is away "
+                    "(`job_store_unavailable`); see Retry-After",
+                }
+            ),
         },
         openapi_extra={
             "requestBody": _BODY,
@@ -151,7 +212,7 @@ def jobs_router() -> APIRouter:
         ctx = Context(
             st.settings, st.runtime, st.metrics, st.pool, lambda: st.draining, quotas=st.quotas, **hooks
         )
-        return await handle_upscale(request, params, ctx)
+        return _with_root(request, await handle_upscale(request, params, ctx))
 
     @router.get(
         "",
@@ -180,7 +241,8 @@ def jobs_router() -> APIRouter:
             data, nxt = await store.list_view(owner, limit, pos)
         else:
             data, nxt = await store.list_view(owner, limit, pos, _state(request).runtime)
-        body = {"object": "list", "data": data, "next_cursor": nxt}
+        root = _root(request)
+        body = {"object": "list", "data": [_prefixed(root, j) for j in data], "next_cursor": nxt}
         return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
     @router.get(
@@ -194,10 +256,18 @@ def jobs_router() -> APIRouter:
         st = _state(request)
         store = job_store(request)
 
+        root = _root(request)
+
         async def poll() -> Any:
             if isinstance(store, SharedJobs):
-                return await store.poll(job_id, owner)
-            return await store.poll(job_id, owner, st.runtime)
+                key, view = await store.poll(job_id, owner)
+            else:
+                key, view = await store.poll(job_id, owner, st.runtime)
+
+            async def prefixed_view() -> dict[str, Any]:
+                return _prefixed(root, await view())
+
+            return key, prefixed_view
 
         await poll()  # 404 (or 503) as a JSON error before the stream starts
         stream = events.job_events(poll, stop=lambda: st.draining)
@@ -211,7 +281,7 @@ def jobs_router() -> APIRouter:
             body = await store.get(job_id, _owner(request))
         else:
             body = await store.get_view(job_id, _owner(request), _state(request).runtime)
-        return JSONResponse(body, headers={"Cache-Control": "no-store"})
+        return JSONResponse(_prefixed(_root(request), body), headers={"Cache-Control": "no-store"})
 
     @router.get(
         "/{job_id}/result",
@@ -235,10 +305,11 @@ def jobs_router() -> APIRouter:
 
 
 def add_routes(app: FastAPI) -> None:
-    """The job API, and the web page: `/` is index.html, its script and styles under /static/."""
+    """The job API, and the web page: `/` is index.html (its links relative to a <base> at the root path),
+    its script and styles under /static/."""
     app.include_router(jobs_router())
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/static", _Static(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+    async def index(request: Request) -> HTMLResponse:
+        return HTMLResponse(_index_html(_root(request)), headers={"Cache-Control": "no-cache"})

@@ -35,6 +35,7 @@ log = logging.getLogger("gendr.http")
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 UPSCALE_PATH = "/upscale"
 UPSCALE_PATHS = (UPSCALE_PATH, "/v1/upscale")  # the versioned path; /upscale stays as its alias
+LINGER_S = 2.0  # a request refused unread: how long its body is drained before the connection closes
 
 
 @dataclass
@@ -198,6 +199,7 @@ class RequestContext:
         state["t0"] = time.monotonic()
         status = [500]
         started = [False]
+        upscale = scope["path"] in UPSCALE_PATHS and scope["method"] == "POST"
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -206,9 +208,17 @@ class RequestContext:
                 headers = MutableHeaders(scope=message)
                 if "x-request-id" not in headers:
                     headers["X-Request-Id"] = rid
+            elif message["type"] == "http.response.body" and upscale and status[0] == 200:
+                c0 = time.thread_time()  # uvicorn writes the body to the socket inside this call
+                await send(message)
+                self.st.metrics.host_cpu("write", time.thread_time() - c0)
+                return
+            elif state.get("linger") and not message.get("more_body", False):
+                await self._linger(message, receive, send)
+                return
             await send(message)
 
-        if not (scope["path"] in UPSCALE_PATHS and scope["method"] == "POST"):
+        if not upscale:
             await self._guarded(scope, receive, send_with_id, started, rid)
             return
         st = self.st
@@ -226,6 +236,25 @@ class RequestContext:
                 st.metrics.request_errors.labels(
                     model=model, code=state.get("error_code", "internal_error")
                 ).inc()
+
+    async def _linger(self, last: Message, receive: Receive, send: Send) -> None:
+        """A request refused before its body was read: the whole answer goes out now (its
+        Content-Length is complete), then the body is read and dropped for up to LINGER_S — no buffering,
+        no parsing — before the connection closes. Closing at once with the body still arriving would
+        make the kernel reset the connection, and a client still sending could lose the 503 with it."""
+        await send({**last, "more_body": True})
+        deadline = time.monotonic() + LINGER_S
+        left = self.st.settings.max_body_bytes
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LINGER_S):
+                while left > 0 and time.monotonic() < deadline:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        break
+                    left -= len(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        break
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _guarded(
         self, scope: Scope, receive: Receive, send: Send, started: list[bool], rid: str

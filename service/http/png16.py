@@ -1,10 +1,9 @@
-"""16-bit PNG: Pillow reads only the high byte of 16-bit colour PNGs and cannot write them."""
+"""16-bit PNG: Pillow reads only the high byte of 16-bit colour PNGs and cannot write them (the writer
+is service/http/fastencode.py, the same as 8-bit PNG outputs)."""
 
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 from PIL import Image
@@ -26,28 +25,11 @@ def low_bytes(data: bytes) -> np.ndarray:
         im.close()
 
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return (
-        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    )
-
-
 def write_png16(arr: np.ndarray, icc: bytes | None = None, level: int = 3) -> bytes:
     """16-bit PNG writer (Pillow cannot write 16-bit colour). arr: HWC uint16, C = 1..4."""
-    h, w, c = arr.shape
-    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
-    raw = np.ascontiguousarray(arr, dtype=">u2").view(np.uint8).reshape(h, w * c * 2)
-    bpp = c * 2
-    rows = np.empty((h, 1 + raw.shape[1]), dtype=np.uint8)
-    rows[:, 0] = 1  # "Sub" filter: cheap to vectorise, helps zlib on photos
-    rows[:, 1 : 1 + bpp] = raw[:, :bpp]
-    np.subtract(raw[:, bpp:], raw[:, :-bpp], out=rows[:, 1 + bpp :])  # uint8 wrap-around is the filter
-    out = [b"\x89PNG\r\n\x1a\n", _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))]
-    if icc:
-        out.append(_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc)))
-    out.append(_chunk(b"IDAT", zlib.compress(rows.tobytes(), level)))
-    out.append(_chunk(b"IEND", b""))
-    return b"".join(out)
+    from service.http.fastencode import png
+
+    return png(np.asarray(arr, dtype=np.uint16), level=level, icc=icc)
 
 
 def read_png16(data: bytes) -> np.ndarray:

@@ -2,8 +2,12 @@
 
 The order matters: everything that can be rejected cheaply is rejected before the next, more
 expensive step; admission (`reserve`, in tiles) happens after the header is read and *before* the
-pixels are decoded, so an overloaded server never spends memory or CPU on work it will refuse.
-Decode and encode run in a bounded thread pool, never on the event loop.
+pixels are decoded, so an overloaded server never spends memory or CPU on work it will refuse. And
+when the model's backlog is already at capacity, the request is refused before its body is read at
+all (shedding is size-blind, so the body cannot change the answer): the 503 goes out at once, the
+body is discarded as it arrives and the connection closed (lifecycle.py). Decode and encode run in
+a bounded thread pool, never on the event loop; each stage's CPU time goes to
+`gendr_host_cpu_seconds_total{stage}`.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from service.errors import (
 )
 from service.http import images
 from service.http.body import Upload, read_upload
+from service.http.hostwork import encode_timed, refused_unread, timed
 from service.http.output_size import output_size
 from service.http.quotas import Quotas
 from service.jobs.records import request_digest
@@ -253,6 +258,11 @@ async def handle_upscale(request: Request, params: UpscaleParams, ctx: Context) 
     _check_scale(params, s)
     if params.model is not None:  # unknown model: 404 before reading the upload
         request.state.model = runtime.get(params.model).name
+    refused = refused_unread(ctx.runtime, params.model, ctx.enqueue is not None)
+    if refused is not None:
+        request.state.model = runtime.get(params.model).name
+        request.state.linger = True  # answer now, discard the body as it comes, then close (lifecycle.py)
+        raise refused
 
     try:
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
@@ -263,6 +273,7 @@ async def handle_upscale(request: Request, params: UpscaleParams, ctx: Context) 
     except TimeoutError as e:
         raise DeadlineExceeded("the deadline passed while the request body was being received") from e
     t_read = time.monotonic()
+    metrics.host_cpu("read", upload.cpu_s)
     metrics.request_bytes.inc(len(upload.data))
     if upload.fields:
         params = merge_fields(params, upload.fields)
@@ -275,7 +286,7 @@ async def handle_upscale(request: Request, params: UpscaleParams, ctx: Context) 
 
     probe = await _run(
         pool_for(ctx.pool, 0),
-        images.probe,
+        timed(metrics, "probe", images.probe),
         upload.data,
         s.image_formats,
         s.max_input_pixels,
@@ -301,7 +312,8 @@ async def handle_upscale(request: Request, params: UpscaleParams, ctx: Context) 
         # unless a job took it over (hand_over: the job releases it when it ends)
         with mr.reserve(plan) as reservation:
             t = time.monotonic()
-            decoded = await _run(pool_for(ctx.pool, probe.width * probe.height), images.decode, probe)
+            decoder = timed(metrics, "decode", images.decode)
+            decoded = await _run(pool_for(ctx.pool, probe.width * probe.height), decoder, probe)
             if size.crop is not None:
                 decoded = images.crop(decoded, size.crop)
             decode_s = probe_s + time.monotonic() - t
@@ -337,7 +349,9 @@ async def handle_upscale(request: Request, params: UpscaleParams, ctx: Context) 
     t = time.monotonic()
     enc = pool_for(ctx.pool, out_h * out_w)
     meta = params.metadata or "strip"
-    body = await _run(enc, images.encode, outcome.image, decoded, fmt, quality, s.png_compress_level, meta)
+    body = await _run(
+        enc, encode_timed, metrics, s, outcome.image, decoded, fmt, quality, s.png_compress_level, meta
+    )
     encode_s = time.monotonic() - t
     metrics.encode_seconds.observe(encode_s)
     metrics.response_bytes.inc(len(body))

@@ -7,6 +7,7 @@ reference CLI, verification and tests, so every path shares this one implementat
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +19,13 @@ from service.pixels.imageops import resize_rgb
 from service.pixels.tiling import Stitcher, TilePlan, pad_image, plan_tiles, tiles_of
 
 TileFn = Callable[[np.ndarray], np.ndarray]
+StageCpu = Callable[[str, float], None]  # (stage, CPU seconds): the host-work metric
+
+
+def no_cpu(stage: str, seconds: float) -> None:
+    return None
+
+
 Tiler = Callable[[int, int], TilePlan]  # (graph-input height, width) → where its tiles lie
 
 
@@ -81,28 +89,49 @@ def make_plan(
     return RequestPlan(in_h, in_w, out_h, out_w, pre_h, pre_w, tiles, units)
 
 
-def prepare_input(image: np.ndarray, plan: RequestPlan) -> np.ndarray:
+def prepare_input(image: np.ndarray, plan: RequestPlan, cpu: StageCpu = no_cpu) -> np.ndarray:
     """Resized and reflect-padded input, ready to be cut into tiles."""
     if image.shape[:2] != (plan.in_h, plan.in_w) or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected a {plan.in_w}×{plan.in_h} RGB image, got shape {image.shape}")
-    return pad_image(resize_rgb(image, plan.pre_h, plan.pre_w), plan.tiles)
+    c0 = time.thread_time()
+    resized = resize_rgb(image, plan.pre_h, plan.pre_w)
+    c1 = time.thread_time()
+    padded = pad_image(resized, plan.tiles)
+    cpu("resize", c1 - c0)
+    cpu("pad", time.thread_time() - c1)
+    return padded
 
 
 def finish(
-    stitched: np.ndarray, image: np.ndarray, plan: RequestPlan, color_fix: str, strength: float = 1.0
+    stitched: np.ndarray,
+    image: np.ndarray,
+    plan: RequestPlan,
+    color_fix: str,
+    strength: float = 1.0,
+    cpu: StageCpu = no_cpu,
+    plain: np.ndarray | None = None,
 ) -> np.ndarray:
     """Stitched → output size, colour fix, then `strength`: a blend with the plainly (bicubic) resized
-    input — 0 gives exactly the plain resize, 1 the model's result alone."""
+    input — 0 gives exactly the plain resize, 1 the model's result alone. `plain`: that resize when
+    the caller has it already (a scale-1 graph's prepared input is exactly it)."""
+    c0 = time.thread_time()
     out = resize_rgb(stitched, plan.out_h, plan.out_w)
     if color_fix == "none" and strength >= 1.0:
+        cpu("resize", time.thread_time() - c0)
         return out
-    plain = resize_rgb(image, plan.out_h, plan.out_w)
+    if plain is None:
+        plain = resize_rgb(image, plan.out_h, plan.out_w)
+    c1 = time.thread_time()
+    cpu("resize", c1 - c0)
     if color_fix != "none":
         out = apply_color_fix(out, plain, color_fix)
-    if strength >= 1.0:
-        return out
-    if strength <= 0.0:
-        return plain
+    if strength < 1.0:
+        out = plain if strength <= 0.0 else _blend(out, plain, strength)
+    cpu("colour_fix", time.thread_time() - c1)
+    return out
+
+
+def _blend(out: np.ndarray, plain: np.ndarray, strength: float) -> np.ndarray:
     mixed = out.astype(np.float32) * strength + plain.astype(np.float32) * (1.0 - strength)
     return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 

@@ -10,6 +10,7 @@ so no whole-image weight canvas is needed.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -201,24 +202,66 @@ def tiles_of(padded: np.ndarray, plan: TilePlan) -> Iterator[np.ndarray]:
         yield padded[y : y + th, x : x + tw]
 
 
+def _segments(
+    starts: list[int], weights: list[np.ndarray], crop0: int, crop1: int
+) -> list[tuple[int, int, tuple[int, ...]]]:
+    """One axis cut into runs of coordinates with the same set of tiles of non-zero weight, within
+    [crop0, crop1) and shifted to start at 0: (start, end, tiles). A run of one tile is that tile's."""
+    cuts = {crop0, crop1}
+    spans = []
+    for i, (s, w) in enumerate(zip(starts, weights, strict=True)):
+        nz = np.flatnonzero(w)
+        if not len(nz):
+            continue  # a tile every neighbour outweighs everywhere contributes nothing
+        a, b = s + int(nz[0]), s + int(nz[-1]) + 1  # a ramp is monotone: its support is one run
+        spans.append((i, a, b))
+        cuts.update(c for c in (a, b) if crop0 < c < crop1)
+    edges = sorted(cuts)
+    out = []
+    for a, b in itertools.pairwise(edges):
+        tiles = tuple(i for i, s0, s1 in spans if s0 <= a < s1)
+        out.append((a - crop0, b - crop0, tiles))
+    return out
+
+
+@dataclass
+class _Region:
+    """A rectangle of the output blended from several tiles: its accumulator lives until they all came.
+
+    `axes`: "x" when its tiles differ only by column (one tile row: every row weight is 2¹¹), "y" only by
+    row, "xy" both (the corners). A one-axis blend is Σ v·w with w ≤ 2¹¹: below 2²⁴, so float32 holds
+    it exactly and divides by 2¹¹ exactly, and rint rounds half to even as the integer version did;
+    a corner needs 22 bits of weight, so float64."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    waiting: int
+    axes: str
+    acc: np.ndarray | None = None
+
+
 @dataclass
 class Stitcher:
-    """Accumulates scaled tile outputs with feathered weights and flushes finished rows to uint8.
+    """Blends scaled tile outputs with feathered weights straight into the uint8 result.
 
     Exact and order-independent: weights are fixed-point (2×11 bits, summing to exactly 2²² at
-    every pixel) and accumulate in int32, so a request's result does not depend on which engine
-    instance finished first, and a pixel all tiles agree on comes out unchanged.
+    every pixel) and their sums are exact (integers held exactly in float32 or float64, see _Region),
+    so a request's result does not depend on which engine instance finished first, and a pixel all
+    tiles agree on comes out unchanged.
 
-    Memory: the accumulator exists only for bands of `band_rows` output rows that some unfinished
-    tile row still touches. Once tile rows 0..r are complete, every output row above the start of
-    tile row r+1 is final: it is rounded into the uint8 result and its band freed. Tiles arriving in
-    raster order (as the batcher cuts them) keep about one tile row of accumulator rows alive instead
-    of a whole-image canvas (12 bytes per output pixel: 192 MB at 16 MP).
+    Only where two or more tiles have weight is anything blended: the output is cut into rectangles by
+    the runs of tiles covering each row and column; a rectangle one tile owns (most of every tile:
+    the outer quarter of each overlap has weight 0, the inner quarter weight 1) is copied from the
+    tile into the result, and each shared rectangle gets an accumulator that is rounded into the
+    result and freed once its last tile arrived. Tiles arriving in raster order keep about one overlap
+    strip of accumulator rows alive; a one-tile plan is its crop, with no copy at all.
     """
 
     plan: TilePlan
     channels: int = 3
-    band_rows: int = 64
+    band_rows: int = 64  # kept for callers; memory is bounded by the overlap strips now
     _wy: list[np.ndarray] = field(init=False, repr=False)
     _wx: list[np.ndarray] = field(init=False, repr=False)
     _done: np.ndarray = field(init=False, repr=False)
@@ -229,19 +272,28 @@ class Stitcher:
         ramp = p.overlap * s
         ys, xs = [y * s for y in p.ys], [x * s for x in p.xs]
         oh, ow = p.out_size
-        self._out = np.empty((oh, ow, self.channels), dtype=np.uint8)
-        self._bands: dict[int, np.ndarray] = {}
         self._done = np.zeros(p.n_tiles, dtype=bool)
-        self._row_left = [len(p.xs)] * len(p.ys)
-        self._rows_complete = 0
-        self._flushed = 0
+        self._single: np.ndarray | None = None
         if p.n_tiles == 1:  # one tile: its crop is the result, no weights or accumulator
             return
+        self._out = np.empty((oh, ow, self.channels), dtype=np.uint8)
         self._wy = _int_weights(ys, _ramp_weights(ys, oth, p.padded_h * s, ramp), p.padded_h * s)
         self._wx = _int_weights(xs, _ramp_weights(xs, otw, p.padded_w * s, ramp), p.padded_w * s)
-        m = p.margin_y * s
-        # output rows [0, final_after[r]) are final once tile rows 0..r are complete
-        self._final_after = [min(oh, max(0, p.ys[r + 1] * s - m)) for r in range(len(p.ys) - 1)] + [oh]
+        my, mx = p.margin_y * s, p.margin_x * s
+        rows = _segments(ys, self._wy, my, my + oh)
+        cols = _segments(xs, self._wx, mx, mx + ow)
+        self._fy = [w.astype(np.float32) for w in self._wy]  # exact: weights are ≤ 2¹¹
+        self._fx = [w.astype(np.float32) for w in self._wx]
+        ncol = len(p.xs)
+        # per tile: (region or None for a rectangle it owns, y0, y1, x0, x1) in output coordinates
+        self._parts: list[list[tuple[_Region | None, int, int, int, int]]] = [[] for _ in range(p.n_tiles)]
+        for y0, y1, rt in rows:
+            for x0, x1, ct in cols:
+                tiles = [r * ncol + c for r in rt for c in ct]
+                axes = ("y" if len(rt) > 1 else "") + ("x" if len(ct) > 1 else "")
+                region = _Region(y0, y1, x0, x1, len(tiles), axes[::-1]) if len(tiles) > 1 else None
+                for t in tiles:
+                    self._parts[t].append((region, y0, y1, x0, x1))
 
     def add(self, index: int, tile_out: np.ndarray) -> None:
         p, s = self.plan, self.plan.scale
@@ -252,75 +304,61 @@ class Stitcher:
             raise ValueError(f"tile {index} added twice")
         my, mx = p.margin_y * s, p.margin_x * s
         oh, ow = p.out_size
+        self._done[index] = True
         if p.n_tiles == 1:
-            self._out[:] = tile_out[my : my + oh, mx : mx + ow]
-            self._done[index] = True
-            self._flushed = oh
+            self._single = tile_out[my : my + oh, mx : mx + ow]
             return
         row, col = divmod(index, len(p.xs))
-        y0, x0 = p.ys[row] * s, p.xs[col] * s
-        # intersect the tile with the un-padded output region
-        cy0, cy1 = max(y0, my), min(y0 + oth, my + oh)
-        cx0, cx1 = max(x0, mx), min(x0 + otw, mx + ow)
-        if cy0 < cy1 and cx0 < cx1:
-            wy = self._wy[row][cy0 - y0 : cy1 - y0, None, None]
-            wx = self._wx[col][None, cx0 - x0 : cx1 - x0, None]
-            block = tile_out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0].astype(np.int32)
-            block *= wy * wx
-            self._accumulate(cy0 - my, cy1 - my, cx0 - mx, cx1 - mx, block)
-        self._done[index] = True
-        self._row_left[row] -= 1
-        while self._rows_complete < len(p.ys) and self._row_left[self._rows_complete] == 0:
-            self._rows_complete += 1
-        if self._rows_complete:
-            self._flush(self._final_after[self._rows_complete - 1])
+        ty, tx = p.ys[row] * s - my, p.xs[col] * s - mx  # the tile's origin in output coordinates
+        for region, y0, y1, x0, x1 in self._parts[index]:
+            src = tile_out[y0 - ty : y1 - ty, x0 - tx : x1 - tx]
+            if region is None:
+                self._out[y0:y1, x0:x1] = src
+                continue
+            if region.axes == "x":
+                w = self._fx[col][None, x0 - tx : x1 - tx, None]
+            elif region.axes == "y":
+                w = self._fy[row][y0 - ty : y1 - ty, None, None]
+            else:
+                wy = self._wy[row][y0 - ty : y1 - ty].astype(np.float64)
+                w = (wy[:, None] * self._wx[col][None, x0 - tx : x1 - tx])[:, :, None]
+            if region.acc is None:
+                region.acc = np.multiply(src, w, dtype=w.dtype)
+            else:
+                region.acc += src * w
+            region.waiting -= 1
+            if region.waiting == 0:
+                self._finish(region)
 
-    def _accumulate(self, a: int, b: int, c0: int, c1: int, block: np.ndarray) -> None:
-        oh, ow = self.plan.out_size
-        br = self.band_rows
-        y = a
-        while y < b:
-            k = y // br
-            b0, b1 = k * br, min(k * br + br, oh)
-            e = min(b, b1)
-            band = self._bands.get(k)
-            if band is None:
-                band = self._bands[k] = np.zeros((b1 - b0, ow, self.channels), dtype=np.int32)
-            band[y - b0 : e - b0, c0:c1] += block[y - a : e - a]
-            y = e
-
-    def _flush(self, upto: int) -> None:
-        oh, ow = self.plan.out_size
-        br = self.band_rows
-        while self._flushed < oh:
-            k = self._flushed // br
-            b0, b1 = k * br, min(k * br + br, oh)
-            if b1 > upto:
-                return
-            band = self._bands.pop(k, None)
-            if band is None:  # cannot happen for a valid plan (every pixel is covered); stay correct anyway
-                band = np.zeros((b1 - b0, ow, self.channels), dtype=np.int32)
-            k = 2 * WEIGHT_BITS
-            rem = band & ((1 << k) - 1)
-            band >>= k
-            half = 1 << (k - 1)  # round half to even, as np.rint (ties are common: 50/50 weights mid-ramp)
-            band += (rem > half) | ((rem == half) & (band & 1 == 1))
-            np.minimum(band, 255, out=band)
-            self._out[b0:b1] = band
-            self._flushed = b1
+    def _finish(self, region: _Region) -> None:
+        acc = region.acc
+        assert acc is not None
+        acc *= 2.0 ** -(WEIGHT_BITS * len(region.axes))  # a power of two: exact
+        np.rint(acc, out=acc)  # half to even (ties are common: 50/50 weights mid-ramp); ≤ 255: convex
+        self._out[region.y0 : region.y1, region.x0 : region.x1] = acc
+        region.acc = None
 
     @property
     def float_rows(self) -> int:
-        """Output rows currently held in accumulators (memory diagnostics)."""
-        return sum(b.shape[0] for b in self._bands.values())
+        """Output rows currently covered by accumulators (memory diagnostics)."""
+        if self.plan.n_tiles == 1:
+            return 0
+        rows: set[int] = set()
+        for parts in self._parts:
+            for region, *_ in parts:
+                if region is not None and region.acc is not None:
+                    rows.update(range(region.y0, region.y1))
+        return len(rows)
 
     @property
     def complete(self) -> bool:
         return bool(self._done.all())
 
     def result(self) -> np.ndarray:
+        """The stitched image (a one-tile plan: a view of that tile's output, not a copy)."""
         if not self.complete:
             missing = int((~self._done).sum())
             raise RuntimeError(f"{missing} of {self.plan.n_tiles} tiles missing")
-        self._flush(self.plan.out_size[0])
+        if self._single is not None:
+            return self._single
         return self._out

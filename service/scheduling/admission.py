@@ -65,18 +65,30 @@ class TileAccount:
         with self._lock:
             return self._idle.wait_for(lambda: self.reservations == 0, timeout_s)
 
+    def refusal(self) -> ServiceError | None:
+        """Why a new request would be refused now whatever its size, or None. Shedding is size-blind,
+        so this is the answer before its body is read (a refused request then costs almost nothing)."""
+        why = self._refuse(True)
+        if why is not None:
+            return why
+        with self._lock:
+            return self._full(1) if self.reserved >= self.capacity_tiles else None
+
+    def _full(self, tiles: int) -> Overloaded:
+        over = self.reserved - self.capacity_tiles + min(tiles, self.capacity_tiles)
+        retry = min(self.max_retry_after_s, max(0.05, over / self._rate()))
+        return Overloaded(
+            f"queue full: {self.reserved}/{self.capacity_tiles} tile units in use, {tiles} asked",
+            retry_after_s=retry,
+        )
+
     def _admit(self, tiles: int, *, new_request: bool) -> None:
         why = self._refuse(new_request)
         if why is not None:
             raise why
         with self._lock:
             if self.reserved >= self.capacity_tiles:
-                over = self.reserved - self.capacity_tiles + min(tiles, self.capacity_tiles)
-                retry = min(self.max_retry_after_s, max(0.05, over / self._rate()))
-                raise Overloaded(
-                    f"queue full: {self.reserved}/{self.capacity_tiles} tile units in use, {tiles} asked",
-                    retry_after_s=retry,
-                )
+                raise self._full(tiles)
             self.reserved += tiles
             if new_request:
                 self.reservations += 1

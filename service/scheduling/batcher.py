@@ -365,6 +365,7 @@ class TileBatcher(BatchOutcomes):
             if job is None:
                 return
             entries, n, bs = job
+            c0 = time.thread_time()
             try:
                 x = self._gatherer.gather(inst.index, entries, n, bs)
             except Exception as e:  # a malformed request: fail it, not the instance
@@ -372,6 +373,8 @@ class TileBatcher(BatchOutcomes):
                 msg = f"could not prepare tiles: {type(e).__name__}"
                 self._fail([t for t, _ in entries], functools.partial(EngineFailure, msg))
                 continue
+            if self.metrics is not None:
+                self.metrics.host_cpu("gather", time.thread_time() - c0)
             t0 = time.monotonic()
             inst.busy_since = t0
             inst.meter.start(t0)

@@ -51,9 +51,13 @@ class EngineShapes:
         dynamic: bool = False,
         settings: Settings | None = None,
         max_batch: int | None = None,
+        max_call_pixels: int | None = None,
     ) -> EngineShapes:
-        """The loaded engine's shapes with the model's geometry and the per-call budget setting."""
-        budget = settings.whole_image_max_pixels if dynamic and settings is not None else 0
+        """The loaded engine's shapes with the model's geometry and the per-call budget (the runtime's
+        resolved whole-image cap, else the setting)."""
+        if max_call_pixels is None:
+            max_call_pixels = settings.whole_image_max_pixels if settings is not None else 0
+        budget = max_call_pixels if dynamic else 0
         return cls(tiles, g.overlap, g.graph_scale, g.size_multiple, dynamic, budget, max_batch)
 
 

@@ -11,6 +11,7 @@ Within a class the order stays FIFO (the engine queue does the cost-aware schedu
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
@@ -46,3 +47,18 @@ def pool_for(pool: Executor, pixels: int) -> Executor:
     """`pool.for_pixels(pixels)` for a size-class pool, else the pool itself."""
     choose: Any = getattr(pool, "for_pixels", None)
     return choose(pixels) if choose is not None else pool
+
+
+_band_pools: dict[int, ThreadPoolExecutor] = {}
+_band_lock = threading.Lock()
+
+
+def band_pool(threads: int) -> ThreadPoolExecutor:
+    """The process-wide pool of `threads` threads for leaf work: the bands of one image, compressed in
+    parallel (the GIL is released). Leaf tasks never wait on other tasks, so sharing it cannot deadlock;
+    sized from the cores the container really has, it never runs more threads than there are cores."""
+    with _band_lock:
+        pool = _band_pools.get(threads)
+        if pool is None:
+            pool = _band_pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="gendr-band")
+        return pool

@@ -87,3 +87,11 @@ def adapter_external_rule(yaml_mod: ModuleType) -> dict[str, Any]:
     values = yaml_mod.safe_load((REPO / "deploy" / "prometheus-adapter" / "values.yaml").read_text())
     (rule,) = [r for r in values["rules"]["external"] if "gendr_jobs_backlog_tiles" in r["seriesQuery"]]
     return rule
+
+
+@pytest.fixture(scope="session")
+def adapter_refused_rule(yaml_mod: ModuleType) -> dict[str, Any]:
+    """The prometheus-adapter rule that publishes the refused work (503 overloaded per second, per pod)."""
+    values = yaml_mod.safe_load((REPO / "deploy" / "prometheus-adapter" / "values.yaml").read_text())
+    (rule,) = [r for r in values["rules"]["custom"] if r["name"]["as"] == "gendr_refused_requests_per_second"]
+    return rule

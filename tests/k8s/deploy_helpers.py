@@ -25,27 +25,36 @@ OVERLAYS = ("a10", "l20")
 COMPONENTS = K8S / "components"
 # What each overlay lists in `components:` as committed: the shared job store. keda and job-egress
 # are optional (commented out there); docs/deploy.md says how to switch them on.
-OVERLAY_COMPONENTS = ("redis",)
+OVERLAY_COMPONENTS = ("redis", "models-s3")
+# The two model storage modes (docs/deploy.md, "Model storage"): one of them in every pool set.
+STORAGE_MODES = ("models-s3", "models-pvc")
 # Every combination rendered and checked besides the committed overlays: the overlays with the
-# optional components switched on, and the base (embedded job store) with each valid set (keda
-# scales on the Redis stream, so it needs redis). Name -> (overlay or "base", components in order).
+# optional components switched on or the other storage mode, and the base (embedded job store) with
+# each valid set (keda scales on the Redis stream, so it needs redis). Name -> (overlay or "base",
+# components in order).
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     **{
-        f"{o}+{'+'.join(extra)}": (o, ("redis", *extra))
+        f"{o}+{'+'.join(extra)}": (o, ("redis", "models-s3", *extra))
         for o in OVERLAYS
-        for extra in (("keda",), ("job-egress",), ("keda", "job-egress"))
+        for extra in (("keda",), ("job-egress",), ("keda", "job-egress"), ("ingress-nginx",))
     },
-    "base+redis": ("base", ("redis",)),
-    "base+redis+keda": ("base", ("redis", "keda")),
-    "base+job-egress": ("base", ("job-egress",)),
-    "base+redis+keda+job-egress": ("base", ("redis", "keda", "job-egress")),
+    **{f"{o}+models-pvc": (o, ("redis", "models-pvc")) for o in OVERLAYS},
+    "base+models-s3": ("base", ("models-s3",)),
+    "base+models-pvc": ("base", ("models-pvc",)),
+    "base+redis+models-s3": ("base", ("redis", "models-s3")),
+    "base+redis+keda+models-pvc": ("base", ("redis", "keda", "models-pvc")),
+    "base+job-egress+models-s3": ("base", ("job-egress", "models-s3")),
+    "base+redis+keda+job-egress+models-s3+ingress-nginx": (
+        "base",
+        ("redis", "keda", "job-egress", "models-s3", "ingress-nginx"),
+    ),
 }
 INSTALL_HINT = "run `bash .ci/install-deploy-tools.sh`"
 
-# What each GPU pool can run (docs/export.md: fp8 needs Ada or Hopper) and how nodes are labelled.
+# What each GPU pool can run (docs/export.md: fp8 needs Ada or Hopper); its nodes: test_deploy_gpu_nodes.py.
 POOLS: dict[str, dict[str, Any]] = {
-    "a10": {"precisions": {"fp16", "int8"}, "gpu_product": "NVIDIA-A10", "target_gpu": "a10"},
-    "l20": {"precisions": {"fp16", "int8", "fp8"}, "gpu_product": "NVIDIA-L20", "target_gpu": "l20"},
+    "a10": {"precisions": {"fp16", "int8"}, "target_gpu": "a10"},
+    "l20": {"precisions": {"fp16", "int8", "fp8"}, "target_gpu": "l20"},
 }
 
 

@@ -129,9 +129,10 @@ def test_overlays_use_the_shared_store(overlay: str, yaml_mod: Any) -> None:
     kust = yaml_mod.safe_load(path.read_text())
     assert tuple(c.rsplit("/", 1)[1] for c in kust["components"]) == OVERLAY_COMPONENTS
     text = path.read_text()
-    for optional in ("keda", "job-egress"):
+    for optional in ("keda", "job-egress", "ingress-nginx"):
         assert f"# - ../../components/{optional}\n" in text
-    targeted = {p["path"]: p.get("target") for p in kust["patches"]}
+    assert "# - ../../components/models-pvc" in text  # the other storage mode
+    targeted = {p["path"]: p.get("target") for p in kust["patches"] if "path" in p}
     assert targeted["hpa-patch.yaml"] == {"kind": "HorizontalPodAutoscaler", "name": "gendr"}
     assert targeted["keda-patch.yaml"] == {"kind": "ScaledObject", "name": "gendr"}
 
@@ -340,7 +341,8 @@ def _ip_allowed(rule: dict[str, Any], ip: str) -> bool:
 
 @pytest.mark.parametrize("name", ALL_SETS)
 def test_server_egress_is_a_setting(name: str, rendered: dict[str, list[dict[str, Any]]]) -> None:
-    """DNS always, Redis with the store, HTTPS to public addresses only with job-egress."""
+    """DNS always, Redis with the store, HTTPS to public addresses only with job-egress or models-s3
+    (object storage; one rule each, the same addresses)."""
     policy = one(rendered[name], "NetworkPolicy", "gendr")
     rules = policy["spec"]["egress"]
     dns = [r for r in rules if {p["port"] for p in r["ports"]} == {53}]
@@ -348,15 +350,14 @@ def test_server_egress_is_a_setting(name: str, rendered: dict[str, list[dict[str
     to_redis = [r for r in rules if [p["port"] for p in r["ports"]] == [6379]]
     assert len(dns) == 1 and len(to_redis) == ("redis" in components_of(name))
     assert len(rules) == len(dns) + len(https) + len(to_redis)
-    if "job-egress" not in components_of(name):
-        assert not https
-        return
-    (rule,) = https
-    assert rule["ports"] == [{"port": 443, "protocol": "TCP"}]
-    for ip in INTERNAL:
-        assert not _ip_allowed(rule, ip), f"egress to {ip} (private, loopback, link-local or metadata)"
-    for ip in PUBLIC:
-        assert _ip_allowed(rule, ip), ip
+    opened_by = [c for c in ("job-egress", "models-s3") if c in components_of(name)]
+    assert len(https) == len(opened_by), (name, https)
+    for rule in https:
+        assert rule["ports"] == [{"port": 443, "protocol": "TCP"}]
+        for ip in INTERNAL:
+            assert not _ip_allowed(rule, ip), f"egress to {ip} (private, loopback, link-local or metadata)"
+        for ip in PUBLIC:
+            assert _ip_allowed(rule, ip), ip
 
 
 # --- the pod temp folder holds what the embedded job store keeps ----------------------------------

@@ -13,9 +13,9 @@ import pytest
 from deploy_helpers import OVERLAYS, REPO, find_tool, missing, run
 
 DOCKERFILE = REPO / "Dockerfile"
-# What checkov reads: the overlays as committed (with Redis), and each with every optional
-# component on (the ScaledObject, the egress rule).
-CHECKOV_SETS = (*OVERLAYS, *(f"{o}+keda+job-egress" for o in OVERLAYS))
+# What checkov reads: the overlays as committed (Redis, models from S3), each with every optional
+# component on (the ScaledObject, the egress rule), the Ingress, and the ReadWriteMany storage mode.
+CHECKOV_SETS = (*OVERLAYS, *(f"{o}+keda+job-egress" for o in OVERLAYS), "a10+ingress-nginx", "a10+models-pvc")
 
 
 def _stages() -> dict[str, list[str]]:

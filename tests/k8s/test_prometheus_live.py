@@ -210,20 +210,18 @@ def test_the_adapter_rule_gives_the_hpa_its_per_pod_queue_depth(stack: tuple[Liv
     HPA (group by pod), returns the admitted tiles of that pod."""
     srv, prom = stack
     yaml = need_module("yaml")
-    (rule,) = yaml.safe_load(ADAPTER.read_text())["rules"]["custom"]
+    (rule,) = [
+        r
+        for r in yaml.safe_load(ADAPTER.read_text())["rules"]["custom"]
+        if _named(r, "gendr_queue_depth_tiles")
+    ]
     found = prom.series(rule["seriesQuery"])
     assert found and all(s["namespace"] == NAMESPACE and s["pod"] == POD for s in found)
     srv.hold()
     try:
         r = httpx.post(f"{srv.url}/v1/jobs?scale=1", content=png(120), timeout=30)
         assert r.status_code == 202 and r.json()["tiles"]["total"] == QUEUED_TILES
-        series = re.match(r"\^?(\w+)\$?", rule["name"]["matches"]).group(1)  # type: ignore[union-attr]
-        query = (
-            rule["metricsQuery"]
-            .replace("<<.GroupBy>>", "pod")
-            .replace("<<.Series>>", series)
-            .replace("<<.LabelMatchers>>", f'namespace="{NAMESPACE}",pod=~"{POD}"')
-        )
+        query = _rendered(rule)
 
         def queued() -> bool:
             got = prom.query(query)
@@ -232,5 +230,54 @@ def test_the_adapter_rule_gives_the_hpa_its_per_pod_queue_depth(stack: tuple[Liv
         srv.wait_for(queued, f"{query} never showed the queued tiles")
         (only,) = prom.query(query)
         assert only["metric"] == {"pod": POD}
+    finally:
+        srv.release()
+
+
+def _named(rule: dict[str, Any], name: str) -> bool:
+    return rule["name"]["as"] == name
+
+
+def _rendered(rule: dict[str, Any]) -> str:
+    """The rule's metricsQuery as the adapter renders it for the HPA (grouped by pod, this pod)."""
+    series = re.match(r"\^?(\w+)\$?", rule["name"]["matches"]).group(1)  # type: ignore[union-attr]
+    return (
+        rule["metricsQuery"]
+        .replace("<<.GroupBy>>", "pod")
+        .replace("<<.Series>>", series)
+        .replace("<<.LabelMatchers>>", f'namespace="{NAMESPACE}",pod=~"{POD}"')
+    )
+
+
+def test_the_adapter_rule_gives_the_hpa_the_work_a_pod_refuses(stack: tuple[LiveServer, Prom]) -> None:
+    """Requests refused 503 `overloaded` (queue full) show as a per-pod rate the HPA scales on."""
+    srv, prom = stack
+    yaml = need_module("yaml")
+    rules = yaml.safe_load(ADAPTER.read_text())["rules"]["custom"]
+    (rule,) = [r for r in rules if _named(r, "gendr_refused_requests_per_second")]
+    query = _rendered(rule)
+    srv.hold()
+    try:
+        queued = []
+        while len(queued) * QUEUED_TILES <= 64:  # fill GENDR_QUEUE_CAPACITY_TILES with held jobs
+            r = httpx.post(f"{srv.url}/v1/jobs?scale=1", content=png(120), timeout=30)
+            if r.status_code != 202:
+                break
+            queued.append(r.json()["id"])
+        first = prom.scrapes()
+        refused = 0
+        while prom.scrapes() < first + 4:  # refusals spread over several scrapes: rate() sees them
+            r = httpx.post(f"{srv.url}/upscale?scale=1", content=png(120), timeout=30)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded", r.text
+            refused += 1
+            time.sleep(0.2)
+
+        def seen() -> bool:
+            got = prom.query(query)
+            return bool(got) and float(got[0]["value"][1]) > 0
+
+        srv.wait_for(seen, f"{query} never showed the refusals")
+        (only,) = prom.query(query)
+        assert only["metric"] == {"pod": POD} and refused >= 4
     finally:
         srv.release()

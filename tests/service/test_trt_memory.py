@@ -48,7 +48,7 @@ def test_instances_that_do_not_fit_the_gpu_are_refused_with_the_figures(
     model_dir = _repo(tmp_path, L20)
     be = TensorRTBackend(read_manifest(model_dir), model_dir, instances=16, max_batch=4)
     with pytest.raises(
-        BackendUnavailable, match="16 instances need .* MiB .* lower GENDR_INSTANCES_PER_DEVICE"
+        BackendUnavailable, match=r"16 instances need .* MiB .* lower GENDR_INSTANCES_PER_DEVICE"
     ):
         be.load()
     be.close()

@@ -1,4 +1,7 @@
 // gendr-serve web page: upload → POST /v1/jobs → poll GET /v1/jobs/{id} → fetch the result.
+// API paths are relative ("v1/jobs"): they resolve against the page's <base href>, which the server sets
+// to its root path, so the page works behind a proxy that serves it under a prefix (GENDR_ROOT_PATH).
+// result_url comes from the server with the prefix already in it.
 // Any replica answers any request; a busy (503, Retry-After) or unreachable server is retried with the
 // same Idempotency-Key, so a retried upload never makes a second job.
 // Plain browser JavaScript, no build step, no dependencies (docs/jobs.md describes the API).
@@ -165,7 +168,7 @@ async function run(ev) {
   try {
     const q = query();
     const key = newKey();
-    const r = await withRetries(me, () => upload(`/v1/jobs${q ? "?" + q : ""}`, file, key));
+    const r = await withRetries(me, () => upload(`v1/jobs${q ? "?" + q : ""}`, file, key));
     if (r.status !== 202 && r.status !== 200) throw new Error(await errorMessage(r));
     let job = await r.json();
     me.id = job.id;
@@ -174,7 +177,7 @@ async function run(ev) {
       await new Promise((ok) => setTimeout(ok, POLL_MS));
       if (me.stopped) return;
       // Any replica answers; a busy or unreachable one is asked again, it is not the job failing.
-      const s = await withRetries(me, () => fetch(`/v1/jobs/${job.id}`, { headers: keyHeader() }));
+      const s = await withRetries(me, () => fetch(`v1/jobs/${job.id}`, { headers: keyHeader() }));
       if (s.status === 404) {
         me.id = null;
         throw new Error("The server no longer has this job (it expired or was lost). "
@@ -231,7 +234,7 @@ async function cancel() {
   if (!me) return;
   me.stopped = true;
   if (me.xhr) me.xhr.abort();
-  if (me.id) await fetch(`/v1/jobs/${me.id}`, { method: "DELETE", headers: keyHeader() });
+  if (me.id) await fetch(`v1/jobs/${me.id}`, { method: "DELETE", headers: keyHeader() });
   $("progress-box").hidden = true;
   $("go").disabled = false;
   $("cancel").hidden = true;
@@ -239,7 +242,7 @@ async function cancel() {
 
 async function loadModels() {
   try {
-    const r = await fetch("/v1/models");
+    const r = await fetch("v1/models");
     if (!r.ok) return;
     const body = await r.json();
     applyLimits(body.limits);

@@ -39,7 +39,7 @@ def test_v1_upscale_and_the_alias_answer_the_same(make_client: Client) -> None:
 
 
 def test_health_probes_503_carry_a_request_id(make_client: Client) -> None:
-    c = make_client(wait_ready=False)
+    c = make_client()  # started: nothing changes the state behind the test's back
     st = c.app.state.gendr
     st.started, st.start_error = False, RuntimeError("a model was refused")  # as a failed start leaves it
     for path in ("/healthz", "/readyz"):

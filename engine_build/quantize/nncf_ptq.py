@@ -70,7 +70,7 @@ class FloatScope:
             "first_last": list(self.first_last),
             "upsampling_nodes": len(self.upsampling),
             "upsampling_from": self.upsampling[0] if self.upsampling else None,
-            "excluded": list(self.excluded),
+            "excluded_nodes": len(self.excluded),  # by the --exclude regexes, which the key records
         }
 
 

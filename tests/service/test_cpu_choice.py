@@ -191,3 +191,19 @@ def test_openvino_serves_only_nncf_int8() -> None:
         ovmod.resolve_precision("int8", {"amx_int8"}, nncf=False)
     assert ovmod.nncf_int8(_manifest()) is not None
     assert ovmod.nncf_int8(_manifest(tool="nvidia-modelopt")) is None
+
+
+def test_openvino_fp32_where_measured_well_ahead(
+    cpu: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a passing int8 graph or a bf16 unit, OpenVINO fp32 (the same graph, ≈90 dB from ONNX
+    Runtime) serves only where measured ≥ 1.3× ONNX Runtime fp32 on this family."""
+    cpu["flags"] = FLAGS["epyc-zen3"]
+    figures = {"avx2": {"ort-fp32": 3.3, "ov-fp32": 2.1, "ov-int8": 1.1}}
+    monkeypatch.setattr(select, "CPU_FIGURES", figures)
+    c = select.cpu_choice(_manifest(psnr=35.3), Settings(backend="auto"))
+    assert c.openvino == "fp32" and "1.57× ONNX Runtime fp32" in c.reason and "below the 40 dB" in c.reason
+    figures["avx2"]["ov-fp32"] = 2.8  # 1.18×: ONNX Runtime keeps it
+    assert select.cpu_choice(_manifest(psnr=35.3), Settings(backend="auto")).openvino is None
+    figures["avx2"]["ov-fp32"] = 1.05  # int8 passing but not 1.1× ahead of OpenVINO fp32: fp32 serves
+    assert select.cpu_choice(_manifest(psnr=44.0), Settings(backend="auto")).openvino == "fp32"

@@ -27,12 +27,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,15 +41,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 from _common import ROOT, machine
-from PIL import Image
+from scaleout_fleet import FULL, KILL_LOAD, N_REPLICAS, QUICK, Fleet, Profile, Replica, percentile, png
+from scaleout_report import HEADER, goals, report, row
 
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
 RESULTS = ROOT / "benchmarks" / "results" / "scaleout.json"
-N_REPLICAS = 3
 LOADS = (0.5, 0.9, 1.2)
-KILL_LOAD = 0.9
 # Input (width, height) at scale 4 and its weight: skewed, many small jobs and a few large ones.
 SIZES: list[tuple[tuple[int, int], float]] = [
     ((16, 16), 0.50),
@@ -63,247 +59,6 @@ SIZES: list[tuple[tuple[int, int], float]] = [
 TERMINAL = ("succeeded", "failed", "cancelled", "expired")
 
 
-@dataclass(frozen=True)
-class Profile:
-    per_tile_s: float
-    max_batch: int
-    instances: int
-    duration_s: float  # arrivals per cell
-    drain_s: float  # after the arrivals, how long admitted jobs may still take
-    kill_every_s: float
-    lease_s: float  # GENDR_JOBS_LEASE_S (pull): a dead replica's job is reclaimed after this
-    polls: tuple[tuple[int, float], ...]  # (polls so far below, interval s): a client backing off
-
-    @property
-    def replica_tiles_per_s(self) -> float:
-        """Full batches; an engine call on n tiles costs n × per_tile_s (no per-call constant)."""
-        return self.instances * self.max_batch / (self.per_tile_s * self.max_batch)
-
-    def poll_interval(self, n: int) -> float:
-        return next((s for below, s in self.polls if n < below), self.polls[-1][1])
-
-
-FULL = Profile(0.1, 4, 1, 60.0, 90.0, 20.0, 3.0, ((10, 0.2), (40, 0.5), (1 << 30, 1.0)))
-QUICK = Profile(0.05, 4, 1, 1.5, 25.0, 1.5, 1.5, ((1 << 30, 0.1),))
-
-
-def png(w: int, h: int, seed: int) -> bytes:
-    arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def percentile(xs: list[float], q: float) -> float | None:
-    return round(float(np.percentile(xs, q)), 3) if xs else None
-
-
-# ---------------------------------------------------------------------------------------- processes
-class Redis:
-    def __init__(self, folder: Path) -> None:
-        self.dir, self.port = folder, free_port()
-        folder.mkdir(parents=True, exist_ok=True)
-        args = [
-            REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(folder),
-            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-            "--maxmemory-policy", "noeviction", "--daemonize", "no",
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        end = time.monotonic() + 20
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2) as c:
-                c.sendall(b"PING\r\n")
-                if c.recv(64).startswith(b"+PONG"):
-                    return
-            if time.monotonic() > end or self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-class Replica:
-    """One `gendr-serve` process; killed and restarted on the same port and folder (a pod coming back)."""
-
-    def __init__(self, idx: int, env: dict[str, str], workdir: Path, src: Path) -> None:
-        self.idx, self.env, self.workdir, self.src = idx, env, workdir, src
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.gen, self.live = 0, False
-        self.tiles_before = 0.0  # tiles counted by earlier (killed) processes
-        self.tiles_now = 0.0  # gendr_tiles_total of the current process, at the last scrape
-        self.busy: list[tuple[float, float]] = []  # (monotonic, mean gendr_instance_busy_ratio)
-
-    def spawn(self) -> None:
-        self.gen += 1
-        log = self.workdir / f"replica{self.idx}-{self.gen}.log"
-        cmd = [sys.executable, "-m", "service.cli", "--host", "127.0.0.1", "--port", str(self.port)]
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [*cmd, "--no-access-log", "--log-level", "warning"],
-                cwd=self.src,
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        self.log = log
-
-    async def wait_ready(self, http: httpx.AsyncClient, timeout: float = 90) -> None:
-        end = time.monotonic() + timeout
-        while True:
-            assert self.proc is not None
-            if self.proc.poll() is not None or time.monotonic() > end:
-                raise RuntimeError(f"replica {self.idx} never became ready:\n{self.log.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if (await http.get(f"{self.url}/readyz", timeout=2)).status_code == 200:
-                    self.live = True
-                    return
-            await asyncio.sleep(0.05)
-
-    async def scrape(self, http: httpx.AsyncClient) -> None:
-        text = (await http.get(f"{self.url}/metrics", timeout=5)).text
-        tiles, busy = 0.0, []
-        for line in text.splitlines():
-            if line.startswith("gendr_tiles_total"):
-                tiles += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("gendr_instance_busy_ratio"):
-                busy.append(float(line.rsplit(" ", 1)[1]))
-        self.tiles_now = tiles
-        if busy:
-            self.busy.append((time.monotonic(), sum(busy) / len(busy)))
-
-    def tiles(self) -> float:
-        return self.tiles_before + self.tiles_now
-
-    def kill(self) -> None:
-        """SIGKILL: no drain, no hand-back."""
-        self.live = False
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.tiles_before += self.tiles_now
-        self.tiles_now = 0.0
-
-    def stop(self) -> None:
-        self.live = False
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # the drain: nothing in flight by now
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-class Fleet:
-    def __init__(self, mode: str, prof: Profile, root: Path, src: Path, http: httpx.AsyncClient) -> None:
-        self.mode, self.prof, self.http = mode, prof, http
-        repo = root / "models"
-        subprocess.run(  # the fake model (tests/live_server.py's write_fake_model), by the served tree
-            [sys.executable, "-c", _WRITE_MODEL, str(repo)], cwd=src, check=True, env=_base_env(src)
-        )
-        self.redis = Redis(root / "redis") if mode == "pull" else None
-        self.replicas = []
-        for i in range(N_REPLICAS):
-            env = {
-                **_base_env(src),
-                "GENDR_MODEL_REPOSITORY": str(repo),
-                "GENDR_BACKEND": "fake",
-                "GENDR_FAKE_PER_TILE_S": str(prof.per_tile_s),
-                "GENDR_MAX_BATCH": str(prof.max_batch),
-                "GENDR_INSTANCES_PER_DEVICE": str(prof.instances),
-                "GENDR_JOBS_DIR": str(root / f"jobs{i}"),
-                "GENDR_JOBS_MAX": "5000",
-                "GENDR_JOBS_LEASE_S": str(prof.lease_s),
-                "GENDR_RETRY_AFTER_S": "1",
-                "GENDR_DRAIN_TIMEOUT_S": "5",
-            }
-            if self.redis is not None:
-                env["GENDR_REDIS_URL"] = self.redis.url
-            self.replicas.append(Replica(i, env, root, src))
-        self._sampler: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        for r in self.replicas:
-            r.spawn()
-        await asyncio.gather(*(r.wait_ready(self.http) for r in self.replicas))
-        self._sampler = asyncio.create_task(self._sample())
-
-    async def _sample(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            for r in self.live():
-                with contextlib.suppress(httpx.HTTPError):
-                    await r.scrape(self.http)
-
-    async def scrape_all(self) -> dict[int, float]:
-        for r in self.live():
-            with contextlib.suppress(httpx.HTTPError):
-                await r.scrape(self.http)
-        return {r.idx: r.tiles() for r in self.replicas}
-
-    def live(self) -> list[Replica]:
-        return [r for r in self.replicas if r.live]
-
-    async def kill_and_restart(self, r: Replica) -> float:
-        with contextlib.suppress(httpx.HTTPError):
-            await r.scrape(self.http)  # its tiles so far (a killed process's counter is gone)
-        r.kill()
-        t = time.monotonic()
-        r.spawn()
-        await r.wait_ready(self.http)
-        return time.monotonic() - t
-
-    async def close(self) -> None:
-        if self._sampler is not None:
-            self._sampler.cancel()
-            with contextlib.suppress(BaseException):
-                await self._sampler
-        for r in self.replicas:
-            if r.proc is not None and r.proc.poll() is None:
-                r.proc.terminate()
-        for r in self.replicas:
-            r.stop()
-        if self.redis is not None:
-            self.redis.stop()
-
-
-_WRITE_MODEL = """
-import sys
-from pathlib import Path
-from service.manifest import Manifest, PipelineParams, TileGeometry, write_manifest
-m = Manifest(name="fake", kind="gendr", native_scale=4, pipeline=PipelineParams(),
-             tile=TileGeometry(tile=64, overlap=16, graph_scale=1, size_multiple=8))
-write_manifest(Path(sys.argv[1]) / "fake", m)
-"""
-
-
-def _base_env(src: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GENDR_")}
-    env.update(PYTHONUNBUFFERED="1", PYTHONPATH=str(src))
-    return env
-
-
-# ---------------------------------------------------------------------------------------- traffic
 @dataclass
 class Job:
     n: int
@@ -566,74 +321,12 @@ async def run_mode(
                 cell = Cell(fleet, name, load, kill, jobs, bodies)
                 res = await cell.run()
                 res.update(offered_jobs_per_s=round(rate, 3), seed=seed)
-                print(_row(res), file=sys.stderr, flush=True)
+                print(row(res), file=sys.stderr, flush=True)
                 out.append(res)
                 await asyncio.sleep(min(1.0, prof.duration_s / 5))
             return tiles, out
         finally:
             await fleet.close()
-
-
-HEADER = (
-    "| mode | load | offered | draw | SIGKILL | jobs | ok | failed | lost | p50 s | p95 s | p95 ≤3 tiles "
-    "| p95 ≥9 tiles | busy share r0 / r1 / r2 | spread | 503s |\n"
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
-)
-
-
-def _f(x: float | None) -> str:
-    return "–" if x is None else f"{x:.2f}"
-
-
-def _row(c: dict[str, Any]) -> str:
-    shares = " / ".join(f"{100 * s:.1f} %" for s in c["busy_share"])
-    spread = "–" if c["busy_share_spread"] is None else f"{100 * c['busy_share_spread']:.0f} %"
-    kills = f"{len(c['kills'])}×" if c["kill"] else "–"
-    return (
-        f"| {c['mode']} | {round(100 * c['load'])} % | {round(100 * c['offered_load'])} % | {c['seed']} "
-        f"| {kills} | {c['submitted']} | {c['succeeded']} "
-        f"| {c['failed']} | {c['lost']} | {_f(c['p50_s'])} | {_f(c['p95_s'])} | {_f(c['p95_small_s'])} "
-        f"| {_f(c['p95_large_s'])} | {shares} | {spread} | {c['retries_503']} |"
-    )
-
-
-def goals(cells: list[dict[str, Any]]) -> dict[str, Any]:
-    """Pull p95 / push p95 per traffic draw at 90 % (same arrivals in both modes) and pooled over draws."""
-    at90 = [c for c in cells if c["load"] == KILL_LOAD and not c["kill"]]
-    ratios, pooled = {}, {}
-    for c in at90:
-        twin = next((d for d in at90 if d["mode"] == "push" and d["seed"] == c["seed"]), None)
-        if c["mode"] == "pull" and twin is not None and twin["p95_s"] and c["p95_s"] is not None:
-            ratios[f"seed {c['seed']}"] = round(c["p95_s"] / twin["p95_s"], 3)
-    for mode in ("push", "pull"):
-        pooled[mode] = percentile([x for c in at90 if c["mode"] == mode for x in c["latencies_s"]], 95)
-    ratio = round(pooled["pull"] / pooled["push"], 3) if pooled["push"] and pooled["pull"] else None
-    pull_cells = [c for c in cells if c["mode"] == "pull"]
-    spreads = {c["cell"]: c["busy_share_spread"] for c in cells}
-    return {
-        "pull_p95_over_push_p95_at_90_by_draw": ratios,
-        "pooled_p95_at_90_s": pooled,
-        "pull_p95_over_push_p95_at_90": ratio,
-        "p95_goal_met": ratio is not None and ratio <= 0.7,
-        "busy_share_spread": spreads,
-        "pull_busy_shares_within_10pct": all(
-            c["busy_share_spread"] is not None and c["busy_share_spread"] <= 0.10 for c in pull_cells
-        ),
-        "pull_lost": sum(c["lost"] for c in pull_cells),
-        "push_lost": sum(c["lost"] for c in cells if c["mode"] == "push"),
-    }
-
-
-def report(data: dict[str, Any]) -> str:
-    g = data["goals"]
-    lines = [HEADER, *(_row(c) for c in data["cells"]), ""]
-    lines.append(
-        f"pull p95 / push p95 at 90 %: {g['pull_p95_over_push_p95_at_90']} pooled over draws, "
-        f"{g['pull_p95_over_push_p95_at_90_by_draw']} by draw (goal ≤ 0.7); "
-        f"pull busy shares within 10 %: {g['pull_busy_shares_within_10pct']}; "
-        f"lost: pull {g['pull_lost']}, push {g['push_lost']}"
-    )
-    return "\n".join(lines)
 
 
 def _source_info(src: Path) -> dict[str, Any]:

@@ -44,9 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=["auto", "ort", "nncf", "modelopt"],
         default="auto",
         help="quantizer: nncf = OpenVINO's NNCF (the CPU int8 graph OpenVINO serves: first/last convs and "
-        "the upsampling path kept float, 7-bit weights, bias correction; calibrated on scikit-image photos "
-        "outside the parity set), ort = ONNX Runtime's quantize_static, modelopt = NVIDIA ModelOpt "
-        "(TensorRT's form; fp8); auto = ort for int8 from the fp32 graph, else modelopt",
+        "the upsampling path kept float, channel equalization, 8-bit weights, bias correction; calibrated "
+        "on scikit-image photos outside the parity set), ort = ONNX Runtime's quantize_static, "
+        "modelopt = NVIDIA ModelOpt (TensorRT's form; fp8); auto = ort for int8 from the fp32 graph, "
+        "else modelopt",
     )
     n = p.add_argument_group("--tool nncf")
     n.add_argument(
@@ -71,6 +72,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=20,
         help="accuracy-aware mode: at most this many layers put back into float (default 20)",
+    )
+    n.add_argument(
+        "--weight-bits",
+        type=int,
+        choices=[7, 8],
+        default=8,
+        help="weight range: 8 (default) or 7 (NNCF's overflow fix: sums exact on CPUs without VNNI too; "
+        "for a model whose AVX2 parity falls below its exact one)",
+    )
+    n.add_argument(
+        "--equalize",
+        type=float,
+        default=0.5,
+        metavar="ALPHA",
+        help="channel equalization before quantizing (exact in float; evens activation channels so "
+        "per-tensor int8 wastes fewer levels): migration strength in (0, 1], 0 = off (default 0.5)",
     )
     n.add_argument(
         "--quantize-upsampling",
@@ -160,6 +177,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 validation_tiles=args.validation_tiles,
                 max_iterations=args.max_reverted,
                 speed_reps=args.speed_reps,
+                weight_bits=args.weight_bits,
+                equalize=args.equalize,
             ),
         )
     except (QuantizeError, ManifestError, VerifyError, ValueError) as e:

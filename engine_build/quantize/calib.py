@@ -88,8 +88,11 @@ def int8_parity(
     t0 = time.perf_counter()
     if tool == "nncf":
         from engine_build.quantize.nncf_ptq import runtime_parity
+        from service.hardware import cpu_family, cpu_flags, cpu_model_name
 
         p = runtime_parity(model_dir / ref_v.graph.path, graph, base_v.input_name, tiles)
+        # the runtimes ran this CPU's int8 kernels: which family they speak for (select.int8_sums_hold)
+        p.update({"family": cpu_family(cpu_flags()), "cpu": cpu_model_name()})
     else:
         p = parity_vs_fp32(model_dir / ref_v.graph.path, graph, base_v.input_name, tiles)
     p.update(

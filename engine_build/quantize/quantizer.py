@@ -138,6 +138,8 @@ class NncfOptions:
     validation_tiles: int = 8
     max_iterations: int = 20
     speed_reps: int = 3  # rounds of the per-family speed figure (0: none recorded)
+    weight_bits: int = 8  # 7: NNCF's overflow fix (u8×s8 pair sums inside int16 without VNNI)
+    equalize: float = 0.5  # channel equalization's migration strength before quantizing (0: none)
 
 
 def quantize_model(
@@ -368,6 +370,8 @@ def _nncf_quantize(
             accuracy_target_db=opts.accuracy_target_db,
             validation_tiles=val,
             max_iterations=opts.max_iterations,
+            weight_bits=opts.weight_bits,
+            equalize_alpha=opts.equalize,
         )
     except NncfQuantizeError as e:
         raise QuantizeError(str(e)) from e

@@ -9,9 +9,10 @@ has no bf16 convolution, so this is a different runtime, not a different graph: 
 
 It also serves the int8 graph that NNCF writes (`gendr-build quantize --tool nncf`, Q/DQ ONNX that
 OpenVINO turns into int8 convolutions: VNNI / AMX-INT8 where the CPU has them, AVX2 otherwise). Its float
-remainder (the first/last convolutions and the upsampling path) runs in fp32 on every CPU, so its output
-is the one its parity figure was measured on: NNCF's weights are 7-bit (overflow fix), so the int8 sums are
-exact on CPUs without VNNI too. `auto` picks int8 only where select.py's rule says so (parity and speed).
+remainder (the first/last convolutions and the upsampling path) runs in fp32 on every CPU. VNNI/AMX sum
+its int8 products exactly (the parity's `exact` row); a CPU without VNNI may saturate 8-bit weights, so
+`auto` serves such a graph there only on a parity measured on such a CPU (select.int8_sums_hold), and
+picks int8 only where select.py's rule says so (parity and speed).
 
 Instances are OpenVINO infer requests on one compiled model (one copy of the weights); the compiled
 model gets one stream per instance and the intra-op threads of all of them.

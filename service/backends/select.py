@@ -8,12 +8,13 @@ the CPU; then (a checkpoint in the repository) PyTorch. The runtime loads the fi
 the list when a load fails, recording why (`candidates`).
 
 The CPU rule (`cpu_choice`, docs/runtime.md): NNCF's int8 graph is served only where its parity passes
-(≥ 40 dB vs fp32 on real photos) and a speed figure measured on this CPU family says it beats every other
-path this CPU would take (OpenVINO bf16 on a bf16 unit, OpenVINO fp32 where measured, ONNX Runtime fp32)
-by INT8_MIN_GAIN; the figure comes from the repository (recorded by `gendr-build quantize --tool nncf`
-on a CPU of the same family) or from CPU_FIGURES (measured by benchmarks/cpu_efficiency.py). An
-unmeasured family never gets int8. Else bf16 on a bf16 unit; else OpenVINO fp32 where measured
-OV_FP32_MIN_GAIN × ONNX Runtime fp32 on this family; else ONNX Runtime.
+(≥ 40 dB vs fp32 on real photos, for this CPU's arithmetic: `int8_sums_hold`) and a speed figure
+measured on this CPU family says it beats every other path this CPU would take (OpenVINO bf16 on a
+bf16 unit, OpenVINO fp32 where measured, ONNX Runtime fp32) by INT8_MIN_GAIN; the figure comes from the
+repository (recorded by `gendr-build quantize --tool nncf` on a CPU of the same family) or from
+CPU_FIGURES (measured by benchmarks/cpu_efficiency.py). An unmeasured family never gets int8. Else bf16
+on a bf16 unit; else OpenVINO fp32 where measured OV_FP32_MIN_GAIN × ONNX Runtime fp32 on this family;
+else ONNX Runtime.
 
 Each step only looks for packages, devices and manifest entries: no artifact is read here.
 Backends are built by name from a registry of import paths, so the torch backend (which lives on
@@ -144,6 +145,29 @@ def nncf_int8(manifest: Manifest) -> OnnxVariant | None:
     return find(manifest)
 
 
+#: Families whose int8 dot products sum u8×s8 products into int32 exactly (VNNI, AMX-INT8).
+EXACT_INT8_FAMILIES = ("amx", "avx512_bf16", "vnni")
+
+
+def int8_sums_hold(variant: OnnxVariant, family: str, why: str) -> tuple[bool, str]:
+    """Whether the int8 graph's parity figure speaks for this CPU. With 8-bit weights a CPU without VNNI
+    (AVX2's `vpmaddubsw`) adds u8×s8 pairs in saturating int16, so its output can differ from the exact
+    sums VNNI/AMX compute (the parity's `exact` row): the figure holds there only if it was measured on
+    such a CPU. 7-bit weights (`--weight-bits 7`) never saturate."""
+    q = variant.quantization or {}
+    if q.get("weight_bits", 7) != 8 or family in EXACT_INT8_FAMILIES:
+        return True, why
+    parity = q.get("parity")
+    measured = parity.get("family") if isinstance(parity, dict) else None
+    if measured is not None and measured not in EXACT_INT8_FAMILIES:
+        return True, f"{why} (measured on {measured})"
+    return False, (
+        f"int8 not served on {family}: its 8-bit weights saturate in AVX2's u8×s8 pairs and its parity "
+        f"was measured on {measured or 'an unrecorded CPU family'} (re-run gendr-build quantize on this "
+        "CPU, or quantize with --weight-bits 7)"
+    )
+
+
 def family_figures(manifest: Manifest, family: str) -> tuple[dict[str, float], str]:
     """Seconds per tile by path measured on this CPU family, and where they come from: the repository's
     own (recorded by `gendr-build quantize --tool nncf` on a CPU of this family), else CPU_FIGURES."""
@@ -187,6 +211,8 @@ def cpu_choice(manifest: Manifest, settings: Settings, flags: set[str] | None = 
     figs, source = family_figures(manifest, family)
     v = nncf_int8(manifest)
     int8_ok, int8_why = int8_passes(v) if v is not None else (False, "no NNCF int8 graph")
+    if int8_ok and v is not None:
+        int8_ok, int8_why = int8_sums_hold(v, family, int8_why)
     ort_precision = "auto"
     if v is not None and settings.precision == "auto":
         faster, why = _faster(figs, "ort-int8", ["ort-fp32"])

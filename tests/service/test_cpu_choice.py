@@ -53,9 +53,18 @@ def _variant(precision: str, quantization: dict[str, Any] | None = None) -> Onnx
 
 
 def _manifest(
-    psnr: float = 44.0, tool: str = "nncf", speed: dict[str, Any] | None = None, kind: str = "single"
+    psnr: float = 44.0,
+    tool: str = "nncf",
+    speed: dict[str, Any] | None = None,
+    kind: str = "single",
+    weight_bits: int | None = None,
+    parity_family: str | None = None,
 ) -> Manifest:
     q: dict[str, Any] = {"tool": tool, "base": "fp32", "parity": {"psnr_db": psnr, "passes": psnr >= 40}}
+    if weight_bits is not None:
+        q["weight_bits"] = weight_bits
+    if parity_family is not None:
+        q["parity"]["family"] = parity_family
     if speed is not None:
         q["speed"] = speed
     return Manifest(
@@ -130,6 +139,31 @@ def test_int8_needs_its_parity(cpu: dict[str, Any]) -> None:
     assert (c.openvino, c.ort_precision) == (None, "fp32") and "below the 40 dB bound" in c.reason
     cpu["flags"] = FLAGS["xeon-sapphire-rapids"]  # still bf16 there
     assert select.cpu_choice(_manifest(psnr=39.9), Settings(backend="auto")).openvino == "bf16"
+
+
+@pytest.mark.parametrize(
+    ("weight_bits", "parity_family", "cpu_name", "served"),
+    [
+        (8, "vnni", "xeon-ice-lake", True),  # VNNI sums exactly: the parity's exact row speaks for it
+        (8, "amx", "core-alder-lake", True),
+        (8, "vnni", "epyc-zen3", False),  # measured on VNNI, served on AVX2: saturation unmeasured
+        (8, None, "xeon-skylake", False),  # no family recorded
+        (8, "avx2", "epyc-zen3", True),  # measured on a CPU that saturates like this one
+        (7, "vnni", "epyc-zen3", True),  # 7-bit weights never saturate
+        (None, None, "epyc-zen3", True),  # graphs from before weight_bits: 7-bit
+    ],
+)
+def test_eight_bit_weights_on_a_cpu_without_vnni(
+    cpu: dict[str, Any], weight_bits: int | None, parity_family: str | None, cpu_name: str, served: bool
+) -> None:
+    """AVX2 adds u8×s8 pairs in saturating int16: an 8-bit-weight graph's parity holds there only when it
+    was measured on such a CPU."""
+    cpu["flags"] = FLAGS[cpu_name]
+    m = _manifest(weight_bits=weight_bits, parity_family=parity_family)
+    c = select.cpu_choice(m, Settings(backend="auto"))
+    assert (c.openvino == "int8") is served, c.reason
+    if not served:
+        assert "saturate" in c.reason and "--weight-bits 7" in c.reason and c.ort_precision == "fp32"
 
 
 def test_the_repository_figure_for_this_family_beats_the_table(cpu: dict[str, Any]) -> None:

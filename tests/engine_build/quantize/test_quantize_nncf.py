@@ -53,12 +53,16 @@ def test_nncf_graph_and_its_parity_in_the_manifest(nncf_repo: Path) -> None:
     v = read_manifest(nncf_repo, verify=True).onnx["int8"]
     q = v.quantization or {}
     assert q["tool"] == "nncf" and q["base"] == "fp32" and q["mode"] == "ptq" and q["preset"] == "mixed"
-    assert "7-bit" in q["weights"] and q["bias_correction"] == "fast" and q["quantize_linear_nodes"] > 0
+    assert q["weights"].endswith("8-bit range") and q["weight_bits"] == 8
+    assert q["bias_correction"] == "fast" and q["quantize_linear_nodes"] > 0
+    # equalized first: PhotoNet's residual stream (first conv, body conv through Mul/Add, the ×4 resize)
+    # and its upsampling conv's LeakyReLU output
+    assert q["equalization"]["groups"] == 2 and q["equalization"]["alpha"] == 0.5
     parity = q["parity"]
     assert isinstance(parity, dict) and parity["reference"] == "fp32" and parity["n_tiles"] == 4
     runtimes = parity["by_runtime"]
-    assert set(runtimes) == {"openvino", "onnxruntime"}
-    assert parity["psnr_db"] == min(r["psnr_db"] for r in runtimes.values())  # the worse runtime counts
+    assert set(runtimes) == {"openvino", "onnxruntime", "exact"}  # this CPU's kernels, and VNNI/AMX's sums
+    assert parity["psnr_db"] == min(r["psnr_db"] for r in runtimes.values())  # the worst one counts
     assert parity["passes"] is True and parity["psnr_db"] >= INT8_MIN_PSNR_DB
     # calibrated on scikit-image photos outside the parity set
     assert q["calibration_photos"] == list(CALIBRATION_PHOTOS)
@@ -67,6 +71,39 @@ def test_nncf_graph_and_its_parity_in_the_manifest(nncf_repo: Path) -> None:
     assert {"ort-fp32", "ort-int8", "ov-fp32", "ov-int8"} <= set(speed["s_per_tile"]) and speed["family"]
     # asymmetric activations: for the CPU only, and the manifest says so
     assert v.cpu_only and v.cpu_only.startswith("NNCF")
+
+
+def _weight_codes(graph: Path) -> list[np.ndarray]:
+    """The int8 codes of every quantized weight (initializers read by a DequantizeLinear)."""
+    from onnx import numpy_helper
+
+    m = onnx.load(str(graph))
+    inits = {t.name: t for t in m.graph.initializer}
+    return [
+        numpy_helper.to_array(inits[n.input[0]])
+        for n in m.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits
+    ]
+
+
+def test_seven_bit_weights_and_no_equalization_on_request(
+    nncf_repo: Path,
+    photo_repo: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """`--weight-bits 7 --equalize 0`: NNCF's overflow-fix form (every code inside ±64, so AVX2's
+    saturating u8×s8 pairs sum exactly), weights untouched by equalization; the default uses all 8 bits."""
+    seven = _quantize(photo_repo, tmp_path / "w7", weight_bits=7, equalize=0.0)
+    v = read_manifest(seven, verify=True).onnx["int8"]
+    q = v.quantization or {}
+    assert q["weight_bits"] == 7 and "7-bit" in q["weights"] and q["equalization"]["groups"] == 0
+    codes7 = _weight_codes(seven / v.graph.path)
+    assert codes7 and all(np.abs(c.astype(np.int16)).max() <= 64 for c in codes7)
+    default = read_manifest(nncf_repo, verify=True).onnx["int8"]
+    assert v.key != default.key  # the options are part of the step's key
+    assert (
+        max(int(np.abs(c.astype(np.int16)).max()) for c in _weight_codes(nncf_repo / default.graph.path)) > 64
+    )
 
 
 def test_the_float_scope_stays_float(nncf_repo: Path) -> None:
@@ -89,7 +126,9 @@ def test_quantizing_everything_and_the_accuracy_aware_mode(
 ) -> None:
     """With the float scope off every conv is int8; the accuracy-aware mode then puts layers back into
     float until PSNR on validation tiles (calibration photos) reaches its target, and records how."""
-    everything = _quantize(photo_repo, tmp_path / "all", keep_ends=False, keep_upsampling=False)
+    # the 7-bit, unequalized form: its plain PTQ leaves the accuracy-aware mode something to restore
+    old = {"weight_bits": 7, "equalize": 0.0}
+    everything = _quantize(photo_repo, tmp_path / "all", keep_ends=False, keep_upsampling=False, **old)
     m = read_manifest(everything, verify=True)
     assert not any(_float_convs(everything / m.onnx["int8"].graph.path).values())
     plain = m.onnx["int8"].quantization["parity"]["psnr_db"]  # type: ignore[index]
@@ -101,6 +140,7 @@ def test_quantizing_everything_and_the_accuracy_aware_mode(
         accuracy_target_db=plain + 6,
         validation_tiles=4,
         max_iterations=4,
+        **old,
     )
     ma = read_manifest(aware, verify=True)
     q = ma.onnx["int8"].quantization or {}

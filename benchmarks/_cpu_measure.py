@@ -190,26 +190,46 @@ def graph_with_tile(path: Path, tile: int, scale: int) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(m, data_prop=True)
 
 
-def tile_flops(model: onnx.ModelProto) -> float:
-    """2 × multiply-accumulates of every Conv/MatMul/Gemm for one tile (batch 1)."""
-    shapes: dict[str, list[int]] = {}
+def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     g = model.graph
-    for vi in [*g.value_info, *g.input, *g.output]:
-        shapes[vi.name] = [d.dim_value for d in vi.type.tensor_type.shape.dim]
-    for t in g.initializer:
-        shapes[t.name] = list(t.dims)
-    total = 0.0
-    for n in g.node:
+    shapes = {
+        vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
+        for vi in [*g.value_info, *g.input, *g.output]
+    }
+    shapes.update({t.name: list(t.dims) for t in g.initializer})
+    return shapes
+
+
+def conv_macs(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, float]]:
+    """Multiply-accumulates of each Conv for one tile (batch 1); a Q/DQ weight is read through its
+    DequantizeLinear."""
+    shapes = _shapes(model)
+    dq = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    out = []
+    for n in model.graph.node:
         if n.op_type == "Conv":
-            w, y = shapes.get(n.input[1]), shapes.get(n.output[0])
+            w, y = shapes.get(dq.get(n.input[1], n.input[1])), shapes.get(n.output[0])
             if not w or not y or 0 in y:
                 raise ValueError(f"no shape for {n.name}")
-            total += 2.0 * float(np.prod(y)) * float(np.prod(w[1:]))
-        elif n.op_type in ("MatMul", "Gemm"):
+            out.append((n, float(np.prod(y)) * float(np.prod(w[1:]))))
+    return out
+
+
+def tile_flops(model: onnx.ModelProto) -> float:
+    """2 × multiply-accumulates of every Conv/MatMul/Gemm for one tile (batch 1)."""
+    shapes = _shapes(model)
+    total = 2.0 * sum(m for _, m in conv_macs(model))
+    for n in model.graph.node:
+        if n.op_type in ("MatMul", "Gemm"):
             a, y = shapes.get(n.input[0]), shapes.get(n.output[0])
             if a and y:
                 total += 2.0 * float(np.prod(y)) * a[-1]
     return total
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 99.0 if mse == 0 else round(10 * float(np.log10(255.0**2 / mse)), 2)
 
 
 # ---------------------------------------------------------------------------------------------

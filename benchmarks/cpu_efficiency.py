@@ -43,6 +43,7 @@ from _cpu_measure import (
     ort_fn,
     ov_fn,
     plot_s_per_mp,
+    psnr,
     tile_flops,
 )
 
@@ -83,11 +84,6 @@ def timed(fn: Any, x: np.ndarray) -> tuple[float, float, np.ndarray]:
     w0, c0 = time.perf_counter(), time.process_time()
     y = fn(x)
     return time.perf_counter() - w0, time.process_time() - c0, y
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 99.0 if mse == 0 else round(10 * np.log10(255.0**2 / mse), 2)
 
 
 def make_fns(

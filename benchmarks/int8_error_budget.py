@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import ROOT, machine
-from _cpu_measure import graph_with_tile
+from _cpu_measure import conv_macs, graph_with_tile, psnr
 
 FAMILIES = ("amx", "avx512_bf16", "vnni", "avx2")
 #: variant label → (weight bits, equalization strength)
@@ -97,17 +97,10 @@ def conv_weights(model: Any) -> dict[str, np.ndarray]:
 def float_mac_share(graph: Path, tile: int, scale: int) -> float:
     """Share of the tile's convolution multiply-accumulates whose weights are not quantized."""
     m = graph_with_tile(graph, tile, scale)
-    g = m.graph
-    shapes = {
-        vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in [*g.value_info, *g.output]
-    }
-    shapes.update({t.name: list(t.dims) for t in g.initializer})
-    dq = {n.output[0]: n.input[0] for n in g.node if n.op_type == "DequantizeLinear"}
+    dq = {n.output[0] for n in m.graph.node if n.op_type == "DequantizeLinear"}
     macs = {True: 0.0, False: 0.0}
-    for n in g.node:
-        if n.op_type == "Conv":
-            w = shapes[dq.get(n.input[1], n.input[1])]
-            macs[n.input[1] not in dq] += float(np.prod(shapes[n.output[0]])) * float(np.prod(w[1:]))
+    for n, mac in conv_macs(m):
+        macs[n.input[1] not in dq] += mac
     return macs[True] / (macs[True] + macs[False])
 
 
@@ -121,11 +114,6 @@ def tail_pattern(graph: Path, n: int) -> str | None:
         return None
     last = sorted(blocks)[-n:]
     return r".*/sub/sub\.(" + "|".join(map(str, last)) + r")/.*"
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 99.0 if mse == 0 else round(10 * float(np.log10(255.0**2 / mse)), 2)
 
 
 def run_all(fn: Any, tiles: np.ndarray) -> np.ndarray:

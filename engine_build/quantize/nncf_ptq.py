@@ -298,13 +298,9 @@ def exact_runner(graph: Path, input_name: str, threads: int = 0) -> TileFn:
     and each convolution in float, so a convolution sums the same integer products exactly (in float: no
     saturating u8×s8 pairs, no kernel-specific rounding). What a CPU without VNNI computes is measured in
     the runtimes themselves (ov_runner, ort_runner)."""
-    import onnxruntime as ort
+    from engine_build.quantize.ort import _cpu_session
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if threads:
-        so.intra_op_num_threads = threads
-    s = ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
+    s = _cpu_session(graph, threads, fuse=False)
     return lambda x: s.run(None, {input_name: x})[0]
 
 

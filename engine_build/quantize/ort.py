@@ -171,12 +171,14 @@ def _quantize_in_this_process(
     }
 
 
-def _cpu_session(path: Path, threads: int = 0) -> Any:
+def _cpu_session(path: Path, threads: int = 0, fuse: bool = True) -> Any:
+    """fuse=False: no graph optimization, so an int8 Q/DQ graph runs each pair and convolution in float."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    level = ort.GraphOptimizationLevel
+    so.graph_optimization_level = level.ORT_ENABLE_ALL if fuse else level.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
